@@ -1,0 +1,154 @@
+"""What a backend is, and how the core finds one.
+
+A backend is a package named ``gemmalab_<name>`` that exposes ``BACKEND``, an object with the methods of
+``Backend`` below. The core finds backends through the ``gemmalab.backends`` entry-point group (a
+third-party backend registers itself there) and, for the built-in ones, by module name. Importing this
+module imports no array framework: a framework is imported only when its backend is first asked for.
+
+Backends speak numpy at this boundary: weights come in as a mapping of canonical (HF) names to numpy
+arrays (bf16 as ``ml_dtypes.bfloat16``), token ids come in as integer arrays, logits go out as float32.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .config import Gemma3Config
+from .errors import BackendError
+
+# Built-in backends, in the order `auto` prefers them when several would do.
+BUILTIN = {"mlx": "gemmalab_mlx", "torch": "gemmalab_torch", "jax": "gemmalab_jax"}
+ENV_VAR = "GEMMALAB_BACKEND"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The tensor work gemmalab asks of an array framework."""
+
+    name: str
+
+    def version(self) -> str:
+        """The framework's version string."""
+
+    def devices(self) -> list[str]:
+        """Devices this backend can compute on here, best first (e.g. ['cuda:0', 'cpu'])."""
+
+    def build(
+        self,
+        config: Gemma3Config,
+        weights: Mapping[str, np.ndarray] | None,
+        *,
+        dtype: str,
+        device: str | None = None,
+    ) -> Any:
+        """The backend-native model. ``weights`` maps every canonical name of ``params.parameter_shapes``
+        to an array of that shape (already validated by the core), in any float dtype: the backend casts
+        them to ``dtype`` one at a time, so the full checkpoint never sits in memory twice. With
+        ``weights=None`` the model is built shape-only, allocating no parameter memory."""
+
+    def logits(self, model: Any, ids: np.ndarray) -> np.ndarray:
+        """float32 logits [batch, seq, vocab] for int token ids [batch, seq], every position."""
+
+    def weights(self, model: Any) -> dict[str, np.ndarray]:
+        """Every parameter under its canonical name, as numpy in the model's dtype (bf16 via ml_dtypes).
+        The tied head appears once, as model.embed_tokens.weight."""
+
+    def num_parameters(self, model: Any) -> int:
+        """Parameters held by the native model, the tied matrix counted once."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    module: str
+    usable: bool
+    version: str | None = None
+    devices: tuple[str, ...] = ()
+    problem: str | None = None
+
+
+def _registered() -> dict[str, str]:
+    found = dict(BUILTIN)
+    for ep in entry_points(group="gemmalab.backends"):
+        found.setdefault(ep.name, ep.value)
+    return found
+
+
+_loaded: dict[str, Backend] = {}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``, imported on first use. Raises BackendError naming the fix."""
+    if name in _loaded:
+        return _loaded[name]
+    registry = _registered()
+    if name not in registry:
+        raise BackendError(f"unknown backend {name!r}: choose one of auto, {', '.join(registry)}")
+    module_name = registry[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise BackendError(
+            f"backend {name!r} is not usable here ({err}): install it with `pip install 'gemmalab[{name}]'` "
+            f"or run ./setup.sh"
+        ) from None
+    backend = getattr(module, "BACKEND", None)
+    if backend is None:
+        raise BackendError(f"module {module_name} has no BACKEND object: it is not a gemmalab backend")
+    _loaded[name] = backend
+    return backend
+
+
+def probe(name: str) -> BackendInfo:
+    """Import a backend and ask it for its version and devices, without raising."""
+    module = _registered().get(name, "?")
+    try:
+        backend = get_backend(name)
+        return BackendInfo(name, module, True, backend.version(), tuple(backend.devices()))
+    except BackendError as err:
+        return BackendInfo(name, module, False, problem=str(err))
+    except Exception as err:  # a broken install must not crash `gemmalab check`
+        return BackendInfo(name, module, False, problem=f"{type(err).__name__}: {err}")
+
+
+def available_backends() -> list[str]:
+    """Names of the installed, usable backends."""
+    return [name for name in _registered() if probe(name).usable]
+
+
+def _is_apple_silicon() -> bool:
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def _has_tpu() -> bool:
+    return os.path.exists("/dev/accel0") or bool(os.environ.get("TPU_NAME"))
+
+
+def resolve_backend_name(name: str | None = None) -> str:
+    """Apply the choice rule: explicit name, else $GEMMALAB_BACKEND, else auto.
+
+    auto = MLX on Apple Silicon, JAX on a TPU host, else PyTorch (CUDA when present, else CPU); when the
+    preferred one is not installed, the first usable backend in BUILTIN order.
+    """
+    chosen = name or os.environ.get(ENV_VAR) or "auto"
+    if chosen != "auto":
+        get_backend(chosen)  # raises a clear error when it is unknown or not installed
+        return chosen
+    if _is_apple_silicon():
+        preferred = ["mlx", "torch", "jax"]
+    elif _has_tpu():
+        preferred = ["jax", "torch", "mlx"]
+    else:
+        preferred = ["torch", "jax", "mlx"]
+    for candidate in preferred + [n for n in _registered() if n not in preferred]:
+        if probe(candidate).usable:
+            return candidate
+    raise BackendError("no backend is installed: run ./setup.sh, or `pip install 'gemmalab[torch]'` (or [mlx], [jax])")

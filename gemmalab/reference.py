@@ -1,0 +1,141 @@
+"""The numpy reference forward pass of Gemma 3: float64, plain loops over layers, no cleverness.
+
+This is the executable specification: every backend is tested against it. It computes every position's
+logits, materialises every attention matrix and keeps nothing between calls. Read it top to bottom to
+see every Gemma 3 detail in one place:
+
+1. embeddings scaled by sqrt(hidden_size);
+2. per block: RMSNorm -> attention -> RMSNorm -> residual add -> RMSNorm -> gated GELU-tanh MLP -> RMSNorm
+   -> residual add (four norms per block; RMSNorm multiplies by (1 + w));
+3. attention: q/k/v projections, RMSNorm per head on q and k (before RoPE), RoPE with the layer type's base
+   and linear scaling, scores scaled by query_pre_attn_scalar ** -0.5, causal mask, and on local layers a
+   sliding window (query i sees key j when i - window < j <= i), GQA by repeating k/v heads;
+4. final RMSNorm, output head = the embedding matrix (tied), optional final logit soft-capping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .config import Gemma3Config
+from .errors import InputError
+from .params import EMBED, FINAL_NORM, LM_HEAD, layer_prefix
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    variance = np.mean(x * x, axis=-1, keepdims=True)
+    return x / np.sqrt(variance + eps) * (1.0 + weight)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """x: [batch, heads, seq, head_dim]; positions: [batch, seq]. HF's rotate-half layout (not interleaved)."""
+    angles = positions[:, None, :, None].astype(np.float64) * inv_freq  # [batch, 1, seq, head_dim/2]
+    angles = np.concatenate([angles, angles], axis=-1)  # [batch, 1, seq, head_dim]
+    return x * np.cos(angles) + rotate_half(x) * np.sin(angles)
+
+
+def causal_mask(positions: np.ndarray, window: int | None) -> np.ndarray:
+    """Boolean [batch, 1, seq, seq]: True where query i may attend to key j."""
+    q = positions[:, :, None]
+    k = positions[:, None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= k > q - window
+    return allowed[:, None]
+
+
+def attention(
+    config: Gemma3Config, weights: Mapping[str, np.ndarray], layer: int, x: np.ndarray,
+    positions: np.ndarray, allowed: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One attention sub-layer. Returns (output [batch, seq, hidden], probabilities [batch, heads, seq, seq])."""
+    p = layer_prefix(layer) + "self_attn."
+    batch, seq, _ = x.shape
+    d, heads, kv_heads = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+
+    def project(name: str, n_heads: int) -> np.ndarray:
+        out = x @ weights[p + name + ".weight"].T  # [batch, seq, n_heads * d]
+        return out.reshape(batch, seq, n_heads, d).transpose(0, 2, 1, 3)  # [batch, n_heads, seq, d]
+
+    q, k, v = project("q_proj", heads), project("k_proj", kv_heads), project("v_proj", kv_heads)
+    q = rms_norm(q, weights[p + "q_norm.weight"], config.rms_norm_eps)
+    k = rms_norm(k, weights[p + "k_norm.weight"], config.rms_norm_eps)
+    inv_freq = config.rope(layer).inv_freq(d)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    k = np.repeat(k, config.num_kv_groups, axis=1)  # GQA: each kv head serves num_kv_groups query heads
+    v = np.repeat(v, config.num_kv_groups, axis=1)
+
+    scores = (q @ k.transpose(0, 1, 3, 2)) * config.attention_scale  # [batch, heads, seq, seq]
+    scores = np.where(allowed, scores, -np.inf)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores)
+    probs = probs / probs.sum(axis=-1, keepdims=True)
+    out = (probs @ v).transpose(0, 2, 1, 3).reshape(batch, seq, heads * d)
+    return out @ weights[p + "o_proj.weight"].T, probs
+
+
+def mlp(config: Gemma3Config, weights: Mapping[str, np.ndarray], layer: int, x: np.ndarray) -> np.ndarray:
+    p = layer_prefix(layer) + "mlp."
+    gate = gelu_tanh(x @ weights[p + "gate_proj.weight"].T)
+    up = x @ weights[p + "up_proj.weight"].T
+    return (gate * up) @ weights[p + "down_proj.weight"].T
+
+
+def forward(
+    config: Gemma3Config,
+    weights: Mapping[str, np.ndarray],
+    ids: np.ndarray,
+    *,
+    position_ids: np.ndarray | None = None,
+    capture: bool = False,
+) -> np.ndarray | tuple[np.ndarray, dict[str, list[np.ndarray]]]:
+    """Logits [batch, seq, vocab] in float64 for token ids [batch, seq].
+
+    ``position_ids`` default to 0..seq-1. The mask is built from positions (causal, and windowed on local
+    layers). With ``capture=True`` also returns {"hidden_states": [embeddings, after block 0, ...],
+    "attentions": [probabilities of block 0, ...]}.
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise InputError(f"token ids must have shape [batch, seq], got {ids.shape}")
+    w = {name: np.asarray(value, dtype=np.float64) for name, value in weights.items()}
+    batch, seq = ids.shape
+    positions = np.broadcast_to(np.arange(seq), (batch, seq)) if position_ids is None else np.asarray(position_ids)
+    eps = config.rms_norm_eps
+
+    x = w[EMBED][ids] * np.sqrt(config.hidden_size)  # [batch, seq, hidden]
+    hidden_states, attentions = [x], []
+    masks = {
+        "local": causal_mask(positions, config.sliding_window),
+        "global": causal_mask(positions, None),
+    }
+    for layer in range(config.num_hidden_layers):
+        p = layer_prefix(layer)
+        allowed = masks["local" if config.is_sliding(layer) else "global"]
+        attn_out, probs = attention(config, w, layer, rms_norm(x, w[p + "input_layernorm.weight"], eps), positions, allowed)
+        x = x + rms_norm(attn_out, w[p + "post_attention_layernorm.weight"], eps)
+        mlp_out = mlp(config, w, layer, rms_norm(x, w[p + "pre_feedforward_layernorm.weight"], eps))
+        x = x + rms_norm(mlp_out, w[p + "post_feedforward_layernorm.weight"], eps)
+        hidden_states.append(x)
+        attentions.append(probs)
+
+    x = rms_norm(x, w[FINAL_NORM], eps)
+    head = w[EMBED] if config.tie_word_embeddings else w[LM_HEAD]
+    logits = x @ head.T
+    if config.final_logit_softcapping is not None:
+        cap = config.final_logit_softcapping
+        logits = np.tanh(logits / cap) * cap
+    if capture:
+        return logits, {"hidden_states": hidden_states, "attentions": attentions}
+    return logits
