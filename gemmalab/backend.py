@@ -96,9 +96,11 @@ def get_backend(name: str) -> Backend:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
+        if getattr(err, "name", None) == module_name:
+            raise BackendError(f"backend {name!r} is not installed (no module {module_name})") from None
         raise BackendError(
-            f"backend {name!r} is not usable here ({err}): install it with `pip install 'gemmalab[{name}]'` "
-            f"or run ./setup.sh"
+            f"backend {name!r} needs {getattr(err, 'name', None) or err}, which does not import here: "
+            f"install it with `pip install 'gemmalab[{name}]'` or run ./setup.sh"
         ) from None
     backend = getattr(module, "BACKEND", None)
     if backend is None:

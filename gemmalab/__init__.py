@@ -1,0 +1,39 @@
+"""gemmalab: a Gemma 3 research toolkit. One framework-free core (this package), MLX, PyTorch and JAX backends.
+
+Importing gemmalab imports numpy and no array framework; a backend's framework is imported when it is
+first used.
+"""
+
+from .api import Model, backends, init, load
+from .config import PRESETS, Gemma3Config, RopeSpec
+from .errors import (
+    BackendError,
+    CheckpointError,
+    ConfigError,
+    GemmalabError,
+    InputError,
+    ModelNotFoundError,
+    TokenizerError,
+)
+from .tokenizer import Tokenizer, format_chat
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "BackendError",
+    "CheckpointError",
+    "ConfigError",
+    "Gemma3Config",
+    "GemmalabError",
+    "InputError",
+    "Model",
+    "ModelNotFoundError",
+    "RopeSpec",
+    "Tokenizer",
+    "TokenizerError",
+    "backends",
+    "format_chat",
+    "init",
+    "load",
+]

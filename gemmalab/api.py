@@ -1,0 +1,124 @@
+"""The Python API: ``gemmalab.load`` and the numpy-speaking ``Model`` handle.
+
+    >>> import gemmalab
+    >>> model = gemmalab.load("google/gemma-3-270m", backend="torch", dtype="float32")
+    >>> logits = model.logits([[2, 651, 6037]])        # float32 [batch, seq, vocab]
+    >>> model.save("my-copy")                           # HF layout: transformers and mlx-lm load it
+
+The backend-native module stays reachable as ``model.native`` (a torch.nn.Module, an mlx.nn.Module, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import checkpoint
+from .backend import Backend, get_backend, resolve_backend_name
+from .config import Gemma3Config, resolve_config
+from .dtypes import canonical_dtype
+from .errors import InputError
+from .params import init_weights
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Model:
+    """A Gemma 3 text model on one backend. Methods take and return numpy (or plain Python) values."""
+
+    config: Gemma3Config
+    backend: str
+    dtype: str
+    native: Any
+    tokenizer: Tokenizer | None = None
+    source: Path | None = None
+
+    @property
+    def _backend(self) -> Backend:
+        return get_backend(self.backend)
+
+    def logits(self, ids: Any) -> np.ndarray:
+        """float32 logits [batch, seq, vocab] for token ids [batch, seq] (a [seq] list is taken as batch 1)."""
+        array = np.asarray(ids)
+        if array.ndim == 1:
+            array = array[None, :]
+        if array.ndim != 2 or array.shape[1] == 0:
+            raise InputError(f"token ids must have shape [batch, seq] with seq >= 1, got {array.shape}")
+        if not np.issubdtype(array.dtype, np.integer):
+            raise InputError(f"token ids must be integers, got dtype {array.dtype}")
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise InputError(f"token id {high if high >= self.config.vocab_size else low} is outside the vocabulary [0, {self.config.vocab_size})")
+        return self._backend.logits(self.native, array.astype(np.int64))
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Every parameter under its HF name, as numpy in the model's dtype."""
+        return self._backend.weights(self.native)
+
+    def num_parameters(self) -> int:
+        return self._backend.num_parameters(self.native)
+
+    def save(self, folder: str | os.PathLike, *, dtype: str | None = None, overwrite: bool = False) -> Path:
+        """Save in the Hugging Face Gemma3ForCausalLM layout (safetensors + config.json + tokenizer files)."""
+        target = canonical_dtype(dtype) if dtype else self.dtype
+        return checkpoint.save_checkpoint(
+            folder, self.config.with_dtype(target), self.weights(), copy_from=self.source, overwrite=overwrite
+        )
+
+    def __repr__(self) -> str:
+        name = self.config.name or (self.source.name if self.source else "gemma3")
+        return f"Model({name!r}, backend={self.backend!r}, dtype={self.dtype!r}, params={self.config.num_parameters():,})"
+
+
+def load(
+    source: str | os.PathLike,
+    backend: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    *,
+    revision: str | None = None,
+) -> Model:
+    """Load a Gemma 3 checkpoint: a local folder, a cached Hub repo id, or one to download.
+
+    ``backend``: mlx, torch, jax or auto (default: $GEMMALAB_BACKEND, else auto).
+    ``dtype``: float32, bfloat16 or float16 (default: the dtype the checkpoint is stored in, else float32).
+    ``device``: a backend device name such as cuda:0, mps, cpu (default: the backend's best).
+    """
+    folder = checkpoint.locate(source, revision=revision)
+    config = checkpoint.load_config(folder)
+    weights = checkpoint.read_weights(folder, config)
+    chosen_dtype = canonical_dtype(dtype) if dtype else (config.stored_dtype or "float32")
+    name = resolve_backend_name(backend)
+    native = get_backend(name).build(config, weights, dtype=chosen_dtype, device=device)
+    return Model(config, name, chosen_dtype, native, Tokenizer.from_folder(folder), folder)
+
+
+def init(
+    config: str | Gemma3Config,
+    backend: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    *,
+    seed: int = 0,
+) -> Model:
+    """A randomly initialised model from a preset name (gemma-3-270m, tiny, ...) or a config.
+
+    Weights are drawn in numpy from ``seed``, so every backend starts from the same numbers.
+    """
+    cfg = resolve_config(config)
+    chosen_dtype = canonical_dtype(dtype or "float32")
+    name = resolve_backend_name(backend)
+    weights = init_weights(cfg, seed=seed, dtype="float32")
+    native = get_backend(name).build(cfg, weights, dtype=chosen_dtype, device=device)
+    return Model(cfg, name, chosen_dtype, native)
+
+
+def backends() -> list[str]:
+    """Names of the installed, usable backends."""
+    from .backend import available_backends
+
+    return available_backends()

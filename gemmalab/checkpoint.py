@@ -1,0 +1,385 @@
+"""Checkpoints: find them, read their weights strictly, save them back in the Hugging Face layout.
+
+Where a model comes from (``locate``):
+  a local folder (or a config.json inside one) > the Hugging Face cache > the Hub through huggingface-hub.
+  ``HF_HUB_OFFLINE=1`` is honoured: a model that is not cached says how to get it.
+
+What is read (``read_weights``): safetensors only -- single files and shards with
+``model.safetensors.index.json``. Nothing from a checkpoint is executed or unpickled, so ``*.bin``
+(pickle) checkpoints are refused with the way to convert them.
+
+Three key layouts exist and map onto one canonical naming (HF ``Gemma3ForCausalLM``: ``model.*``):
+  ``model.*``                 Gemma3ForCausalLM (text-only checkpoints: 270M, 1B)
+  ``language_model.model.*``  Gemma3ForConditionalGeneration as first published (transformers 4.50)
+  ``model.language_model.*``  Gemma3ForConditionalGeneration as saved by transformers >= 4.52
+Vision-tower and projector tensors are recognised and left aside for text-only use.
+
+Loading is strict: a missing, unexpected or misshapen tensor is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from .config import Gemma3Config
+from .dtypes import numpy_dtype
+from .errors import CheckpointError, ConfigError, ModelNotFoundError
+from .params import EMBED, LM_HEAD, parameter_shapes
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files that travel with the weights: tokenizer, chat template, generation defaults.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# What the Hub download fetches: weights, configs, tokenizer. Never *.bin, *.pt, *.gguf.
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.md"]
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+# key prefix in the file -> canonical prefix
+LAYOUTS = {
+    "model.": "model.",
+    "language_model.model.": "model.",
+    "model.language_model.": "model.",
+}
+HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
+VISION_PREFIXES = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding a checkpoint
+# ---------------------------------------------------------------------------------------------------------
+def _looks_like_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def locate(source: str | os.PathLike, *, revision: str | None = None, download: bool = True) -> Path:
+    """The local folder holding ``source``: a folder, a config.json, a cached repo id, or a downloaded one."""
+    path = Path(source).expanduser()
+    if path.is_file() and path.name == "config.json":
+        return path.parent
+    if path.is_dir():
+        return path
+    text = str(source)
+    if path.exists() or not _looks_like_repo_id(text) or text.startswith("/"):
+        raise ModelNotFoundError(f"{text} is not a folder with a config.json: pass a checkpoint folder or a Hub repo id")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=DOWNLOAD_PATTERNS, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, RepositoryNotFoundError, ValueError):
+        pass  # not cached: try the Hub below
+    if not download or _offline():
+        why = "offline mode is on (HF_HUB_OFFLINE=1)" if _offline() else "downloads are off here"
+        raise ModelNotFoundError(
+            f"model {text!r} is not in the Hugging Face cache and {why}: run `gemmalab download {text}` "
+            f"where the network reaches the Hub, or pass a local checkpoint folder"
+        )
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
+    except GatedRepoError:
+        raise ModelNotFoundError(
+            f"{text} is gated: accept its license on huggingface.co, then log in with `hf auth login`"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"{text} is not a folder here and not a repository on the Hub (or it is private): check the name"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"{text} has no revision {revision!r}: check the branch, tag or commit") from None
+    except Exception as err:  # network failures come in many types across huggingface-hub versions
+        raise ModelNotFoundError(
+            f"could not download {text} ({type(err).__name__}: {err}): check the network, or pass a local folder"
+        ) from None
+
+
+def load_config(folder: Path) -> Gemma3Config:
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder} has no config.json: a Gemma 3 checkpoint folder needs one")
+    return Gemma3Config.from_file(folder / "config.json")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading weights
+# ---------------------------------------------------------------------------------------------------------
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from the shard index when there is one."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{index} is not a valid shard index ({err}): re-download it") from None
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are not in {folder}: {', '.join(missing)}; re-download them")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise CheckpointError(
+            f"{folder} has only pickle weights ({', '.join(pickles)}); gemmalab reads safetensors only, "
+            f"since unpickling can run code: convert them to safetensors first"
+        )
+    raise CheckpointError(f"{folder} has no *.safetensors weights: download the full checkpoint")
+
+
+def _canonical(key: str) -> str | None:
+    """Canonical name of a file key, '' for tensors left aside (vision), None for unknown keys."""
+    if key.startswith(VISION_PREFIXES):
+        return ""
+    if key in HEAD_KEYS:
+        return LM_HEAD
+    for prefix in ("language_model.model.", "model.language_model."):
+        if key.startswith(prefix):
+            return "model." + key[len(prefix):]
+    if key.startswith("model."):
+        return key
+    return None
+
+
+@dataclass
+class Weights(Mapping):
+    """Canonical name -> numpy array, read from safetensors on access (memory-mapped, one at a time).
+
+    A backend iterating over it converts tensor by tensor, so a checkpoint never sits in memory twice.
+    """
+
+    locations: dict[str, tuple[Path, str]]  # canonical name -> (file, key in file)
+    set_aside: list[str] = field(default_factory=list)  # vision/projector keys not used by the text model
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = _open(file)
+        return self._handles[file]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        file, key = self.locations[name]
+        try:
+            return self._handle(file).get_tensor(key)
+        except SafetensorError as err:
+            raise CheckpointError(f"{file}: tensor {key} cannot be read ({err}): the file may be corrupt; re-download it") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.locations)
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="numpy")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({err}): it may be truncated or corrupt; re-download it"
+        ) from None
+
+
+def _header_shapes(handle, keys: list[str]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(handle.get_slice(key).get_shape()) for key in keys}
+
+
+def read_weights(folder: Path, config: Gemma3Config) -> Weights:
+    """Index every tensor of the checkpoint and validate names and shapes against ``config``, strictly.
+
+    Shapes come from the safetensors headers, so validation reads no tensor data.
+    """
+    expected = parameter_shapes(config)
+    locations: dict[str, tuple[Path, str]] = {}
+    found_shapes: dict[str, tuple[int, ...]] = {}
+    set_aside: list[str] = []
+    unexpected: list[str] = []
+    handles = {}
+    for file in weight_files(folder):
+        handle = handles[file] = _open(file)
+        keys = list(handle.keys())
+        for key, shape in _header_shapes(handle, keys).items():
+            name = _canonical(key)
+            if name == "":
+                set_aside.append(key)
+            elif name == LM_HEAD and config.tie_word_embeddings:
+                set_aside.append(key)  # a saved copy of the tied head: the embedding matrix serves
+            elif name is None or name not in expected:
+                unexpected.append(f"{key} (in {file.name})")
+            else:
+                if name in locations:
+                    raise CheckpointError(f"tensor {key} appears twice ({locations[name][0].name} and {file.name}): remove one")
+                locations[name] = (file, key)
+                found_shapes[name] = shape
+
+    if EMBED not in locations and not unexpected and not locations:
+        raise CheckpointError(f"{folder} holds no Gemma 3 text weights (no {EMBED}): is this a Gemma 3 checkpoint?")
+    if unexpected:
+        shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        raise CheckpointError(f"unexpected tensors for this config: {shown}; the weights do not belong to this config.json")
+    missing = [name for name in expected if name not in locations]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"missing tensors in {folder}: {shown}; the checkpoint is incomplete, re-download it")
+    for name, shape in expected.items():
+        if found_shapes[name] != shape:
+            file, key = locations[name]
+            raise CheckpointError(
+                f"tensor {key} in {file.name} has shape {list(found_shapes[name])} but config.json implies "
+                f"{list(shape)}: the weights and config.json disagree"
+            )
+    # Reorder to the canonical order so backends and saved files list tensors the same way.
+    ordered = {name: locations[name] for name in expected}
+    return Weights(ordered, set_aside, handles)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------------------
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: object) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def _atomic_save_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        # format=pt: transformers refuses safetensors files whose metadata lacks a known format.
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _shard(names_and_sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in names_and_sizes:
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _as(array: np.ndarray, itemsize: int | None, config: Gemma3Config) -> np.ndarray:
+    """The array in the config's stored dtype (a no-op when it already is)."""
+    array = np.asarray(array)
+    return array if itemsize is None else array.astype(numpy_dtype(config.stored_dtype), copy=False)
+
+
+def save_checkpoint(
+    folder: str | os.PathLike,
+    config: Gemma3Config,
+    weights: Mapping[str, np.ndarray],
+    *,
+    copy_from: Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``weights`` (canonical names) and ``config`` as a Gemma3ForCausalLM checkpoint that
+    transformers and mlx-lm load. Every file is written atomically; tokenizer and generation files are
+    copied from ``copy_from`` when given. Refuses to write over existing weights unless ``overwrite``."""
+    out = Path(folder).expanduser()
+    expected = parameter_shapes(config)
+    missing = [n for n in expected if n not in weights]
+    if missing:
+        raise CheckpointError(f"cannot save: weights lack {', '.join(missing[:5])}")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder: choose another output path")
+    old = sorted(out.glob("*.safetensors")) if out.is_dir() else []
+    if old and not overwrite:
+        raise CheckpointError(f"{out} already holds weights ({old[0].name}...): choose an empty folder or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Shard sizes from shapes and the stored dtype, so a lazily read or cast mapping is read once, below.
+    itemsize = numpy_dtype(config.stored_dtype).itemsize if config.stored_dtype else None
+    sizes = [
+        (name, math.prod(shape) * (itemsize or np.asarray(weights[name]).itemsize)) for name, shape in expected.items()
+    ]
+    shards = _shard(sizes, max_shard_bytes)
+    total = sum(s for _, s in sizes)
+    written: list[str] = []
+    if len(shards) == 1:
+        _atomic_save_safetensors(out / SINGLE_FILE, {n: _as(weights[n], itemsize, config) for n in shards[0]})
+        written.append(SINGLE_FILE)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_save_safetensors(out / filename, {n: _as(weights[n], itemsize, config) for n in shard})
+            weight_map.update(dict.fromkeys(shard, filename))
+            written.append(filename)
+        atomic_write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written.append(INDEX_FILE)
+    for stale in old:  # shards of an earlier save that the new one does not reuse
+        if stale.name not in written:
+            stale.unlink()
+    if len(shards) == 1 and (out / INDEX_FILE).exists():
+        (out / INDEX_FILE).unlink()
+
+    atomic_write_json(out / "config.json", config.to_hf_dict())
+    if copy_from is not None and Path(copy_from).resolve() != out.resolve():
+        for name in SIDE_FILES:
+            src = Path(copy_from) / name
+            if src.is_file():
+                _atomic_write_bytes(out / name, src.read_bytes())
+    if not (out / "generation_config.json").exists():
+        atomic_write_json(
+            out / "generation_config.json",
+            {
+                "bos_token_id": config.bos_token_id,
+                "eos_token_id": list(config.eos_token_ids),
+                "pad_token_id": config.pad_token_id,
+            },
+        )
+    return out
