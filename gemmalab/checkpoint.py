@@ -10,8 +10,8 @@ What is read (``read_weights``): safetensors only -- single files and shards wit
 
 Three key layouts exist and map onto one canonical naming (HF ``Gemma3ForCausalLM``: ``model.*``):
   ``model.*``                 Gemma3ForCausalLM (text-only checkpoints: 270M, 1B)
-  ``language_model.model.*``  Gemma3ForConditionalGeneration as first published (transformers 4.50)
-  ``model.language_model.*``  Gemma3ForConditionalGeneration as saved by transformers >= 4.52
+  ``language_model.model.*``  Gemma3ForConditionalGeneration as first published (4.50) and as transformers 5 saves it
+  ``model.language_model.*``  Gemma3ForConditionalGeneration as transformers 4.52-4.57 saved it
 Vision-tower and projector tensors are recognised and left aside for text-only use.
 
 Loading is strict: a missing, unexpected or misshapen tensor is an error that names it.
@@ -327,8 +327,9 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Write ``weights`` (canonical names) and ``config`` as a Gemma3ForCausalLM checkpoint that
-    transformers and mlx-lm load. Every file is written atomically; tokenizer and generation files are
-    copied from ``copy_from`` when given. Refuses to write over existing weights unless ``overwrite``."""
+    transformers and mlx-lm load. Tensors are cast to ``config.stored_dtype`` (kept as given when it is
+    None). Every file is written atomically; tokenizer and generation files are copied from ``copy_from``
+    when given. Refuses to write over existing weights unless ``overwrite``."""
     out = Path(folder).expanduser()
     expected = parameter_shapes(config)
     missing = [n for n in expected if n not in weights]

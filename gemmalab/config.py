@@ -300,8 +300,10 @@ def _parse_hf(raw: Mapping[str, Any], source: str) -> Gemma3Config:
         if not isinstance(text, Mapping):
             raise ConfigError(f"{source}: text_config must be an object")
         where = f"{source} (text_config)"
-        # The multimodal wrapper's own dtype applies to the text weights when the text part has none.
-        text = {**{k: raw[k] for k in ("torch_dtype", "dtype") if k in raw}, **text}
+        # The wrapper's dtype and special ids (the 4B+ configs keep eos [1, 106] at the top) apply to the
+        # text model when its own config leaves them out.
+        inherited = ("torch_dtype", "dtype", "eos_token_id", "bos_token_id", "pad_token_id")
+        text = {**{k: raw[k] for k in inherited if raw.get(k) is not None}, **text}
     elif model_type == "gemma3_text" or (model_type is None and "Gemma3ForCausalLM" in architectures):
         text, where = raw, source
     else:

@@ -1,0 +1,5 @@
+"""``python -m gemmalab`` runs the CLI."""
+
+from .cli import main
+
+main()
