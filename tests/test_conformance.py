@@ -28,9 +28,9 @@ from gemmalab.config import PRESETS
 
 FP32_TOLERANCE = 1e-5
 # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); through 6-7 blocks of matmuls, norms and
-# softmax the logits drift further. The bound below is what one bf16 rounding per op allows on these
-# shapes with margin (measured: see the README), and far below what any wrong detail produces (> 0.1).
-BF16_TOLERANCE = 0.05
+# softmax the logits drift further: 1.5e-2 to 2.3e-2 on these shapes, and up to 3.8e-2 over other seeds,
+# for transformers' bf16 as for ours (README, benchmarks/exactness.py). Any wrong detail gives > 0.1.
+BF16_TOLERANCE = 0.06
 # fp16 keeps 11 significant bits; gemmalab keeps the residual stream in fp32 for fp16 (see the backends).
 FP16_TOLERANCE = 0.01
 

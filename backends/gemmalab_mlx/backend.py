@@ -1,0 +1,163 @@
+"""The MLX backend: gemmalab's Backend protocol (gemmalab/backend.py) over gemmalab_mlx.model.
+
+Numpy at the boundary, MLX arrays inside. Weights are converted one tensor at a time and evaluated at
+once, so a checkpoint never sits in memory twice; ``weights=None`` builds a shape-only model whose lazily
+initialised parameters are never evaluated, so it allocates no parameter memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import ml_dtypes
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from gemmalab.config import Gemma3Config
+from gemmalab.dtypes import canonical_dtype
+from gemmalab.errors import BackendError, CheckpointError, InputError
+from gemmalab.params import parameter_shapes
+
+from .model import MX_DTYPES, Gemma3ForCausalLM
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+_DEVICES = {"gpu": mx.gpu, "cpu": mx.cpu}
+
+
+def to_mx(array: np.ndarray, dtype: mx.Dtype) -> mx.array:
+    """A numpy float array (float32/float16/float64, bf16 via ml_dtypes) as an MLX array of ``dtype``."""
+    array = np.asarray(array)
+    if array.dtype == _BF16:
+        # Reinterpret the bits: bf16 crosses without a detour through float32.
+        out = mx.array(array.view(np.uint16)).view(mx.bfloat16)
+    elif array.dtype in (np.float32, np.float16):
+        out = mx.array(array)
+    elif array.dtype == np.float64:
+        out = mx.array(array.astype(np.float32))  # MLX computes in at most float32
+    else:
+        raise CheckpointError(
+            f"weights of dtype {array.dtype} are not floating point: convert them to float32"
+        )
+    return out.astype(dtype)
+
+
+def to_numpy(array: mx.array) -> np.ndarray:
+    """An MLX array as numpy, bf16 as ml_dtypes.bfloat16 (numpy's buffer protocol has no bf16)."""
+    if array.dtype == mx.bfloat16:
+        return np.array(array.view(mx.uint16)).view(_BF16)
+    return np.array(array)
+
+
+class MLXBackend:
+    """gemmalab's MLX backend (Apple Silicon GPU via Metal; the Linux build runs on CPU)."""
+
+    name = "mlx"
+
+    def version(self) -> str:
+        return mx.__version__
+
+    def devices(self) -> list[str]:
+        return (["gpu"] if mx.is_available(mx.gpu) else []) + ["cpu"]
+
+    def device(self, device: str | None) -> mx.Device:
+        """The MLX device for a gemmalab device name ("gpu", "cpu"; None = MLX's default)."""
+        if device is None:
+            return mx.default_device()
+        key = device.lower().removesuffix(":0")
+        if key not in _DEVICES:
+            raise BackendError(
+                f"unknown device {device!r} for the mlx backend: use one of {', '.join(self.devices())}"
+            )
+        if key not in self.devices():
+            raise BackendError(
+                f"device {device!r} is not available in this MLX build: use device='cpu', "
+                f"or the Metal build of mlx on Apple Silicon"
+            )
+        return mx.Device(_DEVICES[key])
+
+    def build(
+        self,
+        config: Gemma3Config,
+        weights: Mapping[str, np.ndarray] | None,
+        *,
+        dtype: str,
+        device: str | None = None,
+    ) -> Gemma3ForCausalLM:
+        dtype = canonical_dtype(dtype)
+        target = self.device(device)
+        model = Gemma3ForCausalLM(config, dtype)
+        model.device = target
+        if weights is None:
+            return model  # shape-only: the lazy initial values are never evaluated
+        load_weights(model, weights)
+        model.shape_only = False
+        return model
+
+    def logits(self, model: Gemma3ForCausalLM, ids: np.ndarray) -> np.ndarray:
+        _require_weights(model)
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"token ids must be an integer array [batch, seq], got {ids.dtype} {ids.shape}")
+        vocab = model.config.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            # MLX gathers do not check bounds: an out-of-range id would read garbage silently.
+            raise InputError(
+                f"token ids must lie in [0, {vocab}), got {ids.min()}..{ids.max()}: check the tokenizer"
+            )
+        with mx.stream(model.device or mx.default_device()):
+            out = model(mx.array(ids.astype(np.int32))).astype(mx.float32)
+            mx.eval(out)
+        return np.array(out)
+
+    def weights(self, model: Gemma3ForCausalLM) -> dict[str, np.ndarray]:
+        _require_weights(model)
+        params = dict(tree_flatten(model.parameters()))
+        return {name: to_numpy(params[name]) for name in parameter_shapes(model.config)}
+
+    def num_parameters(self, model: Gemma3ForCausalLM) -> int:
+        # .size reads the shape: lazy (shape-only) parameters are not evaluated.
+        return sum(p.size for _, p in tree_flatten(model.parameters()))
+
+
+def load_weights(model: Gemma3ForCausalLM, weights: Mapping[str, np.ndarray]) -> None:
+    """Load canonical-name numpy weights into ``model`` strictly, casting each to the model's dtype.
+
+    Every tensor is converted and evaluated before the next is read, so with a lazy mapping (safetensors
+    shards) only one source tensor is alive at a time.
+    """
+    expected = dict(tree_flatten(model.parameters()))
+    missing = [name for name in expected if name not in weights]
+    unexpected = [name for name in weights if name not in expected]
+    if missing or unexpected:
+        problems = ([f"missing {_some(missing)}"] if missing else []) + (
+            [f"unexpected {_some(unexpected)}"] if unexpected else []
+        )
+        raise CheckpointError(
+            f"weights do not match the {model.config.name or 'configured'} model: "
+            f"{'; '.join(problems)}: check the checkpoint against its config.json"
+        )
+    dtype = MX_DTYPES[model.dtype]
+    loaded = []
+    with mx.stream(model.device or mx.default_device()):
+        for name, param in expected.items():
+            source = weights[name]
+            if tuple(source.shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{name} has shape {tuple(source.shape)} but the config needs {tuple(param.shape)}: "
+                    f"the checkpoint does not match its config.json"
+                )
+            value = to_mx(source, dtype)
+            mx.eval(value)
+            loaded.append((name, value))
+    model.load_weights(loaded, strict=True)
+
+
+def _require_weights(model: Gemma3ForCausalLM) -> None:
+    if getattr(model, "shape_only", False):
+        raise BackendError("this model was built shape-only (weights=None): build it with weights to compute")
+
+
+def _some(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -1,0 +1,399 @@
+"""Gemma 3 text model in MLX, bottom-up: RMSNorm -> rotary -> attention -> MLP -> decoder block -> model.
+
+Parameter names are the Hugging Face ``Gemma3ForCausalLM`` names, so ``tree_flatten(model.parameters())``
+yields exactly the canonical names of ``gemmalab.params`` and loading is a key map. The numpy reference
+(``gemmalab/reference.py``) is the specification; this file matches it. The Gemma 3 choices:
+
+* layer pattern as data: ``config.layer_types`` (5 sliding-window layers per global one in the presets);
+* sliding window on local layers: query i sees key j iff ``i - window < j <= i`` (positions, not indices);
+* RoPE in the rotate-half layout (``traditional=False``), per layer type: base 10k on local layers, 1M on
+  global ones with linear scaling (positions divided by ``factor``, 8 on 4B/12B/27B) on global layers only;
+* RMSNorm multiplies by ``(1 + w)``, computed in float32 and cast back to the input dtype, as transformers
+  does (``(x.float() * rsqrt(mean(x^2) + eps) * (1 + w.float())).to(x.dtype)``); four norms per block
+  (input, post-attention, pre-feedforward, post-feedforward) plus q/k norms per head *before* RoPE;
+* attention scores scaled by ``query_pre_attn_scalar ** -0.5`` (not head_dim: 168 vs 128 on 27B); GQA;
+* gated MLP with GELU-tanh (``gelu_pytorch_tanh``), evaluated in float32 like torch's kernel;
+* embeddings scaled by sqrt(hidden_size) rounded to the embedding dtype first, as transformers rounds it
+  (25.25 instead of 25.298 for the 270M in bf16);
+* final RMSNorm; the tied output head *is* the embedding matrix (one array, ``lm_head`` exists only when
+  ``tie_word_embeddings`` is False); optional final logit soft-capping ``tanh(x / cap) * cap``.
+
+dtype policy. float32 and bfloat16 follow transformers: every activation, the residual stream included,
+is in the weights' dtype; only norms (and the softmax, GELU) compute in float32. float16 cannot do that:
+Gemma's residual stream grows past float16's largest value (65504) in the real checkpoints, so with
+float16 weights the residual stream (the scaled embeddings and every block's output) stays in float32
+and the norms read and write it in float32; the matmuls, attention and MLP run in float16 (the
+pre-norms cast their output to float16 for them). The PyTorch backend applies the same policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from gemmalab.config import FULL, SLIDING, Gemma3Config, RopeSpec
+from gemmalab.dtypes import FLOAT16, canonical_dtype
+from gemmalab.errors import InputError
+
+MX_DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+# What attention layers accept as a mask: None (no mask), "causal" (mx.fast's lower-right aligned causal
+# mask) or a boolean array broadcastable to [batch, heads, queries, keys], True = may attend.
+Mask = mx.array | str | None
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    """The gemmalab name ("float32", "bfloat16", "float16") of an MLX floating dtype."""
+    for name, value in MX_DTYPES.items():
+        if value == dtype:
+            return name
+    raise InputError(f"MLX dtype {dtype} is not one gemmalab computes in: use float32, bfloat16 or float16")
+
+
+@dataclass
+class Capture:
+    """Ask a forward pass to record intermediate values (pass one as ``capture=``, read it afterwards).
+
+    ``hidden_states`` gets the residual stream: the scaled embeddings, then the output of every block
+    (before the final norm), as in ``gemmalab.reference.forward``. With ``attention=True`` every layer
+    also records its attention probabilities [batch, heads, queries, keys] in float32; that takes the
+    non-fused attention path, so it is slower and holds every attention matrix. The normal path (no
+    Capture) pays nothing for this.
+    """
+
+    attention: bool = False
+    hidden_states: list[mx.array] = field(default_factory=list)
+    attentions: list[mx.array] = field(default_factory=list)
+
+
+# --- masks ------------------------------------------------------------------------------------------------
+def attention_mask(q_positions: mx.array, k_positions: mx.array, window: int | None = None) -> mx.array:
+    """Boolean [batch, 1, queries, keys]: True where a query may attend to a key.
+
+    Causal by position (key position <= query position) and, with ``window``, also
+    ``key position > query position - window``: the sliding window of the local layers. Positions are
+    [batch, queries] and [batch, keys]; a KV cache passes the positions of the keys it holds.
+    """
+    q = q_positions[:, None, :, None]  # [batch, 1, queries, 1]
+    k = k_positions[:, None, None, :]  # [batch, 1, 1, keys]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    return allowed
+
+
+def _as_array_mask(mask: Mask, queries: int, keys: int) -> mx.array | None:
+    """An explicit boolean mask for the non-fused path, which cannot take the "causal" string."""
+    if not isinstance(mask, str):
+        return mask
+    # mx.fast's "causal" aligns the last query with the last key (lower-right).
+    q = mx.arange(keys - queries, keys)[None]  # [1, queries]
+    return attention_mask(q, mx.arange(keys)[None])
+
+
+# --- building blocks --------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: ``x * rsqrt(mean(x^2) + eps) * (1 + w)``, all in float32, then cast.
+
+    The result is cast to ``out_dtype`` when given, else back to the input dtype (transformers' rule).
+    mx.fast.rms_norm promotes x and the weight to their common dtype, so handing it a float32 ``1 + w``
+    makes it compute entirely in float32 (measured on the CPU build: bit for bit the formula above).
+    Handing it a bf16 weight would round the normalised x to bf16 *before* the multiply by (1 + w), which
+    is Llama's order, not Gemma's (x * w).to(dtype): see the RMSNorm note in
+    https://github.com/google/gemma_pytorch/blob/main/gemma/model.py and transformers PR #29402.
+    """
+
+    def __init__(self, dims: int, eps: float, out_dtype: mx.Dtype | None = None):
+        super().__init__()
+        self.weight = mx.zeros((dims,))  # zero = identity scale, because the norm multiplies by 1 + w
+        self.eps = eps
+        self.out_dtype = out_dtype
+
+    def __call__(self, x: mx.array) -> mx.array:
+        scale = 1.0 + self.weight.astype(mx.float32)
+        return mx.fast.rms_norm(x, scale, self.eps).astype(self.out_dtype or x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding of one layer type, rotate-half layout (HF's, not the interleaved one).
+
+    Without explicit positions (positions 0.. plus an optional per-sequence ``offset``) it uses
+    mx.fast.rope, whose ``scale`` multiplies positions: linear scaling is ``scale = 1 / factor``. Explicit
+    position ids [batch, seq] (repeated or out-of-order positions) go through cos/sin computed here in
+    float32 from the float64 inverse frequencies of the config. Both paths rotate in float32 and round
+    once to the input dtype.
+    """
+
+    def __init__(self, dims: int, spec: RopeSpec):
+        super().__init__()
+        self.dims = dims
+        self.theta = spec.theta
+        self.factor = spec.factor
+        # float64 numpy [dims/2]: a plain attribute (not an mx.array: no parameter, no allocation).
+        self.inv_freq = spec.inv_freq(dims)
+
+    def __call__(
+        self, x: mx.array, positions: mx.array | None = None, offset: int | mx.array = 0
+    ) -> mx.array:
+        # x: [batch, heads, seq, dims]
+        if positions is None:
+            scale = 1.0 / self.factor
+            xf = x.astype(mx.float32)
+            out = mx.fast.rope(xf, self.dims, traditional=False, base=self.theta, scale=scale, offset=offset)
+            return out.astype(x.dtype)
+        inv_freq = mx.array(self.inv_freq, dtype=mx.float32)
+        angles = positions[:, None, :, None].astype(mx.float32) * inv_freq  # [batch, 1, seq, dims/2]
+        cos, sin = mx.cos(angles), mx.sin(angles)
+        xf = x.astype(mx.float32)
+        x1, x2 = xf[..., : self.dims // 2], xf[..., self.dims // 2 :]  # each [batch, heads, seq, dims/2]
+        out = mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [batch, heads, seq, dims]
+        return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with q/k RMSNorm per head, RoPE, and Gemma's query_pre_attn_scalar."""
+
+    def __init__(self, config: Gemma3Config, layer: int):
+        super().__init__()
+        hidden, d = config.hidden_size, config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = d
+        self.scale = config.attention_scale  # query_pre_attn_scalar ** -0.5
+        self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=False)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps)
+        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.rope = Rotary(d, config.rope(layer))
+
+    def __call__(
+        self, x: mx.array, positions: mx.array | None, mask: Mask, capture: Capture | None = None
+    ) -> mx.array:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)  # [batch, seq, heads, d]
+        k = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)  # [batch, seq, kv_heads, d]
+        v = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        # Norm per head, then heads first: [batch, (kv_)heads, seq, d].
+        q = self.q_norm(q).transpose(0, 2, 1, 3)
+        k = self.k_norm(k).transpose(0, 2, 1, 3)
+        v = v.transpose(0, 2, 1, 3)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+
+        if capture is not None and capture.attention:
+            out, probs = self._attend_explicit(q, k, v, mask)
+            capture.attentions.append(probs)
+        else:
+            # Fused kernel; takes GQA directly (k/v are not repeated to the query heads).
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = out.transpose(0, 2, 1, 3)  # [batch, seq, heads, d]
+        out = out.reshape(batch, seq, self.num_heads * self.head_dim)  # [batch, seq, heads * d]
+        return self.o_proj(out)
+
+    def _attend_explicit(
+        self, q: mx.array, k: mx.array, v: mx.array, mask: Mask
+    ) -> tuple[mx.array, mx.array]:
+        """Attention with the probabilities materialised (float32), for capture and analysis."""
+        batch, heads, queries, d = q.shape
+        keys, groups = k.shape[2], self.num_heads // self.num_kv_heads
+        # Query head h uses kv head h // groups (transformers' repeat_kv), so split heads as [kv, group].
+        qg = q.reshape(batch, self.num_kv_heads, groups, queries, d)  # [batch, kv_heads, groups, queries, d]
+        kt = k[:, :, None].swapaxes(-1, -2)  # [batch, kv_heads, 1, d, keys]
+        scores = (qg * self.scale) @ kt  # [batch, kv_heads, groups, queries, keys]
+        scores = scores.reshape(batch, heads, queries, keys).astype(mx.float32)  # [batch, heads, q, keys]
+        allowed = _as_array_mask(mask, queries, keys)
+        if allowed is not None:
+            scores = mx.where(allowed, scores, -mx.inf)
+        probs = mx.softmax(scores, axis=-1)
+        pg = probs.astype(v.dtype).reshape(batch, self.num_kv_heads, groups, queries, keys)
+        out = (pg @ v[:, :, None]).reshape(batch, heads, queries, d)  # [batch, heads, queries, d]
+        return out, probs
+
+
+@partial(mx.compile, shapeless=True)
+def _gelu_tanh_gate(gate: mx.array, up: mx.array) -> mx.array:
+    # GELU-tanh evaluated in float32 and rounded once, as torch's gelu(approximate="tanh") does for bf16
+    # and fp16; nn.gelu_approx is exactly 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))). The product with
+    # `up` is in the activation dtype, as in transformers.
+    return nn.gelu_approx(gate.astype(mx.float32)).astype(gate.dtype) * up
+
+
+class MLP(nn.Module):
+    """Gated feed-forward: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(_gelu_tanh_gate(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """One block: pre-norm attention and pre-norm MLP, each output normed again before its residual add."""
+
+    def __init__(
+        self,
+        config: Gemma3Config,
+        layer: int,
+        compute_dtype: mx.Dtype | None,
+        residual_dtype: mx.Dtype | None,
+    ):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.layer_type = config.layer_types[layer]
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        # Pre-norms feed the matmuls (compute dtype); post-norms feed the residual stream (residual dtype).
+        # Both are None (= input dtype) except under the float16 policy (see the module docstring).
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, compute_dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, residual_dtype)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, compute_dtype)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, residual_dtype)
+
+    def __call__(
+        self, h: mx.array, positions: mx.array | None, mask: Mask, capture: Capture | None = None
+    ) -> mx.array:
+        attn = self.self_attn(self.input_layernorm(h), positions, mask, capture)
+        h = h + self.post_attention_layernorm(attn)
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+# --- the model --------------------------------------------------------------------------------------------
+class Gemma3TextModel(nn.Module):
+    """Embeddings, decoder blocks and the final norm: token ids -> normed hidden states."""
+
+    def __init__(self, config: Gemma3Config, dtype: str):
+        super().__init__()
+        self.config = config
+        fp16_policy = canonical_dtype(dtype) == FLOAT16
+        compute_dtype = mx.float16 if fp16_policy else None
+        self.residual_dtype = mx.float32 if fp16_policy else None  # None: the embedding's dtype
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [
+            DecoderLayer(config, i, compute_dtype, self.residual_dtype)
+            for i in range(config.num_hidden_layers)
+        ]
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, compute_dtype)
+
+    def __call__(
+        self,
+        ids: mx.array,
+        *,
+        positions: mx.array | None = None,
+        mask: mx.array | Mapping[str, mx.array] | None = None,
+        capture: Capture | None = None,
+    ) -> mx.array:
+        """Normed final hidden states [batch, seq, hidden] for token ids [batch, seq].
+
+        The arguments are those of ``Gemma3ForCausalLM.__call__``.
+        """
+        e = self.embed_tokens(ids)  # [batch, seq, hidden]
+        # sqrt(hidden) rounded to the embedding dtype first (transformers' rounding), then the product in
+        # the residual dtype.
+        scale = self.config.embed_scale(dtype_name(e.dtype))
+        h = e.astype(self.residual_dtype or e.dtype) * scale
+        masks = self._masks(ids.shape[1], positions, mask)
+        if capture is not None:
+            capture.hidden_states.append(h)
+        for layer in self.layers:
+            h = layer(h, positions, masks[layer.layer_type], capture)
+            if capture is not None:
+                capture.hidden_states.append(h)
+        return self.norm(h)
+
+    def _masks(
+        self, seq: int, positions: mx.array | None, mask: mx.array | Mapping[str, mx.array] | None
+    ) -> dict[str, Mask]:
+        """One mask per layer type, built once per forward and shared by the layers of that type."""
+        if mask is not None:
+            given = dict(mask) if isinstance(mask, Mapping) else {SLIDING: mask, FULL: mask}
+            for layer_type in set(self.config.layer_types):
+                m = given.get(layer_type)
+                if m is None:
+                    raise InputError(f"mask has no entry for {layer_type!r} layers: give one per layer type")
+                if not isinstance(m, mx.array) or m.dtype != mx.bool_:
+                    # A float/int array would be taken as an *additive* mask by mx.fast: refuse it.
+                    raise InputError(
+                        "mask must be a boolean mx.array (True = may attend), not an additive one"
+                    )
+            return given
+        window = self.config.sliding_window
+        if positions is None:
+            # Positions 0..seq-1: the fused kernel's own causal mask, and on local layers a window mask when
+            # the sequence is longer than the window (else the window hides nothing).
+            pos = mx.arange(seq)[None]  # [1, seq]
+            return {FULL: "causal", SLIDING: "causal" if seq <= window else attention_mask(pos, pos, window)}
+        return {
+            FULL: attention_mask(positions, positions),
+            SLIDING: attention_mask(positions, positions, window),
+        }
+
+
+class Gemma3ForCausalLM(nn.Module):
+    """Gemma 3 causal LM with Hugging Face parameter names. ``dtype`` is fixed at construction.
+
+    Constructing it allocates no parameter memory: MLX initialises parameters lazily, and nothing here
+    evaluates them.
+    Load weights with ``load_weights`` (see ``gemmalab_mlx.backend``) before calling it.
+    """
+
+    def __init__(self, config: Gemma3Config, dtype: str = "float32"):
+        super().__init__()
+        self.config = config
+        self.dtype = canonical_dtype(dtype)  # the gemmalab name: "float32", "bfloat16" or "float16"
+        self.model = Gemma3TextModel(config, self.dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.set_dtype(MX_DTYPES[self.dtype])  # lazy casts of lazy initial values: still nothing allocated
+        # Set by gemmalab_mlx.backend: the device to run on (None = MLX's default), and whether the
+        # parameters are still the lazy initial values that must never be evaluated.
+        self.device: mx.Device | None = None
+        self.shape_only = True
+
+    def __call__(
+        self,
+        ids: mx.array,
+        *,
+        positions: mx.array | None = None,
+        mask: mx.array | Mapping[str, mx.array] | None = None,
+        logits_to_keep: int | mx.array = 0,
+        capture: Capture | None = None,
+    ) -> mx.array:
+        """Logits [batch, kept positions, vocab] in the compute dtype, for int token ids [batch, seq].
+
+        positions: position ids [batch, seq] (default 0..seq-1 per row); they drive RoPE and the built-in
+            masks (causal by position, windowed on local layers), as in the reference.
+        mask: boolean, True = may attend, broadcastable to [batch, heads, seq, seq]; replaces the built-in
+            masks on every layer (the sliding window is then yours to include), or a mapping
+            {"sliding_attention": ..., "full_attention": ...} with one mask per layer type.
+        logits_to_keep: 0 = every position; n > 0 = the last n positions; an int array = those positions
+            (transformers' semantics). The 262k-vocab head runs only on the kept positions.
+        capture: a Capture to fill with hidden states (and attention probabilities when it asks).
+        """
+        h = self.model(ids, positions=positions, mask=mask, capture=capture)  # [batch, seq, hidden]
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep > 0:
+                h = h[:, -logits_to_keep:]  # [batch, n, hidden]
+        else:
+            h = h[:, logits_to_keep]  # [batch, len(logits_to_keep), hidden]
+        return self.logits_from_hidden(h)
+
+    def logits_from_hidden(self, h: mx.array) -> mx.array:
+        """The output head on normed hidden states [..., hidden] -> [..., vocab] (chunk it for losses)."""
+        if self.config.tie_word_embeddings:
+            logits = self.model.embed_tokens.as_linear(h)  # the embedding matrix itself, not a copy
+        else:
+            logits = self.lm_head(h)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            # In float32 and rounded once (transformers rounds after each op in bf16).
+            logits = (mx.tanh(logits.astype(mx.float32) / cap) * cap).astype(logits.dtype)
+        return logits
