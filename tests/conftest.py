@@ -49,7 +49,11 @@ def hf_text_config(config: Gemma3Config):
 def make_hf_model(config: Gemma3Config, seed: int = 0):
     """A float32 transformers Gemma3ForCausalLM with random weights, norms included, in eval mode."""
     torch.manual_seed(seed)
-    model = transformers.Gemma3ForCausalLM(hf_text_config(config)).float().eval()
+    return randomize_norms(transformers.Gemma3ForCausalLM(hf_text_config(config)).float().eval())
+
+
+def randomize_norms(model):
+    """Norm weights ~ N(0, 0.3) in place: transformers starts them at zero, which would hide a wrong norm."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -11,7 +11,6 @@ import pytest
 from conftest import (
     SHAPES,
     hf_logits,
-    hf_text_config,
     hf_weights,
     make_hf_model,
     relative_error,
