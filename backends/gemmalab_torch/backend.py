@@ -1,0 +1,166 @@
+"""The PyTorch backend: gemmalab's Backend protocol (gemmalab/backend.py) over model.Gemma3ForCausalLM.
+
+Numpy at the boundary, torch inside. Weights arrive as canonical name -> numpy array (float32, float16, or
+bfloat16 through ml_dtypes) and are converted one tensor at a time, straight into the target dtype and
+device, so a checkpoint never sits in memory twice.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import ml_dtypes
+import numpy as np
+import torch
+from torch import nn
+
+from gemmalab.config import Gemma3Config
+from gemmalab.dtypes import canonical_dtype
+from gemmalab.errors import BackendError, CheckpointError, InputError
+from gemmalab.params import parameter_shapes
+
+from .model import Gemma3ForCausalLM
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def to_torch(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A fresh tensor of ``dtype`` on ``device`` holding ``array`` (never a view of the caller's memory)."""
+    array = np.ascontiguousarray(array)
+    if array.dtype == _BF16:
+        # torch.from_numpy does not know ml_dtypes' bfloat16: reinterpret the same 16 bits.
+        array = array.view(np.int16)
+        bf16 = True
+    else:
+        bf16 = False
+    with warnings.catch_warnings():
+        # Read-only arrays (memory-mapped safetensors) make from_numpy warn; we only read, then copy.
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(array)
+    if bf16:
+        source = source.view(torch.bfloat16)
+    return source.to(device=device, dtype=dtype, copy=True)
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy array of a tensor's values in its own dtype (bfloat16 through ml_dtypes). On CPU this is a
+    read-only view of the tensor's memory (no copy); elsewhere a host copy."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        array = tensor.view(torch.int16).numpy().view(_BF16)
+    else:
+        array = tensor.numpy()
+    array.flags.writeable = False
+    return array
+
+
+class TorchBackend:
+    """gemmalab's PyTorch backend. ``build`` returns the native ``nn.Module`` (model.Gemma3ForCausalLM)."""
+
+    name = "torch"
+
+    def version(self) -> str:
+        return torch.__version__
+
+    def devices(self) -> list[str]:
+        """cuda:0, cuda:1, ... then mps, then cpu: best first."""
+        found = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        if torch.backends.mps.is_available():
+            found.append("mps")
+        found.append("cpu")
+        return found
+
+    def resolve_device(self, device: str | None = None) -> torch.device:
+        """The torch device for a device string (None = the best here). Raises BackendError naming the fix."""
+        available = self.devices()
+        if device is None:
+            return torch.device(available[0])
+        wanted = str(device).lower()
+        if wanted == "cuda" and available[0].startswith("cuda"):
+            wanted = "cuda:0"
+        if wanted not in available:
+            raise BackendError(
+                f"device {device!r} is not available to the torch backend here: use one of "
+                + ", ".join(available)
+            )
+        return torch.device(wanted)
+
+    def build(
+        self,
+        config: Gemma3Config,
+        weights: Mapping[str, np.ndarray] | None,
+        *,
+        dtype: str,
+        device: str | None = None,
+    ) -> Gemma3ForCausalLM:
+        """The model in eval mode, parameters without gradients (``requires_grad_(True)`` to train).
+
+        With ``weights=None`` it is built shape-only on the 'meta' device: no memory, instant at any size.
+        """
+        torch_dtype = TORCH_DTYPES[canonical_dtype(dtype)]
+        with torch.device("meta"):
+            model = Gemma3ForCausalLM(config)  # every parameter a shapeless placeholder, nothing allocated
+        model.to(torch_dtype).eval().requires_grad_(False)
+        if weights is None:
+            return model
+
+        target = self.resolve_device(device)
+        expected = parameter_shapes(config)
+        missing = [name for name in expected if name not in weights]
+        unexpected = [name for name in weights if name not in expected]
+        if missing or unexpected:
+            problems = [
+                f"{label} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                for label, names in (("missing", missing), ("unexpected", unexpected))
+                if names
+            ]
+            raise CheckpointError(
+                f"weights do not match the config ({'; '.join(problems)}): use a checkpoint made for it"
+            )
+        for name, shape in expected.items():
+            array = weights[name]  # a lazy Mapping may read it from disk only now
+            if tuple(array.shape) != shape:
+                raise CheckpointError(f"{name} has shape {tuple(array.shape)} but the config needs {shape}")
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            setattr(module, leaf, nn.Parameter(to_torch(array, torch_dtype, target), requires_grad=False))
+            del array
+        return model
+
+    def logits(self, model: Gemma3ForCausalLM, ids: np.ndarray) -> np.ndarray:
+        """float32 logits [batch, seq, vocab] for int token ids [batch, seq], every position."""
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"token ids must be an integer array [batch, seq], got {ids.dtype} {ids.shape}")
+        vocab = model.config.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise InputError(f"token ids must lie in [0, {vocab}), got ids from {ids.min()} to {ids.max()}")
+        self._require_weights(model)
+        with torch.inference_mode():
+            out = model(torch.as_tensor(ids, dtype=torch.long, device=model.device)).logits
+            logits = out.float().cpu().numpy()
+        if model.dtype == torch.float16 and not np.isfinite(logits).all():
+            raise BackendError(
+                "float16 overflowed inside a layer (non-finite logits): run this model in bfloat16 or float32"
+            )
+        return logits
+
+    def weights(self, model: Gemma3ForCausalLM) -> dict[str, np.ndarray]:
+        """Every parameter under its canonical name, in the model's dtype; the tied head once, as
+        model.embed_tokens.weight. On CPU these are read-only views of the live parameters: copy them to
+        keep a snapshot across training."""
+        self._require_weights(model)
+        return {name: to_numpy(tensor) for name, tensor in model.state_dict().items()}
+
+    def num_parameters(self, model: Gemma3ForCausalLM) -> int:
+        """Parameters held by the model; the tied matrix is one parameter, counted once."""
+        return sum(p.numel() for p in model.parameters())
+
+    @staticmethod
+    def _require_weights(model: Gemma3ForCausalLM) -> None:
+        if model.device.type == "meta":
+            raise BackendError(
+                "this model was built shape-only (weights=None): build it with weights to compute"
+            )

@@ -1,0 +1,481 @@
+"""Gemma 3 text model in PyTorch, one file, bottom-up: RMSNorm -> RoPE -> attention -> MLP -> block -> model.
+
+Module and parameter names are the Hugging Face ``Gemma3ForCausalLM`` names, so ``state_dict()`` keys are
+exactly gemmalab's canonical names (gemmalab/params.py) and loading a checkpoint is a key map. The
+executable specification is gemmalab/reference.py; this file computes the same function.
+
+The Gemma 3 choices, each one a place where public implementations have gone wrong:
+
+* layer pattern is data: ``config.layer_types`` says which layers are local (sliding window) and which are
+  global, 5 local : 1 global in every released checkpoint;
+* sliding window on local layers: query i sees key j iff ``i - window < j <= i`` (positions, not indices);
+* RoPE, rotate-half layout (not interleaved), per layer type: base 10k on local layers, base 1M on global
+  layers with linear scaling (positions divided by 8) on global layers only, on 4B/12B/27B;
+* q and k get their own RMSNorm per head, before RoPE;
+* RMSNorm is ``x * rsqrt(mean(x^2) + eps) * (1 + w)``, computed in fp32 and only then cast (Gemma multiplies
+  by the weight *before* the downcast, unlike Llama: https://github.com/huggingface/transformers/pull/29402);
+* four norms per block: input, post-attention, pre-feedforward, post-feedforward;
+* MLP is gated GELU with the tanh approximation: ``down(gelu_tanh(gate(x)) * up(x))``;
+* embeddings are multiplied by sqrt(hidden_size), rounded to the compute dtype first as HF does (in bf16
+  the 270M's sqrt(640) = 25.298 becomes 25.25);
+* attention scores are scaled by ``query_pre_attn_scalar ** -0.5``, which is not head_dim ** -0.5 on 27B;
+* grouped-query attention: each key/value head serves ``num_attention_heads // num_key_value_heads``
+  consecutive query heads;
+* final RMSNorm, then the output head is the embedding matrix itself (tied: one matrix in memory, used by
+  ``F.linear``; ``lm_head`` exists only when the config unties it), then optional final logit soft-capping.
+
+Precision policy, decided per forward pass from the embedding's dtype (so ``model.half()`` just works):
+
+* float32 and bfloat16: everything in that dtype, as transformers does it (the residual stream is bf16 in
+  a bf16 model). Norms, RoPE tables and the soft-cap compute in fp32 internally, and q/k are normed and
+  rotated in fp32 and rounded once (transformers rounds twice, with bf16 cos/sin tables).
+* float16: weights and matmuls (projections, attention, head) are fp16, but the residual stream and every
+  RMSNorm stay fp32. Gemma's residual stream grows far beyond fp16's maximum (65504) in real checkpoints,
+  so an all-fp16 model produces inf, then NaN (transformers#36822). The pre-norms hand fp16 to the
+  matmuls, and the post-norms take the fp16 sublayer output and return fp32 for the residual add. This is
+  the fix vLLM adopted (vllm#17364). Values inside a sublayer (e.g. a gate projection) could still
+  overflow fp16 on some input; that shows up as non-finite logits, which the backend reports as an error
+  rather than returning.
+* float64 (debugging only, not a gemmalab dtype): everything in float64, for comparisons with the reference.
+
+Attention runs through ``F.scaled_dot_product_attention`` with an explicit boolean mask built from
+positions. GQA is done by folding each key/value head's group of query heads into the query-length
+dimension ([b, kv_heads, seq * groups, d]) rather than repeating keys and values: the fused kernels take
+any mask in that form and nothing is copied per layer (``enable_gqa=True`` only reaches the flash and
+math kernels on CUDA, and flash takes no mask). The folded mask is built once per forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gemmalab.config import SLIDING, Gemma3Config, RopeSpec
+from gemmalab.errors import InputError
+
+# The embedding scale is rounded to the compute dtype (dtypes.round_to); float64 keeps sqrt exact.
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+# A boolean attention mask is [batch, 1, query, key], True where the query may attend to the key. A caller
+# may pass one for every layer, or one per layer type ({"sliding_attention": ..., "full_attention": ...}).
+MaskArg = Tensor | Mapping[str, Tensor] | None
+# Which sequence positions to compute logits for (see Gemma3ForCausalLM.forward).
+PositionsArg = int | slice | Tensor | None
+
+
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------------
+# RMSNorm
+# --------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: ``x * rsqrt(mean(x^2) + eps) * (1 + w)``, in fp32, cast to ``dtype`` at the end."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))  # zero = identity scale, because of the (1 + w)
+
+    def forward(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Normalise over the last dim. The output dtype defaults to the input's (transformers' rule); the
+        fp16 policy asks for fp32 (post-norms feeding the residual) or fp16 (pre-norms feeding matmuls)."""
+        compute = _at_least_fp32(x.dtype)
+        xf = x.to(compute)
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = out * (1.0 + self.weight.to(compute))  # scale before the downcast, as Gemma does
+        return out.to(x.dtype if dtype is None else dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Rotary position embedding
+# --------------------------------------------------------------------------------------------------------
+def rope_tables(
+    positions: Tensor, spec: RopeSpec, head_dim: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos and sin, each [batch, seq, 1, head_dim] in ``dtype``, for integer ``positions`` [batch, seq].
+
+    Angles are formed in float64, the reference's precision, except on MPS, which has no float64: in fp32
+    an angle near position 100k is off by up to ~0.01 rad (at 1.1k positions transformers' fp32 logits are
+    1e-5 from the reference, ours 1e-6). The inverse frequencies use RopeSpec.inv_freq's formula, computed
+    on the device rather than held in a buffer: ``model.to(torch.bfloat16)`` rounds floating buffers, and
+    a bf16 inv_freq (as transformers' becomes under that call) ruins every angle past ~100 positions.
+    """
+    exact = torch.float32 if positions.device.type == "mps" else torch.float64
+    exponents = torch.arange(0, head_dim, 2, dtype=exact, device=positions.device) / head_dim
+    inv_freq = 1.0 / (spec.theta**exponents) / spec.factor  # [head_dim / 2]; linear scaling divides
+    angles = positions.to(exact)[..., None] * inv_freq  # [batch, seq, head_dim / 2]
+    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [batch, seq, 1, head_dim]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [batch, seq, heads, head_dim]; cos, sin: [batch, seq, 1, head_dim] (HF's rotate-half layout)."""
+    return x * cos + rotate_half(x) * sin
+
+
+# --------------------------------------------------------------------------------------------------------
+# Attention masks
+# --------------------------------------------------------------------------------------------------------
+def causal_mask(q_positions: Tensor, k_positions: Tensor, window: int | None = None) -> Tensor:
+    """Boolean [batch, 1, q, k]: True where query i may attend to key j, i.e. ``k_j <= q_i``, and on local
+    layers also ``q_i - window < k_j``. Built from positions, so explicit position ids (repeated, offset,
+    or from a cache) get the right mask."""
+    q = q_positions[:, :, None]  # [batch, q, 1]
+    k = k_positions[:, None, :]  # [batch, 1, k]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    return allowed[:, None]  # [batch, 1, q, k]
+
+
+def fold_mask(mask: Tensor, groups: int) -> Tensor:
+    """[batch, 1, q, k] -> [batch, 1, q * groups, k]: the mask for group-folded queries (see Attention)."""
+    batch, _, q, k = mask.shape
+    if groups == 1:
+        return mask
+    return mask[:, :, :, None, :].expand(batch, 1, q, groups, k).reshape(batch, 1, q * groups, k)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Gemma 3 self-attention: projections, per-head q/k RMSNorm, RoPE, scaled dot-product attention, GQA."""
+
+    def __init__(self, config: Gemma3Config) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.groups = config.num_kv_groups
+        self.head_dim = config.head_dim
+        self.scale = config.attention_scale  # query_pre_attn_scalar ** -0.5, not head_dim ** -0.5
+        hidden, q_dim, kv_dim = (
+            config.hidden_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        )
+        self.q_proj = nn.Linear(hidden, q_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=False)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, *, output_attentions: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """x: [batch, seq, hidden]; rope: cos, sin [batch, seq, 1, head_dim]; mask: folded boolean
+        [batch, 1, seq * groups, seq]. Returns the output [batch, seq, hidden] and, when asked, the
+        attention probabilities [batch, heads, seq, seq] (fp32, from a non-fused path)."""
+        batch, seq, _ = x.shape
+        heads, kv_heads, groups, d = self.num_heads, self.num_kv_heads, self.groups, self.head_dim
+        q = self.q_proj(x).view(batch, seq, heads, d)  # [batch, seq, heads, d]
+        k = self.k_proj(x).view(batch, seq, kv_heads, d)  # [batch, seq, kv_heads, d]
+        v = self.v_proj(x).view(batch, seq, kv_heads, d)  # [batch, seq, kv_heads, d]
+
+        # Norm and rotate in (at least) fp32 -- the tables are fp32 -- then round once to the matmul dtype.
+        cos, sin = rope
+        q = apply_rope(self.q_norm(q, dtype=cos.dtype), cos, sin).to(v.dtype)
+        k = apply_rope(self.k_norm(k, dtype=cos.dtype), cos, sin).to(v.dtype)
+
+        # GQA by folding: query head h = kv * groups + g belongs to kv head kv. Putting the groups beside the
+        # sequence makes every kv head see `seq * groups` queries, so k and v are used as they are.
+        q = q.view(batch, seq, kv_heads, groups, d).transpose(1, 2)  # [batch, kv_heads, seq, groups, d]
+        q = q.reshape(batch, kv_heads, seq * groups, d)  # [batch, kv_heads, seq * groups, d]
+        k = k.transpose(1, 2)  # [batch, kv_heads, seq, d]
+        v = v.transpose(1, 2)  # [batch, kv_heads, seq, d]
+
+        probs = None
+        if output_attentions:
+            out, probs = self._attention_with_probs(q, k, v, mask)
+            # [batch, kv_heads, seq * groups, keys] -> [batch, kv_heads, seq, groups, keys]
+            probs = probs.view(batch, kv_heads, seq, groups, -1)
+            probs = probs.permute(0, 1, 3, 2, 4).reshape(batch, heads, seq, -1)  # [batch, heads, seq, keys]
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = out.view(batch, kv_heads, seq, groups, d).transpose(1, 2)  # [batch, seq, kv_heads, groups, d]
+        out = out.reshape(batch, seq, heads * d)  # [batch, seq, heads * d], head-major as o_proj expects
+        return self.o_proj(out), probs
+
+    def _attention_with_probs(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The same attention with the probabilities materialised (for capture; slower, more memory)."""
+        compute = _at_least_fp32(q.dtype)
+        scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * self.scale  # [batch, kv, seq * g, keys]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return (probs.to(v.dtype) @ v), probs
+
+
+# --------------------------------------------------------------------------------------------------------
+# MLP
+# --------------------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """Gated GELU-tanh feed-forward: ``down(gelu_tanh(gate(x)) * up(x))``."""
+
+    def __init__(self, config: Gemma3Config) -> None:
+        super().__init__()
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decoder block
+# --------------------------------------------------------------------------------------------------------
+class DecoderLayer(nn.Module):
+    """Norm -> attention -> norm -> add; norm -> MLP -> norm -> add (four norms, Gemma's sandwich)."""
+
+    def __init__(self, config: Gemma3Config, layer: int) -> None:
+        super().__init__()
+        self.layer_type = config.layer_types[layer]
+        # Registration order = canonical checkpoint order (gemmalab.params.layer_parameter_shapes).
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor,
+        *,
+        dtype: torch.dtype,
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x: the residual stream [batch, seq, hidden] (fp32 in an fp16 model); ``dtype``: the matmul dtype.
+        The pre-norms hand ``dtype`` to the sublayers; the post-norms return the residual's dtype."""
+        attn_out, probs = self.self_attn(
+            self.input_layernorm(x, dtype=dtype), rope, mask, output_attentions=output_attentions
+        )
+        x = x + self.post_attention_layernorm(attn_out, dtype=x.dtype)
+        mlp_out = self.mlp(self.pre_feedforward_layernorm(x, dtype=dtype))
+        x = x + self.post_feedforward_layernorm(mlp_out, dtype=x.dtype)
+        return x, probs
+
+
+# --------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class Gemma3Output:
+    """What a forward pass returns. The capture lists are None unless asked for."""
+
+    logits: Tensor | None  # [batch, n, vocab] in the compute dtype; n = seq unless logits_at selects
+    last_hidden_state: Tensor  # after the final norm, [batch, seq, hidden], compute dtype
+    hidden_states: list[Tensor] | None = None  # residual stream: embeddings, then after each block
+    attentions: list[Tensor] | None = None  # per block, probabilities [batch, heads, seq, seq], fp32
+
+
+class Gemma3TextModel(nn.Module):
+    """Embeddings, decoder blocks and the final norm (HF's ``model.`` prefix); no output head."""
+
+    def __init__(self, config: Gemma3Config) -> None:
+        super().__init__()
+        self.config = config
+        # No padding_idx: the lookup is a pure function of the weights, as in the JAX original.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        position_ids: Tensor | None = None,
+        attention_mask: MaskArg = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> Gemma3Output:
+        """input_ids: [batch, seq]. See Gemma3ForCausalLM.forward for the arguments."""
+        config = self.config
+        batch, seq = input_ids.shape
+        dtype = self.embed_tokens.weight.dtype  # the matmul dtype
+        residual_dtype = torch.float32 if dtype == torch.float16 else dtype  # the fp16 policy (header)
+        table_dtype = _at_least_fp32(dtype)
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)  # [batch, seq]
+
+        masks = self._masks(position_ids, attention_mask, batch, seq)  # layer type -> folded mask
+        ropes = {
+            spec: rope_tables(position_ids, spec, config.head_dim, table_dtype)
+            for spec in {config.rope(i) for i in range(config.num_hidden_layers)}
+        }
+
+        scale = (
+            config.embed_scale(_DTYPE_NAMES[dtype])
+            if dtype in _DTYPE_NAMES
+            else math.sqrt(config.hidden_size)
+        )
+        x = self.embed_tokens(input_ids).to(residual_dtype) * scale  # [batch, seq, hidden]
+        hidden_states = [x] if output_hidden_states else None
+        attentions: list[Tensor] | None = [] if output_attentions else None
+        for i, layer in enumerate(self.layers):
+            x, probs = layer(
+                x,
+                ropes[config.rope(i)],
+                masks[layer.layer_type],
+                dtype=dtype,
+                output_attentions=output_attentions,
+            )
+            if hidden_states is not None:
+                hidden_states.append(x)
+            if attentions is not None:
+                attentions.append(probs)
+        return Gemma3Output(None, self.norm(x, dtype=dtype), hidden_states, attentions)
+
+    def _masks(self, positions: Tensor, attention_mask: MaskArg, batch: int, seq: int) -> dict[str, Tensor]:
+        """One folded boolean mask per layer type present, shared by all layers of that type."""
+        config = self.config
+        masks = {}
+        for layer_type in set(config.layer_types):
+            if attention_mask is None:
+                window = config.sliding_window if layer_type == SLIDING else None
+                mask = causal_mask(positions, positions, window)
+            else:
+                mask = attention_mask[layer_type] if isinstance(attention_mask, Mapping) else attention_mask
+                if mask.dtype != torch.bool:
+                    raise InputError(f"attention_mask must be boolean (True = may attend), got {mask.dtype}")
+                if mask.ndim == 2:
+                    mask = mask[None, None]  # [q, k] -> [1, 1, q, k]
+                if mask.ndim != 4 or mask.shape[1] != 1:
+                    raise InputError(
+                        f"attention_mask must have shape [batch, 1, seq, seq], got {tuple(mask.shape)}"
+                    )
+                mask = mask.to(positions.device).expand(batch, 1, seq, seq)
+            masks[layer_type] = fold_mask(mask, config.num_kv_groups)
+        return masks
+
+
+class Gemma3ForCausalLM(nn.Module):
+    """The Gemma 3 language model: ``model`` (embeddings, blocks, final norm) and the output head.
+
+    The head is the embedding matrix (``model.embed_tokens.weight``) unless the config unties it; only then
+    does an ``lm_head`` module exist, so ``state_dict()`` has exactly the canonical keys.
+    """
+
+    def __init__(self, config: Gemma3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Gemma3TextModel(config)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def output_weight(self) -> Tensor:
+        """The [vocab, hidden] output matrix: the embedding itself when tied (the same storage)."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """Output head on final-normed hidden states [..., hidden] -> logits [..., vocab] in the compute
+        dtype. Callers that chunk a loss over tokens run the backbone once and this per chunk."""
+        # Flatten to 2-D first: on a 3-D *view* (a position slice, a loss chunk) torch's matmul can take a
+        # batched path that copies the whole [vocab, hidden] matrix on every call (seen on CPU, torch 2.13).
+        rows = hidden.reshape(-1, hidden.shape[-1])  # [batch * n, hidden]
+        logits = (
+            F.linear(rows, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(rows)
+        )
+        logits = logits.view(*hidden.shape[:-1], logits.shape[-1])  # [..., vocab]
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            capped = torch.tanh(logits.to(_at_least_fp32(logits.dtype)) / cap) * cap
+            logits = capped.to(logits.dtype)
+        return logits
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        position_ids: Tensor | None = None,
+        attention_mask: MaskArg = None,
+        logits_at: PositionsArg = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> Gemma3Output:
+        """Run the model on token ids [batch, seq].
+
+        position_ids: [batch, seq] integer positions; default 0..seq-1. RoPE and the built-in masks use them.
+        attention_mask: boolean, True = may attend, shape [batch or 1, 1, seq, seq] (or [seq, seq]). It
+            replaces the built-in causal / sliding-window masks: one tensor for every layer, or a mapping
+            {"sliding_attention": ..., "full_attention": ...}. Every query must be allowed some key.
+        logits_at: which positions get logits (the 262k-vocab head is the largest matmul of small models):
+            None = every position; an int (e.g. -1) = that one position, kept as a length-1 dim; a slice or
+            a 1-D index tensor = those positions in every row; a 2-D [batch, n] index tensor = per-row
+            positions (e.g. the last real token of right-padded prompts).
+        output_hidden_states: also return the residual stream after the embeddings and after every block.
+        output_attentions: also return every block's attention probabilities (non-fused, slower path).
+        """
+        out = self.model(
+            input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        out.logits = self.compute_logits(select_positions(out.last_hidden_state, logits_at))
+        return out
+
+
+def select_positions(hidden: Tensor, at: PositionsArg) -> Tensor:
+    """hidden [batch, seq, dim] -> [batch, n, dim] at the positions ``at`` (see Gemma3ForCausalLM.forward)."""
+    if at is None:
+        return hidden
+    if isinstance(at, int):
+        return hidden[:, at : (at + 1) or None]  # [batch, 1, dim]
+    if isinstance(at, slice):
+        return hidden[:, at]
+    if at.ndim == 1:
+        return hidden[:, at]  # [batch, n, dim]
+    if at.ndim == 2:
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]  # [batch, 1]
+        return hidden[rows, at]  # [batch, n, dim]
+    raise InputError(
+        f"logits_at must be an int, a slice, or a 1-D or 2-D index tensor, got shape {tuple(at.shape)}"
+    )
+
+
+__all__ = [
+    "Attention",
+    "DecoderLayer",
+    "Gemma3ForCausalLM",
+    "Gemma3Output",
+    "Gemma3TextModel",
+    "MLP",
+    "RMSNorm",
+    "apply_rope",
+    "causal_mask",
+    "fold_mask",
+    "rope_tables",
+    "select_positions",
+]
