@@ -5,7 +5,7 @@
 
 For each installed backend, dtype and tiny shape: a random transformers Gemma3ForCausalLM (norm weights
 randomised too), batch 2, a sequence 2.5 sliding windows long; error = max |diff| / max |reference|.
-transformers runs in the same dtype as the column it is compared with.
+transformers runs in the same dtype as the row (loaded with from_pretrained(dtype=...)).
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -58,10 +60,14 @@ def measure() -> list[dict]:
         weights = {k: v.detach().numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
         ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, int(config.sliding_window * 2.5) + 3))
         expected = reference.forward(config, weights, ids)
+        folder = tempfile.mkdtemp(prefix="gemmalab-exactness-")
+        model.save_pretrained(folder)
         for dtype, torch_dtype in TORCH_DTYPES.items():
+            # transformers in each dtype as its users get it: from_pretrained(dtype=...). (Casting a built
+            # model with .to() also rounds buffers such as the RoPE frequencies, which would be unfair.)
+            peer = transformers.Gemma3ForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval()
             with torch.no_grad():
-                theirs = model.to(torch_dtype)(torch.as_tensor(ids)).logits.double().numpy()
-            model.float()
+                theirs = peer(torch.as_tensor(ids)).logits.double().numpy()
             row = {"shape": shape, "dtype": dtype, "transformers_vs_ref": rel(theirs, expected)}
             for name in gemmalab.backends():
                 backend = get_backend(name)
@@ -70,6 +76,7 @@ def measure() -> list[dict]:
                 row[f"{name}_vs_ref"] = rel(ours, expected)
                 row[f"{name}_vs_transformers"] = rel(ours, theirs)
             rows.append(row)
+        shutil.rmtree(folder)
     return rows
 
 

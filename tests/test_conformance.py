@@ -137,3 +137,26 @@ def test_bf16_save_keeps_bf16_on_disk(backend, cases, tmp_path):
     assert hf.config.dtype == torch.bfloat16 or hf.dtype == torch.bfloat16
 
 
+
+
+def test_fp16_survives_a_residual_stream_beyond_fp16_range(backend, tmp_path):
+    """Real Gemma checkpoints carry residual values past fp16's maximum (65504). Here the embeddings are
+    scaled until they do (about 1e5 after the sqrt(hidden) scale): gemmalab's fp16 keeps the residual
+    stream in fp32 and stays close to the reference; an all-fp16 model (transformers) overflows."""
+    import dataclasses
+
+    config = dataclasses.replace(SHAPES["tiny"], tie_word_embeddings=False)  # a tied head would overflow too
+    hf = make_hf_model(config, seed=3)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.mul_(2e5)
+    ids = token_ids(config)
+    weights = hf_weights(hf)
+    residual = weights["model.embed_tokens.weight"][ids] * config.embed_scale()
+    assert np.abs(residual).max() > 65504  # the case is real
+    folder = save_hf(hf, tmp_path / "hot")
+    peer = transformers.Gemma3ForCausalLM.from_pretrained(folder, dtype=torch.float16).eval()
+    assert not np.isfinite(hf_logits(peer, ids)).all()  # all-fp16 fails on it
+
+    logits = gemmalab.load(folder, backend=backend, dtype="float16", device="cpu").logits(ids)
+    assert np.isfinite(logits).all()
+    assert relative_error(logits, reference.forward(config, weights, ids)) < FP16_TOLERANCE
