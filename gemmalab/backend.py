@@ -64,6 +64,39 @@ class Backend(Protocol):
     def num_parameters(self, model: Any) -> int:
         """Parameters held by the native model, the tied matrix counted once."""
 
+    # -- generation: KV caches and incremental forward passes (the loop itself lives in the core) --------
+    def new_cache(self, model: Any, *, batch: int, pad_lengths: list[int] | None = None) -> Any:
+        """An empty KV cache for ``batch`` sequences fed in lock-step.
+
+        Local (sliding-window) layers keep a ring buffer of exactly ``config.sliding_window`` entries, so
+        their memory stays flat however long the context grows; global layers keep every position (their
+        buffer grows as tokens arrive). ``pad_lengths[r]`` is the number of left-padding tokens at the start
+        of row r (batched generation with left padding): those slots are fed like other tokens but never
+        attended to, and row r's positions count from its first real token (position = index - pad)."""
+
+    def extend(self, model: Any, cache: Any, ids: np.ndarray, *, logits: str = "last") -> np.ndarray | None:
+        """Feed int ids [batch, n] (n >= 1) after everything already in ``cache``, updating it in place.
+
+        Each new token attends to the cached tokens and to the new ones before it, with the sliding window
+        on local layers, exactly as a full forward pass over the whole sequence would. Returns float32
+        logits: ``"last"`` -> [batch, vocab] for the last new position only (the output head runs on that
+        position alone: prefill never computes logits nobody reads), ``"all"`` -> [batch, n, vocab],
+        ``"none"`` -> None (earlier chunks of a chunked prefill)."""
+
+    def cache_nbytes(self, cache: Any) -> dict[str, int]:
+        """Bytes held by the cache's key/value buffers, per layer type:
+        {"sliding_attention": ..., "full_attention": ...}."""
+
+    def synchronize(self, model: Any) -> None:
+        """Wait until queued work on the model's device is done (for honest timings)."""
+
+    def peak_memory(self, model: Any) -> int | None:
+        """Peak bytes the framework allocated on the model's device since the last reset, when it
+        tracks them (CUDA, MPS, MLX); None where it does not (PyTorch on CPU)."""
+
+    def reset_peak_memory(self, model: Any) -> None:
+        """Start a new peak-memory measurement (no-op where peak_memory returns None)."""
+
 
 @dataclass(frozen=True)
 class BackendInfo:
