@@ -11,6 +11,7 @@ The backend-native module stays reachable as ``model.native`` (a torch.nn.Module
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,15 @@ from .tokenizer import Tokenizer
 
 
 @dataclass
+class StreamChunk:
+    """One streamed token: its id, the text it adds, and whether it is the stop id that ends the stream."""
+
+    token: int
+    text: str
+    is_stop: bool = False
+
+
+@dataclass
 class Model:
     """A Gemma 3 text model on one backend. Methods take and return numpy (or plain Python) values."""
 
@@ -36,6 +46,7 @@ class Model:
     native: Any
     tokenizer: Tokenizer | None = None
     source: Path | None = None
+    generation_eos: tuple[int, ...] | None = None  # eos ids from generation_config.json, when it has them
 
     @property
     def _backend(self) -> Backend:
@@ -69,6 +80,97 @@ class Model:
             folder, self.config.with_dtype(target), self.weights(), copy_from=self.source, overwrite=overwrite
         )
 
+    # -- generation ---------------------------------------------------------------------------------------
+    def _generator(self, prompt: Any, *, stop: Sequence[int] | None, prefill_chunk: int, **sampling: Any):
+        from .generation import Generator, normalize_prompts, stop_ids_for
+        from .sampling import SamplingParams
+
+        rows, batched = normalize_prompts(prompt, self.tokenizer)
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        gen = Generator(
+            self._backend,
+            self.native,
+            self.config,
+            rows,
+            params=SamplingParams(**sampling),
+            stop_ids=stop_ids_for(self.config, self.generation_eos, stop),
+            prefill_chunk=prefill_chunk,
+            pad_id=pad,
+        )
+        return gen, batched
+
+    def generate(
+        self,
+        prompt: Any,
+        max_tokens: int = 256,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[int] | None = None,
+        prefill_chunk: int = 512,
+    ):
+        """Continue ``prompt`` (a string, a list of token ids, or a list of either for a batch).
+
+        Greedy when temperature is 0. Stops at the eos ids of generation_config.json (or the config's),
+        plus ``stop``. Returns a GenerationResult: ``.tokens`` (new ids), ``.text`` (when there is a
+        tokenizer), ``.finish_reasons``, ``.stats`` (time to first token, tokens/s).
+        """
+        from .generation import generate_ids
+
+        gen, _ = self._generator(
+            prompt, stop=stop, prefill_chunk=prefill_chunk, temperature=temperature, top_k=top_k,
+            top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+        )
+        result = generate_ids(gen, max_tokens)
+        if self.tokenizer is not None:
+            result.texts = [self.tokenizer.decode(row) for row in result.token_rows]
+        return result
+
+    def stream(
+        self,
+        prompt: Any,
+        max_tokens: int = 256,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[int] | None = None,
+        prefill_chunk: int = 512,
+        stats: Any = None,
+    ) -> Iterator[StreamChunk]:
+        """Yield each new token of a single prompt as it comes: StreamChunk(token, text), where text is the
+        new piece of decoded text ('' while a multi-byte character is incomplete, or without a tokenizer).
+        Pass a GenerationStats as ``stats`` to read the timings afterwards."""
+        from .generation import GenerationStats, IncrementalDetokenizer, decode_steps
+
+        gen, batched = self._generator(
+            prompt, stop=stop, prefill_chunk=prefill_chunk, temperature=temperature, top_k=top_k,
+            top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+        )
+        if batched:
+            raise InputError("stream takes one prompt; use generate for a batch")
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        for step in decode_steps(gen, max_tokens, stats if stats is not None else GenerationStats()):
+            token = step.tokens[0]
+            if token is None:
+                return
+            stopping = step.finished[0]
+            text = detok.add(token) if detok is not None and not stopping else ""
+            yield StreamChunk(token, text, stopping)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], max_tokens: int = 512, **kwargs: Any):
+        """Reply to a conversation ([{"role": "user", "content": ...}, ...]) in Gemma's turn format."""
+        if self.tokenizer is None:
+            raise InputError("chat needs a tokenizer, and this model has none: load a checkpoint that ships one")
+        return self.generate(self.tokenizer.apply_chat(messages), max_tokens, **kwargs)
+
     def __repr__(self) -> str:
         name = self.config.name or (self.source.name if self.source else "gemma3")
         return f"Model({name!r}, backend={self.backend!r}, dtype={self.dtype!r}, params={self.config.num_parameters():,})"
@@ -94,7 +196,9 @@ def load(
     chosen_dtype = canonical_dtype(dtype) if dtype else (config.stored_dtype or "float32")
     name = resolve_backend_name(backend)
     native = get_backend(name).build(config, weights, dtype=chosen_dtype, device=device)
-    return Model(config, name, chosen_dtype, native, Tokenizer.from_folder(folder), folder)
+    return Model(
+        config, name, chosen_dtype, native, Tokenizer.from_folder(folder), folder, checkpoint.generation_eos_ids(folder)
+    )
 
 
 def init(

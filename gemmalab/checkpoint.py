@@ -133,6 +133,20 @@ def load_config(folder: Path) -> Gemma3Config:
     return Gemma3Config.from_file(folder / "config.json")
 
 
+def generation_eos_ids(folder: Path) -> tuple[int, ...] | None:
+    """The eos ids of generation_config.json (instruction-tuned Gemma: 1 and 106), None when absent."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ConfigError(f"{path} is not valid JSON: fix or delete it") from None
+    if eos is None:
+        return None
+    return tuple(int(t) for t in (eos if isinstance(eos, list) else [eos]))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Reading weights
 # ---------------------------------------------------------------------------------------------------------

@@ -268,6 +268,149 @@ def download(
     console.print(f"{repo_id} is at {folder} ({config.num_parameters():,} parameters)")
 
 
+BackendOption = Annotated[
+    Optional[str],  # noqa: UP045  (typer reads the annotation at run time)
+    typer.Option("--backend", "-b", help="mlx, torch, jax or auto (default: $GEMMALAB_BACKEND, else auto)."),
+]
+DtypeOption = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."),
+]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cuda:0, mps, gpu, cpu ... (default: the best)")]  # noqa: UP045
+
+
+def _is_preset(source: str) -> bool:
+    from .config import PRESETS
+
+    key = source.lower().removeprefix("google/").removesuffix("-it").removesuffix("-pt")
+    return key in PRESETS and not Path(source).exists() and "/" not in source
+
+
+def _model(source: str, backend: str | None, dtype: str | None, device: str | None, seed: int = 0):
+    """A checkpoint (folder, cached or Hub repo id), or a preset name with random weights."""
+    import gemmalab
+
+    if _is_preset(source):
+        return gemmalab.init(source, backend=backend, dtype=dtype, device=device, seed=seed)
+    return gemmalab.load(source, backend=backend, dtype=dtype, device=device)
+
+
+@app.command()
+def generate(
+    source: Annotated[str, typer.Argument(help="A checkpoint folder, a Hub repo id, or a preset (random weights).")],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text to continue.")] = None,  # noqa: UP045
+    prompt_ids: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--prompt-ids", help="Comma-separated token ids, for models without a tokenizer."),
+    ] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt as a user turn in Gemma's chat format.")] = False,
+    system: Annotated[Optional[str], typer.Option("--system", help="A system message (with --chat).")] = None,  # noqa: UP045
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most new tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus mass to keep (1 = off).")] = 1.0,
+    min_p: Annotated[float, typer.Option("--min-p", help="Keep tokens >= min_p x the top probability (0 = off).")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="1 = off.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling (and for preset weights).")] = None,  # noqa: UP045
+    stop: Annotated[Optional[str], typer.Option(help="Extra comma-separated stop token ids.")] = None,  # noqa: UP045
+    backend: BackendOption = None,
+    dtype: DtypeOption = None,
+    device: DeviceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end instead of streaming.")] = False,
+) -> None:
+    """Generate text, streamed as it comes. Stops at the checkpoint's eos ids (1 and 106 for Gemma -it)."""
+    from .errors import InputError
+    from .generation import GenerationStats
+
+    if (prompt is None) == (prompt_ids is None):
+        raise InputError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    model = _model(source, backend, dtype, device, seed or 0)
+    if prompt_ids is not None:
+        try:
+            ids: list[int] | str = [int(t) for t in prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise InputError(f"--prompt-ids {prompt_ids!r} is not a comma-separated list of integers") from None
+    else:
+        ids = prompt
+    if chat:
+        if model.tokenizer is None or not isinstance(ids, str):
+            raise InputError("--chat needs a text --prompt and a model with a tokenizer")
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": ids}]
+        ids = model.tokenizer.apply_chat(messages)
+    elif isinstance(ids, str) and model.tokenizer is None:
+        raise InputError(f"{source} has no tokenizer: pass --prompt-ids with token ids instead of --prompt")
+    extra_stop = [int(t) for t in stop.split(",")] if stop else None
+    sampling = dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, seed=seed, stop=extra_stop,
+    )
+    if as_json:
+        result = model.generate(ids, max_tokens, **sampling)
+        print(json.dumps({
+            "tokens": result.tokens, "text": result.text, "finish_reason": result.finish_reasons[0],
+            "stats": result.stats.as_dict(), "backend": model.backend, "dtype": model.dtype,
+        }))
+        return
+    stats = GenerationStats()
+    for chunk in model.stream(ids, max_tokens, stats=stats, **sampling):
+        sys.stdout.write(chunk.text if model.tokenizer is not None else f"{chunk.token} ")
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    err_console.print(
+        f"[dim]{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} new · "
+        f"first token {stats.prefill_seconds:.2f}s · {stats.generation_tokens_per_second:.1f} tok/s · "
+        f"{model.backend} {model.dtype}[/]"
+    )
+
+
+@app.command()
+def bench(
+    source: Annotated[Optional[str], typer.Argument(help="A checkpoint; default: a random preset (no download).")] = None,  # noqa: UP045
+    backend: Annotated[str, typer.Option("--backend", "-b", help="mlx, torch, jax, all or auto.")] = "auto",
+    preset: Annotated[str, typer.Option(help="Preset benchmarked when no SOURCE is given.")] = "gemma-3-270m",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: DeviceOption = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt length.")] = 512,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", help="Tokens to generate (greedy).")] = 128,
+    prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="Prefill chunk size.")] = 512,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> None:
+    """Prompt and generation tokens/s, time to first token, peak memory, and the memory-bandwidth roofline."""
+    from .backend import available_backends, resolve_backend_name
+    from .bench import bench as run_bench
+    from .bench import measure_read_bandwidth
+
+    names = available_backends() if backend == "all" else [resolve_backend_name(None if backend == "auto" else backend)]
+    with console.status("measuring memory read bandwidth"):
+        bandwidth = measure_read_bandwidth()
+    results = []
+    for name in names:
+        with console.status(f"benchmarking {name}: {source or preset} {dtype}, {prompt_tokens} + {gen_tokens} tokens"):
+            results.append(run_bench(
+                name, source, preset=preset, dtype=dtype, device=device, prompt_tokens=prompt_tokens,
+                gen_tokens=gen_tokens, prefill_chunk=prefill_chunk, bandwidth=bandwidth,
+            ))
+    if as_json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+        return
+    first = results[0]
+    table = Table(title=f"{first.model} · {first.dtype} · prompt {prompt_tokens} · generate {gen_tokens}")
+    for column in ("backend", "warm-up s", "first token s", "prompt tok/s", "decode tok/s", "peak memory",
+                   "GB read/token", "roofline tok/s", "of roofline"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(
+            r.backend, f"{r.warmup_seconds:.2f}", f"{r.time_to_first_token_s:.2f}", f"{r.prompt_tokens_per_s:.1f}",
+            f"{r.generation_tokens_per_s:.2f}", f"{_gib(r.peak_memory_bytes)} ({r.peak_memory_kind})",
+            f"{r.bytes_per_token / 1e9:.3f}", f"{r.roofline_tokens_per_s:.1f}", f"{r.roofline_fraction:.0%}",
+        )
+    console.print(table)
+    console.print(
+        f"[dim]roofline = measured read bandwidth {bandwidth / 1e9:.1f} GB/s ÷ bytes read per generated token "
+        f"(all weights + KV cache)[/]"
+    )
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning expected failures into one line.
 
