@@ -22,7 +22,7 @@ from . import checkpoint
 from .backend import Backend, get_backend, resolve_backend_name
 from .config import Gemma3Config, resolve_config
 from .dtypes import canonical_dtype
-from .errors import InputError
+from .errors import BackendError, InputError
 from .params import init_weights
 from .tokenizer import Tokenizer
 
@@ -183,19 +183,21 @@ def load(
     device: str | None = None,
     *,
     revision: str | None = None,
+    **backend_options: Any,
 ) -> Model:
     """Load a Gemma 3 checkpoint: a local folder, a cached Hub repo id, or one to download.
 
     ``backend``: mlx, torch, jax or auto (default: $GEMMALAB_BACKEND, else auto).
     ``dtype``: float32, bfloat16 or float16 (default: the dtype the checkpoint is stored in, else float32).
     ``device``: a backend device name such as cuda:0, mps, cpu (default: the backend's best).
+    ``backend_options``: passed to the backend's build, e.g. ``mesh={"data": 2, "model": 4}`` on JAX.
     """
     folder = checkpoint.locate(source, revision=revision)
     config = checkpoint.load_config(folder)
     weights = checkpoint.read_weights(folder, config)
     chosen_dtype = canonical_dtype(dtype) if dtype else (config.stored_dtype or "float32")
     name = resolve_backend_name(backend)
-    native = get_backend(name).build(config, weights, dtype=chosen_dtype, device=device)
+    native = _build(name, config, weights, chosen_dtype, device, backend_options)
     return Model(
         config, name, chosen_dtype, native, Tokenizer.from_folder(folder), folder, checkpoint.generation_eos_ids(folder)
     )
@@ -208,6 +210,7 @@ def init(
     device: str | None = None,
     *,
     seed: int = 0,
+    **backend_options: Any,
 ) -> Model:
     """A randomly initialised model from a preset name (gemma-3-270m, tiny, ...) or a config.
 
@@ -217,8 +220,23 @@ def init(
     chosen_dtype = canonical_dtype(dtype or "float32")
     name = resolve_backend_name(backend)
     weights = init_weights(cfg, seed=seed, dtype="float32")
-    native = get_backend(name).build(cfg, weights, dtype=chosen_dtype, device=device)
+    native = _build(name, cfg, weights, chosen_dtype, device, backend_options)
     return Model(cfg, name, chosen_dtype, native)
+
+
+def _build(name: str, config: Gemma3Config, weights: Any, dtype: str, device: str | None, options: dict) -> Any:
+    """The backend's build, with backend-specific options passed only when there are some."""
+    backend = get_backend(name)
+    if not options:
+        return backend.build(config, weights, dtype=dtype, device=device)
+    try:
+        return backend.build(config, weights, dtype=dtype, device=device, **options)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        raise BackendError(
+            f"backend {name!r} does not take the option(s) {', '.join(options)}: drop them or choose another backend"
+        ) from None
 
 
 def backends() -> list[str]:
