@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 GL     := $(VENV)/bin/gemmalab
 PYTEST_ARGS ?=
 
-.PHONY: setup install test check lint demo clean
+.PHONY: setup install test check lint demo benchmark clean
 
 setup:  ## create .venv with every backend this platform runs (idempotent)
 	./setup.sh
@@ -24,6 +24,9 @@ check: lint  ## lint, then gemmalab's own platform and exactness check
 demo: setup  ## the main job for now: platform and backend check with an exactness self-test, a model's shape
 	$(GL) check
 	$(GL) info gemma-3-270m
+
+benchmark: setup  ## gemmalab bench on every installed backend: a random 270M-shaped model, prompt 512, generate 128
+	$(GL) bench --backend all
 
 clean:  ## remove caches and build artefacts (keeps .venv; `rm -rf .venv` for a full reset)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

@@ -134,9 +134,8 @@ def _config_for_info(source: str):
     from . import checkpoint
     from .config import PRESETS, Gemma3Config
 
-    key = source.lower().removeprefix("google/").removesuffix("-it").removesuffix("-pt")
-    if key in PRESETS and not Path(source).exists():
-        return PRESETS[key], f"preset {key}"
+    if _is_preset(source):
+        return Gemma3Config.preset(source), f"preset {Gemma3Config.preset(source).name}"
     path = Path(source).expanduser()
     if path.exists():
         return Gemma3Config.from_file(path), str(path)

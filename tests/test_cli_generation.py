@@ -1,0 +1,97 @@
+"""`gemmalab generate` and `gemmalab bench`, run as a user runs them (fresh process), on every backend."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gemmalab
+from gemmalab.config import Gemma3Config
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gemmalab", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tiny_hf, tmp_path_factory) -> Path:
+    """The tiny checkpoint plus a word-level tokenizer.json covering its whole 512-token vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    _, _, folder = tiny_hf
+    out = Path(shutil.copytree(folder, tmp_path_factory.mktemp("chat") / "model"))
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)} | {f"w{i}": i for i in range(len(SPECIALS), 512)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+def test_generate_json_matches_the_api(backend):
+    result = cli("generate", "tiny", "--prompt-ids", "5,6,7,8,9,10,11,12,13,14", "-n", "6", "--json",
+                 "--backend", backend, "--dtype", "float32", "--stop", "1")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    expected = gemmalab.init("tiny", backend=backend, seed=0).generate(list(range(5, 15)), max_tokens=6, stop=[1])
+    assert out["tokens"] == expected.tokens
+    assert out["stats"]["prompt_tokens"] == 10 and out["stats"]["generated_tokens"] == len(expected.tokens)
+
+
+def test_generate_streams_text(backend, chat_checkpoint):
+    model = gemmalab.load(chat_checkpoint, backend=backend, dtype="float32", device="cpu")
+    expected = model.generate("w10 w11 w12 w13 w14 w15 w16 w17 w18 w19", max_tokens=8)
+    result = cli("generate", str(chat_checkpoint), "--prompt", "w10 w11 w12 w13 w14 w15 w16 w17 w18 w19",
+                 "-n", "8", "--backend", backend, "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    # the stop token is not printed; everything else is, as it was decoded
+    stop = model.generation_eos or model.config.eos_token_ids
+    shown = [t for t in expected.tokens if t not in stop]
+    assert result.stdout.strip().replace(" ", "") == model.tokenizer.decode(shown).replace(" ", "")
+    assert "tok/s" in result.stderr
+
+
+def test_generate_chat_uses_the_turn_format(backend, chat_checkpoint):
+    model = gemmalab.load(chat_checkpoint, backend=backend, dtype="float32", device="cpu")
+    ids = model.tokenizer.apply_chat([{"role": "user", "content": "w20 w21"}])
+    assert ids[:2] == [2, 4] and ids.count(4) == 2  # <bos><start_of_turn>user ... <start_of_turn>model
+    expected = model.generate(ids, max_tokens=5)
+    result = cli("generate", str(chat_checkpoint), "--prompt", "w20 w21", "--chat", "-n", "5", "--json",
+                 "--backend", backend, "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tokens"] == expected.tokens
+
+
+def test_generate_without_tokenizer_says_what_to_do():
+    result = cli("generate", "tiny", "--prompt", "hello", "-n", "2")
+    assert result.returncode == 1 and "--prompt-ids" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_bench_json_is_consistent(backend):
+    result = cli("bench", "--preset", "tiny", "--prompt-tokens", "20", "--gen-tokens", "5", "--json", "-b", backend)
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    config = Gemma3Config.preset("tiny")
+    assert row["backend"] == backend and row["generated_tokens"] == 5 and row["prompt_tokens"] == 20
+    n_local = sum(map(config.is_sliding, range(config.num_hidden_layers)))
+    # batch 1, keys + values, fp32: the local layers hold exactly one window
+    window_bytes = n_local * 2 * config.num_key_value_heads * config.sliding_window * config.head_dim * 4
+    assert row["kv_cache_bytes"]["sliding_attention"] == window_bytes
+    assert row["weight_bytes"] == config.num_parameters() * 4
+    assert row["bytes_per_token"] == row["weight_bytes"] + sum(row["kv_cache_bytes"].values())
+    assert row["roofline_tokens_per_s"] == pytest.approx(row["bandwidth_bytes_per_s"] / row["bytes_per_token"])
+    assert row["roofline_fraction"] == pytest.approx(row["generation_tokens_per_s"] / row["roofline_tokens_per_s"])
+    assert row["generation_tokens_per_s"] > 0 and row["prompt_tokens_per_s"] > 0 and row["peak_memory_bytes"] > 0
+
+
+def test_bench_table_for_people():
+    result = cli("bench", "--preset", "tiny", "--prompt-tokens", "12", "--gen-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert "decode tok/s" in result.stdout and "roofline" in result.stdout
