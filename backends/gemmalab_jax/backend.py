@@ -1,0 +1,321 @@
+"""The JAX backend: gemmalab's Backend protocol (gemmalab/backend.py) over the functions of model.py.
+
+Numpy at the boundary, jax arrays inside. ``build`` returns a ``JaxModel``: the config, the parameter tree
+(canonical HF names, see model.py), the sharding plan (sharding.py) and two jitted functions:
+
+* ``full_logits(params, ids, rope)``: every position's float32 logits (``logits``);
+* ``step(params, buffers, ids, rope, start, pad, mode=...)``: one incremental pass over a KV cache
+  (``extend``; cache.py), its buffers donated and returned updated, the head run only where asked.
+
+Both are compiled per input shape: ``full_logits`` per [batch, seq]; ``step`` per batch, chunk length and
+global-buffer capacity (a power of two: few recompiles while decoding), and ``start`` is traced, so
+decoding runs one compiled step over and over. float32 models trace under
+``jax.default_matmul_precision("highest")``: on TPU the default would round fp32 matmul inputs to bf16.
+
+Weights arrive as canonical name -> numpy array (float32, float16 or bfloat16 via ml_dtypes) and are cast
+on the host and placed (sharded) one tensor at a time, so a checkpoint never sits in memory twice. With
+``weights=None`` the tree holds jax.ShapeDtypeStruct leaves (with their shardings): nothing is allocated,
+any preset builds instantly, and ``jax.jit(...).lower`` can still plan a sharded computation from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from gemmalab.config import SLIDING, Gemma3Config
+from gemmalab.dtypes import canonical_dtype, numpy_dtype
+from gemmalab.errors import BackendError, CheckpointError, InputError
+from gemmalab.params import parameter_shapes
+
+from .cache import KVCache, extend_step
+from .model import Params, abstract_params, default_masks, flatten, forward, head, rope_tables, unflatten
+from .sharding import Plan, make_mesh
+
+_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+
+
+def _full_logits(params: Params, ids: jax.Array, rope: Any, *, config: Gemma3Config, plan: Plan) -> jax.Array:
+    """float32 logits [batch, seq, vocab] of a plain sequence (positions 0 .. seq-1, built-in masks)."""
+    positions = jnp.arange(ids.shape[1])[None]  # [1, seq]: one mask for every row
+    out = forward(params, config, ids, rope, default_masks(config, positions), hint=plan.hint)
+    return head(params, config, out.hidden, plan.hint).astype(jnp.float32)
+
+
+# Module-level, with the config and plan static: models of the same config on the same mesh share compiled
+# functions (the cache key also holds every input's shape, dtype and sharding).
+_jit_full_logits = jax.jit(_full_logits, static_argnames=("config", "plan"))
+_jit_step = jax.jit(extend_step, static_argnames=("config", "plan", "mode"), donate_argnums=1)
+
+
+@dataclass
+class JaxModel:
+    """The native JAX model: parameters (or their shapes), config, dtype, sharding plan, jitted functions.
+    Use ``params`` with the functions of ``gemmalab_jax.model`` to build other computations on it."""
+
+    config: Gemma3Config
+    dtype: str
+    params: Params  # jax.Array leaves, or jax.ShapeDtypeStruct when built shape-only
+    plan: Plan
+    shape_only: bool
+    pending: Any = field(default=None, repr=False)  # arrays of the last dispatched step (synchronize)
+
+    def full_logits(self, ids: jax.Array, rope: Any) -> jax.Array:
+        """float32 logits [batch, seq, vocab] of token ids [batch, seq] at positions 0 .. seq-1."""
+        with self._precision():
+            return _jit_full_logits(self.params, ids, rope, config=self.config, plan=self.plan)
+
+    def step(self, buffers: Any, ids: jax.Array, rope: Any, start: Any, pad: Any, *, mode: str) -> Any:
+        """cache.extend_step on this model's parameters: (logits or None, updated buffers)."""
+        with self._precision():
+            return _jit_step(
+                self.params, buffers, ids, rope, start, pad, config=self.config, plan=self.plan, mode=mode
+            )
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.plan.mesh
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """The matmul precision to trace under: full fp32 for float32 models (see the module docstring)."""
+        if self.dtype == "float32":
+            return jax.default_matmul_precision("highest")
+        return contextlib.nullcontext()
+
+    def rope(self, positions: np.ndarray) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """RoPE tables per layer type for integer positions [batch or 1, n], placed by batch row."""
+        out = {}
+        for layer_type in set(self.config.layer_types):
+            spec = self.config.rope_local if layer_type == SLIDING else self.config.rope_global
+            cos, sin = rope_tables(positions, spec, self.config.head_dim)
+            sharding = self.plan.batch_sharding(cos.shape)
+            out[layer_type] = jax.device_put(cos, sharding), jax.device_put(sin, sharding)
+        return out
+
+    def __repr__(self) -> str:
+        state = "shape-only" if self.shape_only else f"{self.dtype}"
+        return f"JaxModel({self.config.name or 'gemma3'}, {state}, {self.plan.describe()})"
+
+
+class JaxBackend:
+    """gemmalab's JAX backend (TPU, GPU, CPU). ``build`` returns a ``JaxModel``; it takes the extra option
+    ``mesh={"data": D, "model": M}`` (or a jax Mesh with those axes) to shard the model (sharding.py)."""
+
+    name = "jax"
+
+    def version(self) -> str:
+        return jax.__version__
+
+    def devices(self) -> list[str]:
+        """The default platform's devices (e.g. tpu:0, tpu:1, ...), then cpu: best first."""
+        default = jax.devices()
+        if default[0].platform == "cpu":
+            return ["cpu"]
+        return [f"{d.platform}:{i}" for i, d in enumerate(default)] + ["cpu"]
+
+    def platform_devices(self, device: str | None) -> list[Any]:
+        """The jax devices a device name selects: "cpu", "gpu", "tpu" (all of that platform, best first),
+        or one of them, "gpu:1". None = the default platform. Raises BackendError naming the fix."""
+        if device is None:
+            return jax.devices()
+        platform, _, index = str(device).lower().partition(":")
+        platform = _ALIASES.get(platform, platform)
+        try:
+            found = jax.devices(platform)
+        except RuntimeError:
+            raise BackendError(
+                f"device {device!r} is not available to the jax backend here: "
+                f"use one of {', '.join(self.devices())}"
+            ) from None
+        if not index:
+            return found
+        if not index.isdigit() or int(index) >= len(found):
+            raise BackendError(
+                f"device {device!r} does not exist: {platform} has {len(found)} device(s) here"
+            )
+        return [found[int(index)]] + [d for i, d in enumerate(found) if i != int(index)]
+
+    def build(
+        self,
+        config: Gemma3Config,
+        weights: Mapping[str, np.ndarray] | None,
+        *,
+        dtype: str,
+        device: str | None = None,
+        mesh: Mapping[str, int] | Mesh | None = None,
+    ) -> JaxModel:
+        """The model on ``device`` (a platform or one device), or sharded over ``mesh`` on that platform.
+        With ``weights=None``, shape-only: no memory, instant at any size."""
+        dtype = canonical_dtype(dtype)
+        plan = Plan(make_mesh(mesh, self.platform_devices(device)), config)
+        if weights is None:
+            params = abstract_params(config, dtype, plan.parameter_sharding)
+            return JaxModel(config, dtype, params, plan, shape_only=True)
+
+        expected = parameter_shapes(config)
+        missing = [name for name in expected if name not in weights]
+        unexpected = [name for name in weights if name not in expected]
+        if missing or unexpected:
+            problems = [
+                f"{label} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                for label, names in (("missing", missing), ("unexpected", unexpected))
+                if names
+            ]
+            raise CheckpointError(
+                f"weights do not match the config ({'; '.join(problems)}): use a checkpoint made for it"
+            )
+        target = numpy_dtype(dtype)
+        flat = {}
+        for name, shape in expected.items():
+            array = np.asarray(weights[name])  # a lazy Mapping may read it from disk only now
+            if tuple(array.shape) != shape:
+                raise CheckpointError(f"{name} has shape {tuple(array.shape)} but the config needs {shape}")
+            if not (np.issubdtype(array.dtype, np.floating) or array.dtype == np.dtype(target)):
+                raise CheckpointError(
+                    f"{name} has dtype {array.dtype}, not floating point: convert it to float32"
+                )
+            # Cast on the host (bf16 through ml_dtypes), then send each device its shard only.
+            placed = jax.device_put(array.astype(target, copy=False), plan.parameter_sharding(name))
+            flat[name] = placed.block_until_ready()  # one source tensor alive at a time
+            del array
+        if plan.fallbacks and plan.size > 1:
+            warnings.warn(
+                f"gemmalab jax: on {plan.describe()}, some dimensions are replicated instead of split: "
+                + "; ".join(plan.fallbacks),
+                stacklevel=2,
+            )
+        return JaxModel(config, dtype, unflatten(flat), plan, shape_only=False)
+
+    def logits(self, model: JaxModel, ids: np.ndarray) -> np.ndarray:
+        """float32 logits [batch, seq, vocab] for int token ids [batch, seq], every position."""
+        ids = self._token_ids(model, ids)
+        positions = np.arange(ids.shape[1])[None]  # [1, seq]
+        out = model.full_logits(self._place_ids(model, ids), model.rope(positions))
+        return self._checked(model, np.asarray(out))
+
+    def weights(self, model: JaxModel) -> dict[str, np.ndarray]:
+        """Every parameter under its canonical name, in the model's dtype (gathered from its shards); the
+        tied head once, as model.embed_tokens.weight."""
+        _require_weights(model)
+        flat = flatten(model.params)
+        return {name: np.asarray(flat[name]) for name in parameter_shapes(model.config)}
+
+    def num_parameters(self, model: JaxModel) -> int:
+        """Parameters held by the model (read from shapes: shape-only models count too); tied = once."""
+        return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(model.params))
+
+    # -- generation: KV caches and incremental forward passes ----------------------------------------------
+    def new_cache(self, model: JaxModel, *, batch: int, pad_lengths: list[int] | None = None) -> KVCache:
+        """An empty KV cache (cache.KVCache) for ``batch`` rows fed in lock-step, placed like the model's
+        activations; ``pad_lengths[r]`` left-padding tokens at the start of row r are never attended to.
+        Local layers get their full ring at once; global buffers grow as tokens arrive."""
+        _require_weights(model)
+        if isinstance(batch, bool) or not isinstance(batch, int | np.integer) or batch < 1:
+            raise InputError(f"batch must be a positive integer, got {batch!r}")
+        if pad_lengths is not None:
+            pads = list(pad_lengths)
+            if len(pads) != batch:
+                raise InputError(
+                    f"pad_lengths has {len(pads)} entries but batch is {batch}: give one per row"
+                )
+            if any(isinstance(p, bool) or not isinstance(p, int | np.integer) or p < 0 for p in pads):
+                raise InputError(f"pad_lengths must be non-negative integers, got {pads}")
+            pad_lengths = [int(p) for p in pads]
+        return KVCache(
+            model.config, batch=int(batch), pad_lengths=pad_lengths, dtype=model.dtype, plan=model.plan
+        )
+
+    def extend(
+        self, model: JaxModel, cache: KVCache, ids: np.ndarray, *, logits: str = "last"
+    ) -> np.ndarray | None:
+        """Feed int ids [batch, n] after everything in ``cache`` (updated in place). float32 logits:
+        "last" -> [batch, vocab] (the head runs on the last position only), "all" -> [batch, n, vocab],
+        "none" -> None."""
+        if logits not in ("last", "all", "none"):
+            raise InputError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
+        if not isinstance(cache, KVCache):
+            raise InputError(f"cache must come from the jax backend's new_cache, got {type(cache).__name__}")
+        ids = self._token_ids(model, ids)
+        if ids.shape[0] != cache.batch:
+            raise InputError(f"this cache holds {cache.batch} rows but ids have {ids.shape[0]}")
+        if cache.plan != model.plan or cache.dtype != model.dtype:
+            raise InputError("this cache was made for another model: make one with new_cache for this model")
+        n = ids.shape[1]
+        cache.reserve(cache.length + n)
+        rope = model.rope(cache.positions(n))
+        start = np.int32(cache.length)
+        buffers = cache.take()
+        try:
+            out, updated = model.step(
+                buffers, self._place_ids(model, ids), rope, start, cache.pad, mode=logits
+            )
+        except BaseException:
+            if not any(b.is_deleted() for pair in buffers for b in pair):  # failed before donating them
+                cache.put(buffers, 0)
+            raise
+        cache.put(updated, n)
+        model.pending = updated
+        if out is None:
+            return None
+        return self._checked(model, np.asarray(out))
+
+    def cache_nbytes(self, cache: KVCache) -> dict[str, int]:
+        """Bytes of the key/value buffers, per layer type (their logical size: a sharded buffer counts once)."""
+        return {"sliding_attention": 0, "full_attention": 0, **cache.nbytes()}
+
+    def synchronize(self, model: JaxModel) -> None:
+        """Wait for the last dispatched step (jax dispatches asynchronously)."""
+        if model.pending is not None:
+            jax.block_until_ready(model.pending)
+
+    def peak_memory(self, model: JaxModel) -> int | None:
+        """Peak bytes in use on the model's devices (summed over the mesh) where the runtime tracks them
+        (GPU, TPU); None on CPU. JAX cannot reset the peak: this is the process's high-water mark."""
+        stats = [device.memory_stats() for device in model.mesh.devices.flat]
+        if any(s is None or "peak_bytes_in_use" not in s for s in stats):
+            return None
+        return int(sum(s["peak_bytes_in_use"] for s in stats))
+
+    def reset_peak_memory(self, model: JaxModel) -> None:
+        """No-op: JAX has no API to reset the peak (see peak_memory)."""
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _token_ids(model: JaxModel, ids: np.ndarray) -> np.ndarray:
+        _require_weights(model)
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or ids.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(
+                f"token ids must be an integer array [batch, seq >= 1], got {ids.dtype} {ids.shape}"
+            )
+        vocab = model.config.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            # jnp.take does not raise on a bad index: it would read a fill value silently.
+            raise InputError(f"token ids must lie in [0, {vocab}), got ids from {ids.min()} to {ids.max()}")
+        return ids.astype(np.int32)
+
+    @staticmethod
+    def _place_ids(model: JaxModel, ids: np.ndarray) -> jax.Array:
+        return jax.device_put(ids, model.plan.batch_sharding(ids.shape))
+
+    @staticmethod
+    def _checked(model: JaxModel, logits: np.ndarray) -> np.ndarray:
+        if model.dtype == "float16" and not np.isfinite(logits).all():
+            raise BackendError(
+                "float16 overflowed inside a layer (non-finite logits): run this model in bfloat16 or float32"
+            )
+        return logits
+
+
+def _require_weights(model: JaxModel) -> None:
+    if model.shape_only:
+        raise BackendError("this model was built shape-only (weights=None): build it with weights to compute")

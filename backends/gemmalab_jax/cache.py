@@ -1,0 +1,213 @@
+"""KV caches for incremental decoding: a growing buffer per global layer, a ring buffer per local layer.
+
+A ``KVCache`` serves ``batch`` sequences fed in lock-step. Every token fed gets an *index* (0, 1, 2, ...,
+the same for every row); row r's first ``pad[r]`` indices are left padding, and its RoPE position is
+``index - pad[r]``, so a left-padded row computes what the same row alone would. Masks compare indices:
+the per-row offset cancels in ``k <= q`` and ``k > q - window``, and padding is masked separately (a real
+token never attends to padding; a padding token attends to earlier padding, so its unused output stays
+finite).
+
+Buffers are [batch, slots, kv_heads, head_dim] in the model's matmul dtype, placed by the sharding plan
+(batch over "data", kv heads over "model"), and donated to the jitted step, which returns them updated:
+
+* global layers: slot = index. The host grows the buffer before a step that would overflow it, to the
+  next power of two (at least ``MIN_CAPACITY``, at most max_position_embeddings unless more is needed):
+  every capacity is one compiled shape of the step, so a context of L tokens compiles the decode step
+  about log2(L / 16) times, and the buffer holds at most twice what is used. Inside the step the new
+  keys are written at slots start .. start+n-1 and attention reads the whole buffer; slots not yet
+  written hold indices beyond every query, so the causal mask hides them.
+* local layers: a ring of exactly ``sliding_window`` slots, allocated with the cache; slot = index % W, so
+  its memory stays flat however long the context grows. Attention reads [the ring as it was, then the new
+  chunk] (W + n keys), each ring slot's index computed from ``start`` (slots never written get a negative
+  index and are masked); then the chunk's last min(n, W) keys are written into the ring. This one rule
+  covers a ring still filling, a full ring, and chunks longer than the window: the chunk's early queries
+  still see the keys its late tokens overwrite. A single token (decoding) takes a shortcut without the
+  copy: it is written first and attention reads the ring alone, because the key it overwrites (index
+  start - W) is already outside its window.
+
+``start`` (tokens already cached) is a traced scalar, so one compiled step serves every decoding step of
+a given batch, chunk length and global capacity.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemmalab.config import SLIDING, Gemma3Config
+from gemmalab.errors import InputError
+
+from .model import JNP_DTYPES, Params, Rope, causal_mask, forward, head
+from .sharding import Plan
+
+MIN_CAPACITY = 16
+Buffers = list[tuple[jax.Array, jax.Array]]  # per layer: (keys, values) [batch, slots, kv_heads, head_dim]
+
+
+def global_capacity(needed: int, limit: int) -> int:
+    """Slots of a global buffer that must hold ``needed`` indices (see the module docstring)."""
+    size = max(MIN_CAPACITY, 1 << (needed - 1).bit_length())
+    return max(needed, min(size, limit))
+
+
+class CacheView:
+    """The cache inside one jitted step of n new tokens after ``start`` cached ones: builds the masks of
+    each layer type once, and stores each layer's new keys and values (model.LayerCache)."""
+
+    def __init__(
+        self, config: Gemma3Config, buffers: Buffers, start: jax.Array, pad: jax.Array, n: int, plan: Plan
+    ):
+        self.config, self.buffers, self.start, self.n, self.plan = config, buffers, start, n, plan
+        self.updated: Buffers = list(buffers)
+        self.windows = [config.sliding_window if t == SLIDING else None for t in config.layer_types]
+        q_index = start + jnp.arange(n, dtype=start.dtype)  # [n]
+        self.masks = {}
+        for layer, layer_type in enumerate(config.layer_types):
+            if layer_type not in self.masks:
+                keys = self._key_index(self.windows[layer], buffers[layer][0].shape[1], q_index)
+                self.masks[layer_type] = self._mask(q_index, keys, self.windows[layer], pad)
+
+    def _key_index(self, window: int | None, slots: int, q_index: jax.Array) -> jax.Array:
+        """The token index of every key attention reads for this layer type, [keys]."""
+        if window is None:
+            return jnp.arange(slots, dtype=q_index.dtype)  # slot = index
+        slot = jnp.arange(window, dtype=q_index.dtype)
+        # Slot s holds the latest index <= last that is s mod W: last - ((last - s) mod W), negative when
+        # never written; last = start - 1 before this step's writes, or start once one token was written.
+        last = self.start if self.n == 1 else self.start - 1
+        ring = last - jnp.remainder(last - slot, window)
+        return ring if self.n == 1 else jnp.concatenate([ring, q_index])  # [W] or [W + n]
+
+    @staticmethod
+    def _mask(q_index: jax.Array, k_index: jax.Array, window: int | None, pad: jax.Array) -> jax.Array:
+        """Boolean [batch, 1, n, keys]: causal and windowed by index, written slots only, no padding read by
+        a real token."""
+        allowed = causal_mask(q_index[None], k_index[None], window) & (k_index >= 0)  # [1, 1, n, keys]
+        real_k = k_index[None, :] >= pad[:, None]  # [batch, keys]
+        real_q = q_index[None, :] >= pad[:, None]  # [batch, n]
+        return allowed & (real_k[:, None, None, :] | ~real_q[:, None, :, None])  # [batch, 1, n, keys]
+
+    def update(self, layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        keys, values = self.buffers[layer]
+        window, n = self.windows[layer], self.n
+        if window is None:
+            at = (0, self.start, 0, 0)
+            keys = jax.lax.dynamic_update_slice(keys, k, at)  # slots start .. start+n-1
+            values = jax.lax.dynamic_update_slice(values, v, at)
+            self.updated[layer] = self._pin(keys), self._pin(values)
+            return keys, values
+        read = jnp.concatenate([keys, k], axis=1), jnp.concatenate([values, v], axis=1)  # [b, W + n, kv, d]
+        kept = min(n, window)
+        slots = jnp.remainder(self.start + n - kept + jnp.arange(kept, dtype=self.start.dtype), window)
+        keys = keys.at[:, slots].set(k[:, n - kept :])
+        values = values.at[:, slots].set(v[:, n - kept :])
+        self.updated[layer] = self._pin(keys), self._pin(values)
+        return (keys, values) if n == 1 else read  # one token: attend over the ring it was written to
+
+    def _pin(self, buffer: jax.Array) -> jax.Array:
+        """Keep the updated buffer where the input one was (so donation reuses it and the next step hits
+        the same compiled function)."""
+        if self.plan.size == 1:
+            return buffer
+        return jax.lax.with_sharding_constraint(buffer, self.plan.cache_sharding(buffer.shape))
+
+
+def extend_step(
+    params: Params,
+    buffers: Buffers,
+    ids: jax.Array,
+    rope: Rope,
+    start: jax.Array,
+    pad: jax.Array,
+    *,
+    config: Gemma3Config,
+    plan: Plan,
+    mode: str,
+) -> tuple[jax.Array | None, Buffers]:
+    """One incremental forward pass (jitted by the backend, ``buffers`` donated): ids [batch, n] after
+    ``start`` cached tokens. Returns float32 logits (mode "last": [batch, vocab], the head on the last
+    position only; "all": [batch, n, vocab]; "none": None, and XLA drops the last layer's unused MLP) and
+    the updated buffers."""
+    view = CacheView(config, buffers, start, pad, ids.shape[1], plan)
+    hidden = forward(params, config, ids, rope, view.masks, cache=view, hint=plan.hint).hidden
+    if mode == "none":
+        return None, view.updated
+    if mode == "last":
+        hidden = hidden[:, -1]  # [batch, hidden]
+    return head(params, config, hidden, plan.hint).astype(jnp.float32), view.updated
+
+
+class KVCache:
+    """The host-side cache handle: the buffers, how many tokens they hold, each row's left padding."""
+
+    def __init__(
+        self, config: Gemma3Config, *, batch: int, pad_lengths: list[int] | None, dtype: str, plan: Plan
+    ):
+        self.config, self.batch, self.dtype, self.plan = config, batch, dtype, plan
+        self.length = 0  # tokens fed so far, per row (padding included)
+        self.pad_lengths = (
+            np.zeros(batch, np.int32) if pad_lengths is None else np.asarray(pad_lengths, np.int32)
+        )
+        self.pad = jax.device_put(self.pad_lengths, plan.batch_sharding((batch,)))
+        self.capacity = 0  # slots of each global buffer
+        self._buffers: Buffers | None = [
+            self._zeros(config.sliding_window if t == SLIDING else 0) for t in config.layer_types
+        ]
+
+    def _shape(self, slots: int) -> tuple[int, ...]:
+        return (self.batch, slots, self.config.num_key_value_heads, self.config.head_dim)
+
+    def _zeros(self, slots: int) -> tuple[jax.Array, jax.Array]:
+        shape = self._shape(slots)
+        sharding = self.plan.cache_sharding(shape)  # allocated on the devices directly, already sharded
+        return tuple(jnp.zeros(shape, JNP_DTYPES[self.dtype], device=sharding) for _ in range(2))
+
+    @property
+    def buffers(self) -> Buffers:
+        if self._buffers is None:
+            raise InputError("this KV cache was left mid-update by a failed call: start a new cache")
+        return self._buffers
+
+    def take(self) -> Buffers:
+        """Hand the buffers to a step that donates them; the cache is unusable until ``put``."""
+        buffers, self._buffers = self.buffers, None
+        return buffers
+
+    def put(self, buffers: Buffers, n: int) -> None:
+        self._buffers = buffers
+        self.length += n
+
+    def reserve(self, needed: int) -> None:
+        """Grow the global buffers to hold ``needed`` indices (copying what they hold)."""
+        if needed <= self.capacity:
+            return
+        size = global_capacity(needed, self.config.max_position_embeddings)
+        sharding = self.plan.cache_sharding(self._shape(size))
+
+        def grow(buffer: jax.Array) -> jax.Array:
+            return jax.device_put(
+                jnp.pad(buffer, ((0, 0), (0, size - buffer.shape[1]), (0, 0), (0, 0))), sharding
+            )
+
+        self._buffers = [
+            (grow(k), grow(v)) if t != SLIDING else (k, v)
+            for t, (k, v) in zip(self.config.layer_types, self.buffers, strict=True)
+        ]
+        self.capacity = size
+
+    def positions(self, n: int) -> np.ndarray:
+        """RoPE positions [batch, n] of the next n tokens (index - pad; padding at 0)."""
+        index = self.length + np.arange(n)
+        return np.maximum(index[None, :] - self.pad_lengths[:, None], 0)
+
+    def nbytes(self) -> dict[str, int]:
+        out = dict.fromkeys(set(self.config.layer_types), 0)
+        for layer_type, (k, v) in zip(self.config.layer_types, self.buffers, strict=True):
+            out[layer_type] += k.nbytes + v.nbytes
+        return out
+
+    def state(self) -> Any:
+        return self._buffers
