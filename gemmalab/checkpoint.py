@@ -212,6 +212,9 @@ class Weights(Mapping):
         except SafetensorError as err:
             raise CheckpointError(f"{file}: tensor {key} cannot be read ({err}): the file may be corrupt; re-download it") from None
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.locations  # Mapping's default would read the tensor to answer
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.locations)
 

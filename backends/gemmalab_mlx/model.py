@@ -24,6 +24,12 @@ Gemma's residual stream grows past float16's largest value (65504) in the real c
 float16 weights the residual stream (the scaled embeddings and every block's output) stays in float32
 and the norms read and write it in float32; the matmuls, attention and MLP run in float16 (the
 pre-norms cast their output to float16 for them). The PyTorch backend applies the same policy.
+
+Generation. Called with ``cache=`` (a ``gemmalab_mlx.cache.KVCache``), the model continues the sequences
+the cache holds: RoPE counts on from the cache's offset (one per row under left padding), every attention
+layer stores its new keys/values (a ring of ``sliding_window`` slots on local layers) and attends to what
+its cache returns, under the mask the cache built for the step. ``logits_to_keep=n`` reaches into the last
+block: only the last n positions get queries, attention output and MLP there, and the head.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ import mlx.nn as nn
 from gemmalab.config import FULL, SLIDING, Gemma3Config, RopeSpec
 from gemmalab.dtypes import FLOAT16, canonical_dtype
 from gemmalab.errors import InputError
+
+from .cache import KVCache, LayerKV
 
 MX_DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -93,6 +101,13 @@ def _as_array_mask(mask: Mask, queries: int, keys: int) -> mx.array | None:
     # mx.fast's "causal" aligns the last query with the last key (lower-right).
     q = mx.arange(keys - queries, keys)[None]  # [1, queries]
     return attention_mask(q, mx.arange(keys)[None])
+
+
+def _last_rows(mask: Mask, rows: int | None) -> Mask:
+    """The mask of the last ``rows`` queries. "causal" stays "causal": mx.fast aligns it lower-right."""
+    if rows is None or not isinstance(mask, mx.array) or mask.ndim < 2 or mask.shape[-2] == 1:
+        return mask  # all queries, no array, or a query axis that broadcasts
+    return mask[..., -rows:, :]
 
 
 # --- building blocks --------------------------------------------------------------------------------------
@@ -173,17 +188,36 @@ class Attention(nn.Module):
         self.rope = Rotary(d, config.rope(layer))
 
     def __call__(
-        self, x: mx.array, positions: mx.array | None, mask: Mask, capture: Capture | None = None
+        self,
+        x: mx.array,
+        positions: mx.array | None,
+        mask: Mask,
+        capture: Capture | None = None,
+        cache: LayerKV | None = None,
+        keep: int | None = None,
     ) -> mx.array:
+        """``keep``: compute the output of the last ``keep`` positions only (all when None); keys and values
+        still come from every position. ``mask`` then has rows for the kept queries only."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)  # [batch, seq, heads, d]
+        nq = seq if keep is None else keep
+        first = seq - nq  # index of the first query position
+        xq = x[:, first:] if first else x  # [batch, nq, hidden]
+        q = self.q_proj(xq).reshape(batch, nq, self.num_heads, self.head_dim)  # [batch, nq, heads, d]
         k = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)  # [batch, seq, kv_heads, d]
         v = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
         # Norm per head, then heads first: [batch, (kv_)heads, seq, d].
         q = self.q_norm(q).transpose(0, 2, 1, 3)
         k = self.k_norm(k).transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
-        q, k = self.rope(q, positions), self.rope(k, positions)
+        if cache is None:
+            q = self.rope(q, None if positions is None else positions[:, first:], offset=first)
+            k = self.rope(k, positions)
+        else:
+            # Incremental: positions count on from the cache's offset (one per row when left-padded); then
+            # attend to the cached keys and the new ones, laid out as the cache says (its mask matches).
+            q = self.rope(q, offset=cache.offset + first)
+            k = self.rope(k, offset=cache.offset)
+            k, v = cache.update_and_fetch(k, v)  # [batch, kv_heads, keys, d]
 
         if capture is not None and capture.attention:
             out, probs = self._attend_explicit(q, k, v, mask)
@@ -191,8 +225,8 @@ class Attention(nn.Module):
         else:
             # Fused kernel; takes GQA directly (k/v are not repeated to the query heads).
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        out = out.transpose(0, 2, 1, 3)  # [batch, seq, heads, d]
-        out = out.reshape(batch, seq, self.num_heads * self.head_dim)  # [batch, seq, heads * d]
+        out = out.transpose(0, 2, 1, 3)  # [batch, nq, heads, d]
+        out = out.reshape(batch, nq, self.num_heads * self.head_dim)  # [batch, nq, heads * d]
         return self.o_proj(out)
 
     def _attend_explicit(
@@ -259,9 +293,20 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, residual_dtype)
 
     def __call__(
-        self, h: mx.array, positions: mx.array | None, mask: Mask, capture: Capture | None = None
+        self,
+        h: mx.array,
+        positions: mx.array | None,
+        mask: Mask,
+        capture: Capture | None = None,
+        cache: LayerKV | None = None,
+        keep: int | None = None,
     ) -> mx.array:
-        attn = self.self_attn(self.input_layernorm(h), positions, mask, capture)
+        """``keep``: return the last ``keep`` positions only (all when None), computing nothing else that
+        only the other positions need (their keys and values are still computed and cached)."""
+        x = self.input_layernorm(h)
+        attn = self.self_attn(x, positions, _last_rows(mask, keep), capture, cache, keep)
+        if keep is not None:
+            h = h[:, -keep:]  # [batch, keep, hidden]
         h = h + self.post_attention_layernorm(attn)
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
@@ -290,23 +335,44 @@ class Gemma3TextModel(nn.Module):
         positions: mx.array | None = None,
         mask: mx.array | Mapping[str, mx.array] | None = None,
         capture: Capture | None = None,
+        cache: KVCache | None = None,
+        keep: int | None = None,
     ) -> mx.array:
-        """Normed final hidden states [batch, seq, hidden] for token ids [batch, seq].
+        """Normed final hidden states [batch, seq, hidden] for token ids [batch, seq], or of the last
+        ``keep`` positions only [batch, keep, hidden].
 
-        The arguments are those of ``Gemma3ForCausalLM.__call__``.
+        The other arguments are those of ``Gemma3ForCausalLM.__call__``. With ``keep`` (and no capture,
+        which wants every position), the last block computes its queries, attention output and MLP for the
+        kept positions only: the other positions' work there would feed nothing but discarded logits.
         """
         e = self.embed_tokens(ids)  # [batch, seq, hidden]
         # sqrt(hidden) rounded to the embedding dtype first (transformers' rounding), then the product in
         # the residual dtype.
         scale = self.config.embed_scale(dtype_name(e.dtype))
         h = e.astype(self.residual_dtype or e.dtype) * scale
-        masks = self._masks(ids.shape[1], positions, mask)
+        if cache is None:
+            masks = self._masks(ids.shape[1], positions, mask)
+            caches: list[LayerKV | None] = [None] * len(self.layers)
+        else:
+            if positions is not None or mask is not None:
+                raise InputError(
+                    "explicit positions or masks cannot be combined with a KV cache: the cache sets both "
+                    "(call the model without cache= to pass your own)"
+                )
+            masks = cache.feed(ids.shape[1])  # positions and masks of these tokens, after the cached ones
+            caches = cache.layers
+        if keep is not None:
+            keep = min(keep, ids.shape[1])
         if capture is not None:
             capture.hidden_states.append(h)
-        for layer in self.layers:
-            h = layer(h, positions, masks[layer.layer_type], capture)
+        last = len(self.layers) - 1
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, caches, strict=True)):
+            layer_keep = keep if i == last and capture is None else None
+            h = layer(h, positions, masks[layer.layer_type], capture, layer_cache, layer_keep)
             if capture is not None:
                 capture.hidden_states.append(h)
+        if keep is not None and capture is not None:
+            h = h[:, -keep:]  # [batch, keep, hidden]
         return self.norm(h)
 
     def _masks(
@@ -366,6 +432,7 @@ class Gemma3ForCausalLM(nn.Module):
         mask: mx.array | Mapping[str, mx.array] | None = None,
         logits_to_keep: int | mx.array = 0,
         capture: Capture | None = None,
+        cache: KVCache | None = None,
     ) -> mx.array:
         """Logits [batch, kept positions, vocab] in the compute dtype, for int token ids [batch, seq].
 
@@ -377,12 +444,15 @@ class Gemma3ForCausalLM(nn.Module):
         logits_to_keep: 0 = every position; n > 0 = the last n positions; an int array = those positions
             (transformers' semantics). The 262k-vocab head runs only on the kept positions.
         capture: a Capture to fill with hidden states (and attention probabilities when it asks).
+        cache: a KVCache (``gemmalab_mlx.cache``): ``ids`` continue the sequences it holds, which it
+            extends in place; it sets the positions and masks (causal, windowed, left padding hidden).
         """
-        h = self.model(ids, positions=positions, mask=mask, capture=capture)  # [batch, seq, hidden]
         if isinstance(logits_to_keep, int):
-            if logits_to_keep > 0:
-                h = h[:, -logits_to_keep:]  # [batch, n, hidden]
+            keep = logits_to_keep if logits_to_keep > 0 else None
+            # [batch, keep or seq, hidden]
+            h = self.model(ids, positions=positions, mask=mask, capture=capture, cache=cache, keep=keep)
         else:
+            h = self.model(ids, positions=positions, mask=mask, capture=capture, cache=cache)
             h = h[:, logits_to_keep]  # [batch, len(logits_to_keep), hidden]
         return self.logits_from_hidden(h)
 
