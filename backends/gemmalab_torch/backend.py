@@ -20,6 +20,7 @@ from gemmalab.dtypes import canonical_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
 from gemmalab.params import parameter_shapes
 
+from .cache import KVCache
 from .model import Gemma3ForCausalLM
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -157,6 +158,97 @@ class TorchBackend:
     def num_parameters(self, model: Gemma3ForCausalLM) -> int:
         """Parameters held by the model; the tied matrix is one parameter, counted once."""
         return sum(p.numel() for p in model.parameters())
+
+    # -- generation: KV caches and incremental forward passes ----------------------------------------------
+    def new_cache(
+        self, model: Gemma3ForCausalLM, *, batch: int, pad_lengths: list[int] | None = None
+    ) -> KVCache:
+        """An empty KV cache (cache.KVCache) for ``batch`` rows fed in lock-step; ``pad_lengths[r]`` left
+        padding tokens at the start of row r are fed like others but never attended to. Buffers are
+        allocated as tokens arrive: global layers grow with the sequence, local layers up to their window."""
+        self._require_weights(model)
+        if isinstance(batch, bool) or not isinstance(batch, int | np.integer) or batch < 1:
+            raise InputError(f"batch must be a positive integer, got {batch!r}")
+        if pad_lengths is not None:
+            pads = list(pad_lengths)
+            if len(pads) != batch:
+                raise InputError(
+                    f"pad_lengths has {len(pads)} entries but batch is {batch}: give one per row"
+                )
+            if any(isinstance(p, bool) or not isinstance(p, int | np.integer) or p < 0 for p in pads):
+                raise InputError(f"pad_lengths must be non-negative integers, got {pads}")
+            pad_lengths = [int(p) for p in pads]
+        return KVCache(
+            model.config, batch=int(batch), pad_lengths=pad_lengths, dtype=model.dtype, device=model.device
+        )
+
+    def extend(
+        self, model: Gemma3ForCausalLM, cache: KVCache, ids: np.ndarray, *, logits: str = "last"
+    ) -> np.ndarray | None:
+        """Feed int ids [batch, n] after everything in ``cache`` (updated in place). float32 logits:
+        "last" -> [batch, vocab] (the head runs on the last position only), "all" -> [batch, n, vocab],
+        "none" -> None."""
+        if logits not in ("last", "all", "none"):
+            raise InputError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
+        if not isinstance(cache, KVCache):
+            raise InputError(
+                f"cache must come from the torch backend's new_cache, got {type(cache).__name__}"
+            )
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or ids.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(
+                f"token ids must be an integer array [batch, n >= 1], got {ids.dtype} {ids.shape}"
+            )
+        if ids.shape[0] != cache.batch:
+            raise InputError(f"this cache holds {cache.batch} rows but ids have {ids.shape[0]}")
+        vocab = model.config.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise InputError(f"token ids must lie in [0, {vocab}), got ids from {ids.min()} to {ids.max()}")
+        self._require_weights(model)
+        with torch.inference_mode():
+            tokens = torch.as_tensor(ids, dtype=torch.long).to(model.device)  # no copy for int64 on CPU
+            hidden = model.model(tokens, cache=cache).last_hidden_state  # [batch, n, hidden]
+            if logits == "none":
+                return None
+            if logits == "last":
+                hidden = hidden[:, -1]  # [batch, hidden]: the head's one matmul runs on these rows only
+            out = model.compute_logits(hidden).float().cpu().numpy()  # [batch, (n,) vocab]
+        if model.dtype == torch.float16 and not np.isfinite(out).all():
+            raise BackendError(
+                "float16 overflowed inside a layer (non-finite logits): run this model in bfloat16 or float32"
+            )
+        return out
+
+    def cache_nbytes(self, cache: KVCache) -> dict[str, int]:
+        """Bytes of the key/value buffers the cache holds now, per layer type (0 for a type not present)."""
+        return {"sliding_attention": 0, "full_attention": 0, **cache.nbytes()}
+
+    def synchronize(self, model: Gemma3ForCausalLM) -> None:
+        """Wait for queued work on the model's device (CUDA, MPS); CPU work is already done."""
+        device = model.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device.type == "mps":
+            torch.mps.synchronize()
+
+    def peak_memory(self, model: Gemma3ForCausalLM) -> int | None:
+        """CUDA: peak bytes allocated by tensors since the last reset (torch.cuda.max_memory_allocated).
+        MPS: bytes the Metal driver holds for torch's allocator since the last reset, which emptied its
+        cache: freed blocks stay held, so this is a high-water mark (an upper bound on the tensors' peak).
+        CPU: None (torch does not track it)."""
+        device = model.device
+        if device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(device))
+        if device.type == "mps":
+            return int(torch.mps.driver_allocated_memory())
+        return None
+
+    def reset_peak_memory(self, model: Gemma3ForCausalLM) -> None:
+        device = model.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        elif device.type == "mps":
+            torch.mps.empty_cache()
 
     @staticmethod
     def _require_weights(model: Gemma3ForCausalLM) -> None:

@@ -43,6 +43,10 @@ positions. GQA is done by folding each key/value head's group of query heads int
 dimension ([b, kv_heads, seq * groups, d]) rather than repeating keys and values: the fused kernels take
 any mask in that form and nothing is copied per layer (``enable_gqa=True`` only reaches the flash and
 math kernels on CUDA, and flash takes no mask). The folded mask is built once per forward.
+
+Incremental decoding passes a ``cache.KVCache``: each attention layer hands its new keys and values to its
+layer cache and attends over what that returns (a growing buffer on global layers, a ring buffer of
+window size on local layers); positions, RoPE tables and masks then come from the cache (cache.py).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +62,9 @@ from torch import Tensor, nn
 
 from gemmalab.config import SLIDING, Gemma3Config, RopeSpec
 from gemmalab.errors import InputError
+
+if TYPE_CHECKING:  # cache.py imports this file; the model only calls the cache's methods
+    from .cache import KVCache, LayerCache
 
 # The embedding scale is rounded to the compute dtype (dtypes.round_to); float64 keeps sqrt exact.
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -144,9 +152,10 @@ def causal_mask(q_positions: Tensor, k_positions: Tensor, window: int | None = N
 
 
 def fold_mask(mask: Tensor, groups: int) -> Tensor:
-    """[batch, 1, q, k] -> [batch, 1, q * groups, k]: the mask for group-folded queries (see Attention)."""
+    """[batch, 1, q, k] -> [batch, 1, q * groups, k]: the mask for group-folded queries (see Attention).
+    A single query's mask [batch, 1, 1, k] already broadcasts over its groups and is returned as it is."""
     batch, _, q, k = mask.shape
-    if groups == 1:
+    if groups == 1 or q == 1:
         return mask
     return mask[:, :, :, None, :].expand(batch, 1, q, groups, k).reshape(batch, 1, q * groups, k)
 
@@ -177,11 +186,19 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, *, output_attentions: bool = False
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        *,
+        kv: LayerCache | None = None,
+        output_attentions: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """x: [batch, seq, hidden]; rope: cos, sin [batch, seq, 1, head_dim]; mask: folded boolean
-        [batch, 1, seq * groups, seq]. Returns the output [batch, seq, hidden] and, when asked, the
-        attention probabilities [batch, heads, seq, seq] (fp32, from a non-fused path)."""
+        """x: [batch, seq, hidden]; rope: cos, sin [batch or 1, seq, 1, head_dim]; mask: folded boolean
+        [batch or 1, 1, seq * groups, keys], or None = every key allowed. With a KV cache ``kv``, the new
+        keys and values are stored there and the queries attend over the keys it returns (keys = cached +
+        new); without one, keys = the seq positions of x. Returns the output [batch, seq, hidden] and, when
+        asked, the attention probabilities [batch, heads, seq, keys] (fp32, from a non-fused path)."""
         batch, seq, _ = x.shape
         heads, kv_heads, groups, d = self.num_heads, self.num_kv_heads, self.groups, self.head_dim
         q = self.q_proj(x).view(batch, seq, heads, d)  # [batch, seq, heads, d]
@@ -199,6 +216,8 @@ class Attention(nn.Module):
         q = q.reshape(batch, kv_heads, seq * groups, d)  # [batch, kv_heads, seq * groups, d]
         k = k.transpose(1, 2)  # [batch, kv_heads, seq, d]
         v = v.transpose(1, 2)  # [batch, kv_heads, seq, d]
+        if kv is not None:
+            k, v = kv.update(k, v)  # [batch, kv_heads, keys, d]: what the mask's key axis refers to
 
         probs = None
         if output_attentions:
@@ -259,15 +278,16 @@ class DecoderLayer(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        mask: Tensor,
+        mask: Tensor | None,
         *,
         dtype: torch.dtype,
+        kv: LayerCache | None = None,
         output_attentions: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """x: the residual stream [batch, seq, hidden] (fp32 in an fp16 model); ``dtype``: the matmul dtype.
         The pre-norms hand ``dtype`` to the sublayers; the post-norms return the residual's dtype."""
         attn_out, probs = self.self_attn(
-            self.input_layernorm(x, dtype=dtype), rope, mask, output_attentions=output_attentions
+            self.input_layernorm(x, dtype=dtype), rope, mask, kv=kv, output_attentions=output_attentions
         )
         x = x + self.post_attention_layernorm(attn_out, dtype=x.dtype)
         mlp_out = self.mlp(self.pre_feedforward_layernorm(x, dtype=dtype))
@@ -305,6 +325,7 @@ class Gemma3TextModel(nn.Module):
         *,
         position_ids: Tensor | None = None,
         attention_mask: MaskArg = None,
+        cache: KVCache | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> Gemma3Output:
@@ -313,15 +334,27 @@ class Gemma3TextModel(nn.Module):
         batch, seq = input_ids.shape
         dtype = self.embed_tokens.weight.dtype  # the matmul dtype
         residual_dtype = torch.float32 if dtype == torch.float16 else dtype  # the fp16 policy (header)
-        table_dtype = _at_least_fp32(dtype)
-        if position_ids is None:
-            position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)  # [batch, seq]
-
-        masks = self._masks(position_ids, attention_mask, batch, seq)  # layer type -> folded mask
-        ropes = {
-            spec: rope_tables(position_ids, spec, config.head_dim, table_dtype)
-            for spec in {config.rope(i) for i in range(config.num_hidden_layers)}
-        }
+        if cache is not None:
+            # Positions, RoPE tables and masks come from the cache (what it holds decides them).
+            if position_ids is not None or attention_mask is not None or output_attentions:
+                raise InputError(
+                    "a KV cache decides positions and masks: position_ids, attention_mask and "
+                    "output_attentions work on uncached forward passes only"
+                )
+            if batch != cache.batch or dtype != cache.dtype:
+                raise InputError(
+                    f"this cache holds {cache.batch} rows of {cache.dtype} but got {batch} rows for a "
+                    f"{dtype} model: make a cache for this batch and model"
+                )
+            ropes, masks = cache.prepare(seq)  # RoPE spec -> (cos, sin); layer type -> folded mask or None
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)  # [batch, seq]
+            masks = self._masks(position_ids, attention_mask, batch, seq)  # layer type -> folded mask
+            ropes = {
+                spec: rope_tables(position_ids, spec, config.head_dim, _at_least_fp32(dtype))
+                for spec in {config.rope(i) for i in range(config.num_hidden_layers)}
+            }
 
         scale = (
             config.embed_scale(_DTYPE_NAMES[dtype])
@@ -337,12 +370,15 @@ class Gemma3TextModel(nn.Module):
                 ropes[config.rope(i)],
                 masks[layer.layer_type],
                 dtype=dtype,
+                kv=None if cache is None else cache.layers[i],
                 output_attentions=output_attentions,
             )
             if hidden_states is not None:
                 hidden_states.append(x)
             if attentions is not None:
                 attentions.append(probs)
+        if cache is not None:
+            cache.advance(seq)
         return Gemma3Output(None, self.norm(x, dtype=dtype), hidden_states, attentions)
 
     def _masks(self, positions: Tensor, attention_mask: MaskArg, batch: int, seq: int) -> dict[str, Tensor]:
@@ -419,6 +455,7 @@ class Gemma3ForCausalLM(nn.Module):
         *,
         position_ids: Tensor | None = None,
         attention_mask: MaskArg = None,
+        cache: KVCache | None = None,
         logits_at: PositionsArg = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
@@ -429,6 +466,9 @@ class Gemma3ForCausalLM(nn.Module):
         attention_mask: boolean, True = may attend, shape [batch or 1, 1, seq, seq] (or [seq, seq]). It
             replaces the built-in causal / sliding-window masks: one tensor for every layer, or a mapping
             {"sliding_attention": ..., "full_attention": ...}. Every query must be allowed some key.
+        cache: a cache.KVCache (``BACKEND.new_cache``): input_ids are the tokens after those it holds, it
+            stores their keys and values (in place) and decides their positions and masks; outputs cover
+            the new tokens only.
         logits_at: which positions get logits (the 262k-vocab head is the largest matmul of small models):
             None = every position; an int (e.g. -1) = that one position, kept as a length-1 dim; a slice or
             a 1-D index tensor = those positions in every row; a 2-D [batch, n] index tensor = per-row
@@ -440,6 +480,7 @@ class Gemma3ForCausalLM(nn.Module):
             input_ids,
             position_ids=position_ids,
             attention_mask=attention_mask,
+            cache=cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
