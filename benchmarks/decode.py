@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/decode.py                       # 270M shape, fp32 and bf16, prompt 512, generate 128
     .venv/bin/python benchmarks/decode.py --dtypes float32 --prompt 128 --gen 32 --engines torch,transformers
 
-Pairs: gemmalab-torch vs transformers' ``generate``; gemmalab-mlx vs mlx-lm's ``generate_step``. Every
+Pairs: gemmalab-torch and gemmalab-jax vs transformers' ``generate``; gemmalab-mlx vs mlx-lm's ``generate_step``. Every
 engine loads the same random checkpoint of the exact Gemma 3 270M shape (vocab 262144), written once per dtype
 in HF format, and runs in a fresh process (so peak RSS is its own) with the same thread count. Greedy decoding,
 no stop ids. Prefill time = time to the first new token; decode tokens/s counts the tokens after it.
@@ -24,26 +24,24 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
-PAIRS = {"torch": "transformers", "mlx": "mlx-lm"}
+PAIRS = [("torch", "transformers"), ("mlx", "mlx-lm"), ("jax", "transformers")]
 
 
 # --- workers: each runs in its own process ----------------------------------------------------------------
-def _peak_rss() -> int:
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
 def run_gemmalab(backend: str, folder: str, prompt: list[int], gen: int) -> dict:
     import gemmalab
     from gemmalab.generation import GenerationStats
 
     model = gemmalab.load(folder, backend=backend, device="cpu")
-    model.generate(prompt[:16], max_tokens=4, stop=[])  # warm-up
+    # warm-up; jax compiles one program per shape, so it warms up on the timed shapes (compile time apart)
+    warm = (prompt, gen) if backend == "jax" else (prompt[:16], 4)
+    start = time.perf_counter()
+    model.generate(warm[0], max_tokens=warm[1], stop=[])
+    warmup_s = time.perf_counter() - start
     stats = GenerationStats()
     tokens = [c.token for c in model.stream(prompt, max_tokens=gen, stop=[], stats=stats)]
-    return {"prefill_s": stats.prefill_seconds, "decode_tok_s": stats.generation_tokens_per_second, "tokens": tokens}
+    return {"prefill_s": stats.prefill_seconds, "decode_tok_s": stats.generation_tokens_per_second, "tokens": tokens,
+            "warmup_s": warmup_s}
 
 
 def run_transformers(folder: str, prompt: list[int], gen: int) -> dict:
@@ -103,7 +101,9 @@ def worker(args: argparse.Namespace) -> None:
         result = run_mlx_lm(args.checkpoint, prompt, args.gen)
     else:
         result = run_gemmalab(args.worker, args.checkpoint, prompt, args.gen)
-    result["peak_rss_bytes"] = _peak_rss()
+    from gemmalab.bench import process_peak_rss
+
+    result["peak_rss_bytes"] = process_peak_rss()
     print(json.dumps(result))
 
 
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-file", help=argparse.SUPPRESS)
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--engines", default="torch,transformers,mlx,mlx-lm")
+    parser.add_argument("--engines", default="torch,transformers,mlx,mlx-lm,jax")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--gen", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -174,7 +174,7 @@ def main() -> None:
         row["tokens_head"] = tokens[:8]
         report["rows"].append(row)
     by_key = {(r["engine"], r["dtype"]): r for r in report["rows"]}
-    for ours, peer in PAIRS.items():
+    for ours, peer in PAIRS:
         for dtype in dtypes:
             a, b = by_key.get((ours, dtype)), by_key.get((peer, dtype))
             if a and b:

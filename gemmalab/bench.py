@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
 import sys
 import threading
 import time
@@ -43,9 +44,37 @@ def measure_read_bandwidth(threads: int | None = None, repeats: int = 5) -> floa
 
 
 def process_peak_rss() -> int:
-    """This process's peak resident memory in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """This process's peak resident memory in bytes.
+
+    On Linux it is VmHWM of /proc/self/status: ru_maxrss would also count the parent's memory at the time
+    it started this process (Linux carries the high-water mark across fork and exec), which corrupts
+    side-by-side measurements made in child processes. On macOS ru_maxrss is in bytes and is right.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def reset_process_peak_rss() -> None:
+    """Start a new peak-RSS measurement where the OS allows it (Linux: clear_refs 5 resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
+def measure_read_bandwidth_isolated(threads: int | None = None) -> float:
+    """measure_read_bandwidth in a child process, so its 1 GiB buffer never counts in this process's peak."""
+    code = f"from gemmalab.bench import measure_read_bandwidth; print(measure_read_bandwidth({threads!r}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(result.stdout.strip())
 
 
 @dataclass
@@ -117,6 +146,7 @@ def bench(
 
     be = model._backend
     be.reset_peak_memory(model.native)
+    reset_process_peak_rss()
     stats, gen = _timed_generation(model, prompt, gen_tokens, prefill_chunk)
     peak = be.peak_memory(model.native)
     peak_kind = "device"
@@ -126,7 +156,7 @@ def bench(
 
     weight_bytes = model.config.num_parameters() * BYTES_PER_ELEMENT[model.dtype]
     bytes_per_token = weight_bytes + sum(kv.values())  # every weight and the whole cache, once per token
-    bandwidth = bandwidth or measure_read_bandwidth()
+    bandwidth = bandwidth or measure_read_bandwidth_isolated()
     roofline = bandwidth / bytes_per_token
     return BenchResult(
         backend=model.backend,

@@ -6,6 +6,7 @@ Expected failures (GemmalabError) print one line and exit 1; ``--debug`` shows t
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -377,11 +378,11 @@ def bench(
     """Prompt and generation tokens/s, time to first token, peak memory, and the memory-bandwidth roofline."""
     from .backend import available_backends, resolve_backend_name
     from .bench import bench as run_bench
-    from .bench import measure_read_bandwidth
+    from .bench import measure_read_bandwidth_isolated
 
     names = available_backends() if backend == "all" else [resolve_backend_name(None if backend == "auto" else backend)]
     with console.status("measuring memory read bandwidth"):
-        bandwidth = measure_read_bandwidth()
+        bandwidth = measure_read_bandwidth_isolated()
     results = []
     for name in names:
         with console.status(f"benchmarking {name}: {source or preset} {dtype}, {prompt_tokens} + {gen_tokens} tokens"):
@@ -389,12 +390,13 @@ def bench(
                 name, source, preset=preset, dtype=dtype, device=device, prompt_tokens=prompt_tokens,
                 gen_tokens=gen_tokens, prefill_chunk=prefill_chunk, bandwidth=bandwidth,
             ))
+        gc.collect()  # free this backend's model before the next one loads
     if as_json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
         return
     first = results[0]
     table = Table(title=f"{first.model} · {first.dtype} · prompt {prompt_tokens} · generate {gen_tokens}")
-    for column in ("backend", "warm-up s", "first token s", "prompt tok/s", "decode tok/s", "peak memory",
+    for column in ("backend", "warm-up (compile) s", "first token s", "prompt tok/s", "decode tok/s", "peak memory",
                    "GB read/token", "roofline tok/s", "of roofline"):
         table.add_column(column, justify="right")
     for r in results:
