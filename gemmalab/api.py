@@ -20,6 +20,7 @@ import numpy as np
 
 from . import checkpoint
 from .backend import Backend, get_backend, resolve_backend_name
+from .checks import check_token_ids
 from .config import Gemma3Config, resolve_config
 from .dtypes import canonical_dtype
 from .errors import BackendError, InputError
@@ -57,14 +58,7 @@ class Model:
         array = np.asarray(ids)
         if array.ndim == 1:
             array = array[None, :]
-        if array.ndim != 2 or array.shape[1] == 0:
-            raise InputError(f"token ids must have shape [batch, seq] with seq >= 1, got {array.shape}")
-        if not np.issubdtype(array.dtype, np.integer):
-            raise InputError(f"token ids must be integers, got dtype {array.dtype}")
-        low, high = int(array.min()), int(array.max())
-        if low < 0 or high >= self.config.vocab_size:
-            raise InputError(f"token id {high if high >= self.config.vocab_size else low} is outside the vocabulary [0, {self.config.vocab_size})")
-        return self._backend.logits(self.native, array.astype(np.int64))
+        return self._backend.logits(self.native, check_token_ids(array, self.config.vocab_size))
 
     def weights(self) -> dict[str, np.ndarray]:
         """Every parameter under its HF name, as numpy in the model's dtype."""

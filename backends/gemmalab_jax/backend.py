@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids
 from gemmalab.config import SLIDING, Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
@@ -219,19 +220,9 @@ class JaxBackend:
         activations; ``pad_lengths[r]`` left-padding tokens at the start of row r are never attended to.
         Local layers get their full ring at once; global buffers grow as tokens arrive."""
         _require_weights(model)
-        if isinstance(batch, bool) or not isinstance(batch, int | np.integer) or batch < 1:
-            raise InputError(f"batch must be a positive integer, got {batch!r}")
-        if pad_lengths is not None:
-            pads = list(pad_lengths)
-            if len(pads) != batch:
-                raise InputError(
-                    f"pad_lengths has {len(pads)} entries but batch is {batch}: give one per row"
-                )
-            if any(isinstance(p, bool) or not isinstance(p, int | np.integer) or p < 0 for p in pads):
-                raise InputError(f"pad_lengths must be non-negative integers, got {pads}")
-            pad_lengths = [int(p) for p in pads]
+        batch, pad_lengths = check_cache_request(batch, pad_lengths)
         return KVCache(
-            model.config, batch=int(batch), pad_lengths=pad_lengths, dtype=model.dtype, plan=model.plan
+            model.config, batch=batch, pad_lengths=pad_lengths, dtype=model.dtype, plan=model.plan
         )
 
     def extend(
@@ -240,8 +231,7 @@ class JaxBackend:
         """Feed int ids [batch, n] after everything in ``cache`` (updated in place). float32 logits:
         "last" -> [batch, vocab] (the head runs on the last position only), "all" -> [batch, n, vocab],
         "none" -> None."""
-        if logits not in ("last", "all", "none"):
-            raise InputError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
+        check_logits_mode(logits)
         if not isinstance(cache, KVCache):
             raise InputError(f"cache must come from the jax backend's new_cache, got {type(cache).__name__}")
         ids = self._token_ids(model, ids)
@@ -292,16 +282,8 @@ class JaxBackend:
     @staticmethod
     def _token_ids(model: JaxModel, ids: np.ndarray) -> np.ndarray:
         _require_weights(model)
-        ids = np.asarray(ids)
-        if ids.ndim != 2 or ids.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise InputError(
-                f"token ids must be an integer array [batch, seq >= 1], got {ids.dtype} {ids.shape}"
-            )
-        vocab = model.config.vocab_size
-        if ids.min() < 0 or ids.max() >= vocab:
-            # jnp.take does not raise on a bad index: it would read a fill value silently.
-            raise InputError(f"token ids must lie in [0, {vocab}), got ids from {ids.min()} to {ids.max()}")
-        return ids.astype(np.int32)
+        # checked here because jnp.take does not raise on a bad index: it would read a fill value silently
+        return check_token_ids(ids, model.config.vocab_size).astype(np.int32)
 
     @staticmethod
     def _place_ids(model: JaxModel, ids: np.ndarray) -> jax.Array:

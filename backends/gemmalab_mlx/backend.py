@@ -18,6 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gemmalab.checkpoint import Weights
+from gemmalab.checks import check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
@@ -118,8 +119,7 @@ class MLXBackend:
         self, model: Gemma3ForCausalLM, cache: KVCache, ids: np.ndarray, *, logits: str = "last"
     ) -> np.ndarray | None:
         _require_weights(model)
-        if logits not in ("last", "all", "none"):
-            raise InputError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
+        check_logits_mode(logits)
         if not isinstance(cache, KVCache) or cache.config != model.config:
             raise InputError("this cache was not made for this model: make one with new_cache(model, ...)")
         ids = _token_ids(model, ids)
@@ -223,17 +223,9 @@ def _mlx_reader(weights: Weights):
 
 
 def _token_ids(model: Gemma3ForCausalLM, ids: np.ndarray) -> mx.array:
-    """Checked int token ids [batch, seq] as an MLX int32 array."""
-    ids = np.asarray(ids)
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(f"token ids must be an integer array [batch, seq], got {ids.dtype} {ids.shape}")
-    vocab = model.config.vocab_size
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-        # MLX gathers do not check bounds: an out-of-range id would read garbage silently.
-        raise InputError(
-            f"token ids must lie in [0, {vocab}), got {ids.min()}..{ids.max()}: check the tokenizer"
-        )
-    return mx.array(ids.astype(np.int32))
+    """Checked int token ids [batch, seq] as an MLX int32 array (MLX gathers do not check bounds: an
+    out-of-range id would read garbage silently)."""
+    return mx.array(check_token_ids(ids, model.config.vocab_size).astype(np.int32))
 
 
 def _require_weights(model: Gemma3ForCausalLM) -> None:

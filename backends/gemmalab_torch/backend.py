@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
@@ -132,12 +133,7 @@ class TorchBackend:
 
     def logits(self, model: Gemma3ForCausalLM, ids: np.ndarray) -> np.ndarray:
         """float32 logits [batch, seq, vocab] for int token ids [batch, seq], every position."""
-        ids = np.asarray(ids)
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise InputError(f"token ids must be an integer array [batch, seq], got {ids.dtype} {ids.shape}")
-        vocab = model.config.vocab_size
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            raise InputError(f"token ids must lie in [0, {vocab}), got ids from {ids.min()} to {ids.max()}")
+        ids = check_token_ids(ids, model.config.vocab_size)
         self._require_weights(model)
         with torch.inference_mode():
             out = model(torch.as_tensor(ids, dtype=torch.long, device=model.device)).logits
@@ -167,19 +163,9 @@ class TorchBackend:
         padding tokens at the start of row r are fed like others but never attended to. Buffers are
         allocated as tokens arrive: global layers grow with the sequence, local layers up to their window."""
         self._require_weights(model)
-        if isinstance(batch, bool) or not isinstance(batch, int | np.integer) or batch < 1:
-            raise InputError(f"batch must be a positive integer, got {batch!r}")
-        if pad_lengths is not None:
-            pads = list(pad_lengths)
-            if len(pads) != batch:
-                raise InputError(
-                    f"pad_lengths has {len(pads)} entries but batch is {batch}: give one per row"
-                )
-            if any(isinstance(p, bool) or not isinstance(p, int | np.integer) or p < 0 for p in pads):
-                raise InputError(f"pad_lengths must be non-negative integers, got {pads}")
-            pad_lengths = [int(p) for p in pads]
+        batch, pad_lengths = check_cache_request(batch, pad_lengths)
         return KVCache(
-            model.config, batch=int(batch), pad_lengths=pad_lengths, dtype=model.dtype, device=model.device
+            model.config, batch=batch, pad_lengths=pad_lengths, dtype=model.dtype, device=model.device
         )
 
     def extend(
@@ -188,22 +174,14 @@ class TorchBackend:
         """Feed int ids [batch, n] after everything in ``cache`` (updated in place). float32 logits:
         "last" -> [batch, vocab] (the head runs on the last position only), "all" -> [batch, n, vocab],
         "none" -> None."""
-        if logits not in ("last", "all", "none"):
-            raise InputError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
+        check_logits_mode(logits)
         if not isinstance(cache, KVCache):
             raise InputError(
                 f"cache must come from the torch backend's new_cache, got {type(cache).__name__}"
             )
-        ids = np.asarray(ids)
-        if ids.ndim != 2 or ids.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise InputError(
-                f"token ids must be an integer array [batch, n >= 1], got {ids.dtype} {ids.shape}"
-            )
+        ids = check_token_ids(ids, model.config.vocab_size)
         if ids.shape[0] != cache.batch:
             raise InputError(f"this cache holds {cache.batch} rows but ids have {ids.shape[0]}")
-        vocab = model.config.vocab_size
-        if ids.min() < 0 or ids.max() >= vocab:
-            raise InputError(f"token ids must lie in [0, {vocab}), got ids from {ids.min()} to {ids.max()}")
         self._require_weights(model)
         with torch.inference_mode():
             tokens = torch.as_tensor(ids, dtype=torch.long).to(model.device)  # no copy for int64 on CPU

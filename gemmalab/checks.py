@@ -1,0 +1,45 @@
+"""Checks of what callers hand to a backend, done once here rather than in every backend.
+
+Each raises InputError with one line naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+LOGITS_MODES = ("last", "all", "none")
+
+
+def check_token_ids(ids: object, vocab_size: int) -> np.ndarray:
+    """``ids`` as an int64 array [batch, n >= 1] with every id in [0, vocab_size)."""
+    array = np.asarray(ids)
+    if array.ndim != 2 or array.shape[1] < 1 or not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"token ids must be an integer array [batch, n >= 1], got {array.dtype} {array.shape}")
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high >= vocab_size:
+        raise InputError(f"token ids must lie in [0, {vocab_size}), got ids from {low} to {high}: check the tokenizer")
+    return array.astype(np.int64, copy=False)
+
+
+def check_logits_mode(mode: str) -> str:
+    if mode not in LOGITS_MODES:
+        raise InputError(f"logits must be 'last', 'all' or 'none', got {mode!r}")
+    return mode
+
+
+def check_cache_request(batch: object, pad_lengths: Sequence[int] | None) -> tuple[int, list[int] | None]:
+    """(batch, pad lengths) for a new KV cache: a positive batch and one non-negative pad count per row."""
+    if isinstance(batch, bool) or not isinstance(batch, int | np.integer) or batch < 1:
+        raise InputError(f"batch must be a positive integer, got {batch!r}")
+    if pad_lengths is None:
+        return int(batch), None
+    pads = list(pad_lengths)
+    if len(pads) != batch:
+        raise InputError(f"pad_lengths has {len(pads)} entries but batch is {batch}: give one per row")
+    if any(isinstance(p, bool) or not isinstance(p, int | np.integer) or p < 0 for p in pads):
+        raise InputError(f"pad_lengths must be non-negative integers, got {pads}")
+    return int(batch), [int(p) for p in pads]
