@@ -280,10 +280,9 @@ DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cuda:0, m
 
 
 def _is_preset(source: str) -> bool:
-    from .config import PRESETS
+    from .config import PRESETS, preset_key
 
-    key = source.lower().removeprefix("google/").removesuffix("-it").removesuffix("-pt")
-    return key in PRESETS and not Path(source).exists() and "/" not in source
+    return preset_key(source) in PRESETS and not Path(source).exists() and "/" not in source
 
 
 def _model(source: str, backend: str | None, dtype: str | None, device: str | None, seed: int = 0):

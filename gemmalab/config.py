@@ -178,7 +178,7 @@ class Gemma3Config:
     @classmethod
     def preset(cls, name: str) -> Gemma3Config:
         """A named preset: gemma-3-270m, gemma-3-1b, gemma-3-4b, gemma-3-12b, gemma-3-27b, tiny, ..."""
-        key = name.lower().removeprefix("google/").removesuffix("-it").removesuffix("-pt")
+        key = preset_key(name)
         if key not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
         return PRESETS[key]
@@ -260,6 +260,11 @@ class Gemma3Config:
 
     def with_dtype(self, dtype: str | None) -> Gemma3Config:
         return dataclasses.replace(self, stored_dtype=None if dtype is None else canonical_dtype(dtype))
+
+
+def preset_key(name: str) -> str:
+    """The PRESETS key a name refers to: case-insensitive, with or without google/ and the -it/-pt suffix."""
+    return name.lower().removeprefix("google/").removesuffix("-it").removesuffix("-pt")
 
 
 def _int_if_whole(value: float) -> float | int:
@@ -459,7 +464,7 @@ def resolve_config(source: str | Path | Mapping[str, Any] | Gemma3Config) -> Gem
     if isinstance(source, Mapping):
         return Gemma3Config.from_hf_dict(source, source="<dict>")
     text = str(source)
-    key = text.lower().removeprefix("google/").removesuffix("-it").removesuffix("-pt")
+    key = preset_key(text)
     if key in PRESETS and not Path(text).exists():
         return PRESETS[key]
     return Gemma3Config.from_file(text)
