@@ -25,7 +25,7 @@ from .config import Gemma3Config, resolve_config
 from .dtypes import canonical_dtype
 from .errors import BackendError, InputError
 from .params import init_weights
-from .tokenizer import Tokenizer
+from .tokenizer import BYTE_LEVEL_VOCAB_SIZE, Tokenizer
 
 
 @dataclass
@@ -70,9 +70,12 @@ class Model:
     def save(self, folder: str | os.PathLike, *, dtype: str | None = None, overwrite: bool = False) -> Path:
         """Save in the Hugging Face Gemma3ForCausalLM layout (safetensors + config.json + tokenizer files)."""
         target = canonical_dtype(dtype) if dtype else self.dtype
-        return checkpoint.save_checkpoint(
+        out = checkpoint.save_checkpoint(
             folder, self.config.with_dtype(target), self.weights(), copy_from=self.source, overwrite=overwrite
         )
+        if self.tokenizer is not None and self.source is None:  # an in-memory tokenizer (byte-level)
+            self.tokenizer.save(out)
+        return out
 
     # -- generation ---------------------------------------------------------------------------------------
     def _generator(self, prompt: Any, *, stop: Sequence[int] | None, prefill_chunk: int, **sampling: Any):
@@ -215,7 +218,13 @@ def init(
     name = resolve_backend_name(backend)
     weights = init_weights(cfg, seed=seed, dtype="float32")
     native = _build(name, cfg, weights, chosen_dtype, device, backend_options)
-    return Model(cfg, name, chosen_dtype, native)
+    return Model(cfg, name, chosen_dtype, native, preset_tokenizer(cfg))
+
+
+def preset_tokenizer(config: Gemma3Config) -> Tokenizer | None:
+    """The tokenizer of a randomly initialised model: byte-level when its vocabulary is exactly the
+    byte-level one (the `tiny` preset), else none (a preset alone does not say which tokenizer it had)."""
+    return Tokenizer.byte_level() if config.vocab_size == BYTE_LEVEL_VOCAB_SIZE else None
 
 
 def _build(name: str, config: Gemma3Config, weights: Any, dtype: str, device: str | None, options: dict) -> Any:

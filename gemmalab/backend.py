@@ -97,6 +97,24 @@ class Backend(Protocol):
     def reset_peak_memory(self, model: Any) -> None:
         """Start a new peak-memory measurement (no-op where peak_memory returns None)."""
 
+    # -- training: the tensor work of gemmalab.train (the loop itself lives in the core) -----------------
+    def trainer(self, model: Any, spec: Any) -> Any:
+        """A ``gemmalab.train.spec.BackendTrainer`` for ``model`` (built in float32) following ``spec``
+        (a ``gemmalab.train.spec.TrainSpec``): the optimizer, the chunked loss and a gradient accumulator."""
+
+    def loss_sum(
+        self,
+        model: Any,
+        inputs: np.ndarray,
+        targets: np.ndarray,
+        weights: np.ndarray,
+        *,
+        chunk_tokens: int = 1024,
+        label_smoothing: float = 0.0,
+    ) -> float:
+        """sum(weights * token cross-entropy) of next-token targets, no gradients, with the head and loss
+        run ``chunk_tokens`` positions at a time (the loss ``BackendTrainer.accumulate`` differentiates)."""
+
 
 @dataclass(frozen=True)
 class BackendInfo:

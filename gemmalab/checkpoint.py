@@ -287,7 +287,7 @@ def read_weights(folder: Path, config: Gemma3Config) -> Weights:
 # ---------------------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -301,10 +301,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: object) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
-def _atomic_save_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+def atomic_save_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -368,13 +368,13 @@ def save_checkpoint(
     total = sum(s for _, s in sizes)
     written: list[str] = []
     if len(shards) == 1:
-        _atomic_save_safetensors(out / SINGLE_FILE, {n: _as(weights[n], itemsize, config) for n in shards[0]})
+        atomic_save_safetensors(out / SINGLE_FILE, {n: _as(weights[n], itemsize, config) for n in shards[0]})
         written.append(SINGLE_FILE)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_save_safetensors(out / filename, {n: _as(weights[n], itemsize, config) for n in shard})
+            atomic_save_safetensors(out / filename, {n: _as(weights[n], itemsize, config) for n in shard})
             weight_map.update(dict.fromkeys(shard, filename))
             written.append(filename)
         atomic_write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -390,7 +390,7 @@ def save_checkpoint(
         for name in SIDE_FILES:
             src = Path(copy_from) / name
             if src.is_file():
-                _atomic_write_bytes(out / name, src.read_bytes())
+                atomic_write_bytes(out / name, src.read_bytes())
     if not (out / "generation_config.json").exists():
         atomic_write_json(
             out / "generation_config.json",

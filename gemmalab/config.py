@@ -450,8 +450,10 @@ PRESETS: dict[str, Gemma3Config] = {
                            vocab=262_208, head_dim=128, query_pre_attn_scalar=168, global_factor=8.0),
     # Tiny shapes for tests and quick experiments: 6+ layers so the 5:1 pattern shows, a window short
     # enough that test sequences outrun it, GQA, query_pre_attn_scalar != head_dim, scaled global RoPE.
-    "tiny": _preset("tiny", hidden=64, mlp=128, layers=6, heads=4, kv_heads=2, window=8, vocab=512,
-                    head_dim=16, query_pre_attn_scalar=24, global_factor=8.0, max_positions=4096),
+    # `tiny` has the byte-level vocabulary (gemmalab.tokenizer.BYTE_LEVEL_VOCAB_SIZE = 261 ids; eos and
+    # <end_of_turn> are 1 and 4 there), so it trains on raw text with no tokenizer download.
+    "tiny": _preset("tiny", hidden=64, mlp=128, layers=6, heads=4, kv_heads=2, window=8, vocab=261,
+                    head_dim=16, query_pre_attn_scalar=24, global_factor=8.0, max_positions=4096, eos=(1, 4)),
     "tiny-mqa": _preset("tiny-mqa", hidden=48, mlp=96, layers=7, heads=2, kv_heads=1, window=5, vocab=300,
                         head_dim=32, query_pre_attn_scalar=32, max_positions=4096),
 }

@@ -33,3 +33,7 @@ class TokenizerError(GemmalabError):
 
 class InputError(GemmalabError):
     """Arguments passed to a gemmalab function are of the wrong type, shape or range."""
+
+
+class TrainingError(GemmalabError):
+    """A run that cannot go on (non-finite loss, a checkpoint that does not fit the run)."""

@@ -73,8 +73,15 @@ def test_generate_chat_uses_the_turn_format(backend, chat_checkpoint):
 
 
 def test_generate_without_tokenizer_says_what_to_do():
-    result = cli("generate", "tiny", "--prompt", "hello", "-n", "2")
+    result = cli("generate", "tiny-mqa", "--prompt", "hello", "-n", "2")  # `tiny` has the byte-level tokenizer
     assert result.returncode == 1 and "--prompt-ids" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_tiny_preset_generates_text_with_its_byte_level_tokenizer():
+    result = cli("generate", "tiny", "--prompt", "hello", "-n", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert len(out["tokens"]) == 4 and all(0 <= t < 261 for t in out["tokens"])
 
 
 def test_bench_json_is_consistent(backend):

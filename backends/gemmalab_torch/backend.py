@@ -23,6 +23,7 @@ from gemmalab.params import parameter_shapes
 
 from .cache import KVCache
 from .model import Gemma3ForCausalLM
+from .training import TorchTrainer, batch_tensors, chunked_loss_sum
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -227,6 +228,17 @@ class TorchBackend:
             torch.cuda.reset_peak_memory_stats(device)
         elif device.type == "mps":
             torch.mps.empty_cache()
+
+    # -- training -------------------------------------------------------------------------------------------
+    def trainer(self, model: Gemma3ForCausalLM, spec) -> TorchTrainer:
+        return TorchTrainer(model, spec)
+
+    def loss_sum(self, model: Gemma3ForCausalLM, inputs, targets, weights, *, chunk_tokens: int = 1024,
+                 label_smoothing: float = 0.0) -> float:
+        self._require_weights(model)
+        ids, tgt, w = batch_tensors(model, inputs, targets, weights)
+        with torch.inference_mode():
+            return float(chunked_loss_sum(model, ids, tgt, w, chunk_tokens=chunk_tokens, smoothing=label_smoothing))
 
     @staticmethod
     def _require_weights(model: Gemma3ForCausalLM) -> None:

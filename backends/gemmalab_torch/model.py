@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from gemmalab.config import SLIDING, Gemma3Config, RopeSpec
 from gemmalab.errors import InputError
@@ -318,6 +319,8 @@ class Gemma3TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Training sets this to recompute each block's activations in the backward pass (less memory).
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -364,15 +367,22 @@ class Gemma3TextModel(nn.Module):
         x = self.embed_tokens(input_ids).to(residual_dtype) * scale  # [batch, seq, hidden]
         hidden_states = [x] if output_hidden_states else None
         attentions: list[Tensor] | None = [] if output_attentions else None
+        remat = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
-            x, probs = layer(
-                x,
-                ropes[config.rope(i)],
-                masks[layer.layer_type],
-                dtype=dtype,
-                kv=None if cache is None else cache.layers[i],
-                output_attentions=output_attentions,
-            )
+            if remat:  # keep only the block's input; rerun the block when its gradient is needed
+                x, probs = checkpoint(
+                    layer, x, ropes[config.rope(i)], masks[layer.layer_type], dtype=dtype,
+                    output_attentions=output_attentions, use_reentrant=False,
+                )
+            else:
+                x, probs = layer(
+                    x,
+                    ropes[config.rope(i)],
+                    masks[layer.layer_type],
+                    dtype=dtype,
+                    kv=None if cache is None else cache.layers[i],
+                    output_attentions=output_attentions,
+                )
             if hidden_states is not None:
                 hidden_states.append(x)
             if attentions is not None:

@@ -1,0 +1,109 @@
+"""Training checkpoints: written atomically, kept last-N, found again by ``--resume``.
+
+A checkpoint is one folder ``RUN/checkpoints/step-00000060/`` holding
+
+* the model as an ordinary Hugging Face checkpoint (``model.safetensors``, ``config.json``,
+  ``generation_config.json``, the tokenizer), so ``gemmalab.load`` and transformers read it directly;
+* ``optimizer/state.safetensors``: the optimizer state as the backend reports it;
+* ``trainer_state.json``: the step, the data position, the loss scale, the run's configuration.
+
+The folder is assembled under a temporary name and renamed into place in one step, and
+``trainer_state.json`` is written last: a run killed at any moment leaves either a whole checkpoint or none
+(a leftover temporary folder is removed on the next save). Only complete checkpoints are ever resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from ..checkpoint import atomic_save_safetensors, atomic_write_json, save_checkpoint
+from ..config import Gemma3Config
+from ..errors import CheckpointError
+from ..tokenizer import Tokenizer
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer/state.safetensors"  # in a subfolder: the model reader owns *.safetensors
+PREFIX = "step-"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(
+    run_dir: Path,
+    step: int,
+    *,
+    config: Gemma3Config,
+    weights: Mapping[str, np.ndarray],
+    optimizer_state: Mapping[str, np.ndarray],
+    state: dict,
+    tokenizer: Tokenizer | None,
+    keep_last: int,
+) -> Path:
+    """Write the checkpoint of ``step`` and delete all but the newest ``keep_last`` complete ones."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    staging = root / f".tmp-{PREFIX}{step:08d}"
+    for leftover in root.glob(f".tmp-{PREFIX}*"):  # a save interrupted by a kill
+        shutil.rmtree(leftover, ignore_errors=True)
+    save_checkpoint(staging, config.with_dtype("float32"), weights)  # master weights, exactly as trained
+    if tokenizer is not None:
+        tokenizer.save(staging)
+    (staging / OPTIMIZER_FILE).parent.mkdir()
+    atomic_save_safetensors(staging / OPTIMIZER_FILE, dict(optimizer_state))
+    atomic_write_json(staging / STATE_FILE, {"step": step, **state})
+    if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync_dir(root)
+    for old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest(run_dir: Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def read_state(folder: Path) -> dict:
+    try:
+        return json.loads((folder / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{folder / STATE_FILE} is unreadable ({err}): delete that checkpoint folder") from None
+
+
+def read_optimizer_state(folder: Path) -> dict[str, np.ndarray]:
+    path = folder / OPTIMIZER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: this checkpoint cannot be resumed; delete its folder")
+    return load_file(str(path))
+
+
+__all__ = ["checkpoint_dir", "complete_checkpoints", "latest", "read_optimizer_state", "read_state", "save"]

@@ -1,0 +1,212 @@
+"""Training data: documents from files or the embedded corpus, tokenized, packed into fixed-length
+windows, split into training and held-out sets, and served in a deterministic shuffled order whose
+position is part of a checkpoint.
+
+Sources (``--data``):
+
+* nothing: the embedded default corpus, the documentation text that ships inside CPython
+  (``pydoc_data.topics``, about 0.46 MB of English prose and code in 79 topics): no download, anywhere;
+* a ``.jsonl`` file: one JSON object per line, either ``{"text": ...}`` or a chat ``{"messages": [...]}``
+  whose loss falls on the assistant replies only (Gemma's turn format, gemmalab.tokenizer.chat_segments);
+* any other file: plain UTF-8 text, one document;
+* a folder: every ``.txt``, ``.md`` and ``.jsonl`` file under it, in sorted order.
+
+Packing: each document becomes ``<bos> tokens <eos>`` and documents are concatenated into one stream, cut
+into windows of ``seq_len + 1`` tokens (inputs are the first ``seq_len``, targets the last ``seq_len``). A
+loss weight rides with every target: 1 for trained tokens, 0 for prompts and user turns. Windows do not
+overlap; a stream tail shorter than a window is dropped. The held-out split takes a fixed, seeded sample of
+whole windows, so training never sees them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..tokenizer import Tokenizer, chat_segments
+
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One training document: plain text, or a conversation (a list of role/content messages)."""
+
+    text: str | None = None
+    messages: list | None = None
+
+
+def embedded_corpus() -> list[Document]:
+    """CPython's bundled documentation topics (pydoc_data.topics), one document per topic, sorted by name."""
+    from pydoc_data.topics import topics
+
+    return [Document(text=topics[name]) for name in sorted(topics)]
+
+
+def _jsonl_documents(path: Path) -> Iterator[Document]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{number} is not valid JSON ({err.msg}): fix or remove that line") from None
+            if isinstance(record, dict) and isinstance(record.get("text"), str):
+                yield Document(text=record["text"])
+            elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+                yield Document(messages=record["messages"])
+            else:
+                raise InputError(
+                    f'{path}:{number} has neither a "text" string nor a "messages" list: give each line one of them'
+                )
+
+
+def _file_documents(path: Path) -> Iterator[Document]:
+    if path.suffix == ".jsonl":
+        yield from _jsonl_documents(path)
+        return
+    try:
+        yield Document(text=path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text: convert it, or pass a .jsonl file") from None
+
+
+def load_documents(source: str | Path | None) -> list[Document]:
+    """The documents of a data source (see the module docstring); None = the embedded corpus."""
+    if source is None or str(source) in ("", "embedded"):
+        return embedded_corpus()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise InputError(f"{path} holds no {', '.join(TEXT_SUFFIXES)} files: point --data at a file or such a folder")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise InputError(f"data {path} does not exist: give a text file, a .jsonl file or a folder (or omit --data)")
+    documents = [doc for file in files for doc in _file_documents(file)]
+    if not documents:
+        raise InputError(f"{path} holds no documents")
+    return documents
+
+
+def tokenize(document: Document, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, trained) of one document: ``<bos> ... <eos>`` ids and, per id, whether the loss predicts it."""
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    if document.messages is None:
+        ids = tokenizer.encode(document.text or "", add_bos=True) + eos
+        trained = [False] + [True] * (len(ids) - 1)  # nothing predicts <bos>
+    else:
+        ids, trained = [], []
+        for piece, is_reply in chat_segments(document.messages, bos=""):
+            piece_ids = tokenizer.encode(piece, add_bos=not ids)
+            ids += piece_ids
+            trained += [is_reply] * len(piece_ids)
+        trained[0] = False
+        ids += eos
+        trained += [False] * len(eos)
+    return np.asarray(ids, np.int32), np.asarray(trained, np.bool_)
+
+
+def pack(documents: Iterable[Document], tokenizer: Tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(windows [n, seq_len + 1] int32, trained [n, seq_len + 1] bool) from the concatenated documents."""
+    pieces = [tokenize(doc, tokenizer) for doc in documents]
+    ids = np.concatenate([p[0] for p in pieces])
+    trained = np.concatenate([p[1] for p in pieces])
+    width = seq_len + 1
+    count = len(ids) // width
+    if count == 0:
+        raise InputError(f"the data has {len(ids)} tokens, fewer than one window of {width}: lower --seq-len or add data")
+    return ids[: count * width].reshape(count, width), trained[: count * width].reshape(count, width)
+
+
+@dataclass
+class Batch:
+    """inputs, targets int32 [batch, seq]; weights float32 [batch, seq] (1 = trained target)."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    weights: np.ndarray
+
+    @property
+    def tokens(self) -> int:
+        return int(self.weights.sum())
+
+
+def make_batch(windows: np.ndarray, trained: np.ndarray) -> Batch:
+    return Batch(
+        inputs=np.ascontiguousarray(windows[:, :-1]),
+        targets=np.ascontiguousarray(windows[:, 1:]),
+        weights=trained[:, 1:].astype(np.float32),
+    )
+
+
+class DataStream:
+    """Packed windows served in batches: a seeded shuffle per epoch, a held-out split, and a position
+    (epoch, index) that a checkpoint saves so a resumed run sees exactly the batches it would have seen."""
+
+    def __init__(self, windows: np.ndarray, trained: np.ndarray, *, seed: int, eval_fraction: float, eval_windows_max: int = 64):
+        if not 0.0 <= eval_fraction < 1.0:
+            raise InputError(f"eval fraction must be in [0, 1), got {eval_fraction}")
+        order = np.random.default_rng([seed, 0xE7A1]).permutation(len(windows))
+        n_eval = min(eval_windows_max, int(round(len(windows) * eval_fraction))) if eval_fraction > 0 else 0
+        if eval_fraction > 0 and len(windows) >= 2:
+            n_eval = max(1, n_eval)
+        held_out, train = np.sort(order[:n_eval]), np.sort(order[n_eval:])
+        self.train_windows, self.train_trained = windows[train], trained[train]
+        self.eval_windows, self.eval_trained = windows[held_out], trained[held_out]
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.train_windows))
+
+    def next_batch(self, batch_size: int) -> Batch:
+        """The next ``batch_size`` training windows, wrapping into a freshly shuffled epoch as needed."""
+        if len(self.train_windows) == 0:
+            raise InputError("no training windows are left after the held-out split: add data or lower --seq-len")
+        rows = []
+        while len(rows) < batch_size:
+            if self.position == len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._epoch_order(self.epoch)
+            rows.append(self._order[self.position])
+            self.position += 1
+        index = np.asarray(rows)
+        return make_batch(self.train_windows[index], self.train_trained[index])
+
+    def eval_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[Batch]:
+        """The held-out windows in fixed order, ``batch_size`` at a time (the last batch may be smaller)."""
+        for n, start in enumerate(range(0, len(self.eval_windows), batch_size)):
+            if max_batches is not None and n >= max_batches:
+                return
+            stop = start + batch_size
+            yield make_batch(self.eval_windows[start:stop], self.eval_trained[start:stop])
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._epoch_order(self.epoch)
+
+
+__all__ = [
+    "Batch",
+    "DataStream",
+    "Document",
+    "embedded_corpus",
+    "load_documents",
+    "make_batch",
+    "pack",
+    "tokenize",
+]

@@ -1,0 +1,138 @@
+"""What the core asks of a backend to train a model: the spec it hands over and the trainer it gets back.
+
+The split (DESIGN.md section 2): the core decides *when* and *how much* -- steps, accumulation, the
+learning rate of every step, which layers train, loss scaling, checkpoints, logging -- and a backend does
+the tensor work -- the loss and its gradients, clipping, the optimizer update -- with its framework's own
+optimizers (torch.optim, mlx.optimizers, optax) wherever those compute the formulas below.
+
+Everything crosses the boundary as numpy or plain floats.
+
+The optimizer formulas (t = 1, 2, ... counts updates applied to a parameter; lr is the step's learning
+rate times the parameter's scale; g is the accumulated gradient divided by ``normalizer``, then clipped):
+
+Global-norm clipping (over every trainable gradient): ``norm = sqrt(sum g^2)``;
+``g *= min(1, max_grad_norm / (norm + 1e-6))`` (torch's ``clip_grad_norm_`` and MLX's ``clip_grad_norm``).
+
+AdamW (Loshchilov & Hutter, decoupled weight decay; torch.optim.AdamW's formula)::
+
+    p = p * (1 - lr * weight_decay)
+    m = b1 m + (1 - b1) g ;  v = b2 v + (1 - b2) g^2
+    p = p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+Adafactor (Shazeer & Stern 2018, with an explicit learning rate and parameter scaling, no momentum)::
+
+    beta2 = 1 - t^(-decay_rate)                         (0 at t = 1)
+    G = g^2 + eps1
+    parameters with >= 2 dims are factored over their last two axes:
+        R = beta2 R + (1 - beta2) mean(G, axis=-1)      [..., rows]
+        C = beta2 C + (1 - beta2) mean(G, axis=-2)      [..., cols]
+        V = R[..., :, None] * C[..., None, :] / mean(R, axis=-1)[..., None, None]
+    others keep V = beta2 V + (1 - beta2) G
+    u = g / sqrt(V) ;  u = u / max(1, rms(u) / clip_threshold)
+    (with beta1: m = beta1 m + (1 - beta1) u ;  u = m)
+    p = p * (1 - lr * weight_decay)
+    p = p - lr * max(eps2, rms(p_before_update)) * u
+
+rms(x) = sqrt(mean(x^2)). Weight decay applies to every trainable parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+OptimizerName = Literal["adamw", "adafactor"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Hyper-parameters of the update rule (see the module docstring for the formulas)."""
+
+    name: OptimizerName = "adamw"
+    weight_decay: float = 0.01
+    # AdamW
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    # Adafactor
+    decay_rate: float = 0.8
+    clip_threshold: float = 1.0
+    eps_adafactor: tuple[float, float] = (1e-30, 1e-3)
+    beta1: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything a backend needs to build a trainer for a model.
+
+    precision: the compute dtype of the forward and backward passes. Master weights and optimizer state
+        stay float32 in every mode (the model is built in float32); "bf16"/"fp16" cast the weights to the
+        compute dtype inside the loss function, so gradients arrive in float32. With "fp16" the core scales
+        the loss (``loss_scale`` of :meth:`BackendTrainer.accumulate`) and skips steps whose gradients
+        overflow.
+    max_grad_norm: global-norm clipping threshold, None = no clipping.
+    loss_chunk_tokens: the cross-entropy runs the output head and the loss over at most this many token
+        positions at a time, so ``[batch, tokens, vocab]`` logits never exist at once, in the forward or
+        the backward pass (each chunk's logits are recomputed for its gradient).
+    label_smoothing: eps; a token's loss is ``(1 - eps) * -log p(target) + eps * mean_v(-log p(v))``.
+    grad_checkpointing: recompute each decoder block's activations in the backward pass instead of
+        storing them (per-block rematerialisation).
+    """
+
+    optimizer: OptimizerSpec = OptimizerSpec()
+    precision: Precision = "fp32"
+    max_grad_norm: float | None = 1.0
+    loss_chunk_tokens: int = 1024
+    label_smoothing: float = 0.0
+    grad_checkpointing: bool = False
+
+
+@runtime_checkable
+class BackendTrainer(Protocol):
+    """One model being trained, with its optimizer and a gradient accumulator (backend-native inside).
+
+    Batches are numpy: ``inputs`` and ``targets`` int32 [batch, seq], ``weights`` float32 [batch, seq] (the
+    weight of each position's loss: 0 for padding and for tokens not trained on, e.g. user turns). Losses
+    cross the boundary as *sums* of ``weight * token_loss`` so that the core can divide by the number of
+    tokens of the whole accumulated batch: k micro-batches then give exactly the gradient of one batch k
+    times larger.
+    """
+
+    model: Any  # the backend-native model being trained (BACKEND.weights(trainer.model) reads it)
+
+    def accumulate(
+        self, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray, *, loss_scale: float = 1.0
+    ) -> float:
+        """Forward and backward on one micro-batch; adds d(loss_scale * loss_sum)/d(params) to the
+        accumulated gradients of the trainable parameters. Returns the unscaled loss sum (a float)."""
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The accumulated (un-normalised, un-clipped) gradients of the trainable parameters, float32,
+        under canonical names (the tied head's gradient is in model.embed_tokens.weight)."""
+
+    def apply(self, lr: float, normalizer: float) -> dict[str, float]:
+        """Divide the accumulated gradients by ``normalizer`` (the token count times the loss scale),
+        clip them, take one optimizer step with learning rate ``lr`` times each parameter's scale, and
+        zero the accumulator. Returns {"grad_norm": the global norm before clipping}. When that norm is not
+        finite, nothing is updated (weights and optimizer state unchanged), the accumulator is zeroed and
+        the returned norm is inf or nan: the core decides what to do (skip under fp16 loss scaling, stop
+        otherwise)."""
+
+    def set_lr_scales(self, scales: Mapping[str, float]) -> None:
+        """Per-parameter learning-rate multipliers by canonical name (missing names mean 1.0). A scale of 0
+        freezes the parameter: no gradient is computed or kept for it, the optimizer neither updates it nor
+        its state, and weight decay does not touch it. Takes effect from the next ``accumulate``."""
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The optimizer's whole state as flat numpy arrays (names are backend-defined but stable, e.g.
+        ``"exp_avg/model.layers.0.mlp.up_proj.weight"``; per-parameter step counts included), so that
+        ``load_optimizer_state`` on a fresh trainer continues bit-for-bit."""
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore what ``optimizer_state`` returned."""
+
+
+__all__ = ["BackendTrainer", "OptimizerName", "OptimizerSpec", "Precision", "TrainSpec"]

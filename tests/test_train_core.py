@@ -1,0 +1,194 @@
+"""The training engine's control logic, no backend needed: schedules, layer scales, data, configuration,
+checkpoint files and tracking. Expected values are written out by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gemmalab.config import Gemma3Config
+from gemmalab.errors import ConfigError, InputError
+from gemmalab.tokenizer import BYTE_LEVEL_VOCAB_SIZE, Tokenizer
+from gemmalab.train import checkpoints
+from gemmalab.train.config import TrainConfig
+from gemmalab.train.data import DataStream, Document, load_documents, pack, tokenize
+from gemmalab.train.layers import lr_scales
+from gemmalab.train.loop import warmup_for
+from gemmalab.train.schedules import Schedule
+from gemmalab.train.tracking import Tracker, truncate_metrics
+
+
+# -- schedules -----------------------------------------------------------------------------------------
+def test_warmup_then_cosine_by_hand():
+    s = Schedule("cosine", lr=1.0, total=6, warmup=2, min_lr=0.0)
+    # warmup: 1/2, 2/2; then cosine over 4 updates, progress 0, 1/3, 2/3, 1
+    expected = [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3)), 0.0]
+    assert [s(i) for i in range(6)] == pytest.approx(expected, abs=1e-12)
+
+
+def test_linear_and_constant_by_hand():
+    linear = Schedule("linear", lr=2.0, total=5, warmup=0, min_lr=1.0)
+    assert [linear(i) for i in range(5)] == pytest.approx([2.0, 1.75, 1.5, 1.25, 1.0])
+    constant = Schedule("constant", lr=3.0, total=4, warmup=1)
+    assert [constant(i) for i in range(4)] == [3.0, 3.0, 3.0, 3.0]
+
+
+def test_unknown_schedule_is_refused():
+    with pytest.raises(ConfigError, match="unknown schedule"):
+        Schedule("step", lr=1.0, total=3)
+
+
+def test_default_warmup_is_capped_for_short_runs():
+    assert warmup_for(TrainConfig(steps=60)) == (6, pytest.approx(warmup_for(TrainConfig(steps=60))[1]))
+    assert warmup_for(TrainConfig(steps=60))[1] is not None
+    assert warmup_for(TrainConfig(steps=5000)) == (1000, None)
+
+
+# -- layer-wise learning rates and progressive unfreezing -----------------------------------------------
+def test_layer_decay_by_hand():
+    config = Gemma3Config.preset("tiny")  # 6 blocks
+    scales = lr_scales(config, 0, layer_decay=0.5)
+    assert scales["model.layers.5.mlp.up_proj.weight"] == 1.0
+    assert scales["model.layers.0.self_attn.q_proj.weight"] == 0.5**5
+    assert scales["model.embed_tokens.weight"] == 0.5**6
+    assert scales["model.norm.weight"] == 1.0
+
+
+def test_progressive_unfreezing_by_hand():
+    config = Gemma3Config.preset("tiny")
+    trainable = [
+        sorted({int(n.split(".")[2]) for n, s in lr_scales(config, step, unfreeze_every=10, unfreeze_blocks=2).items()
+                if s > 0 and n.startswith("model.layers.")})
+        for step in (0, 9, 10, 20, 35)
+    ]
+    assert trainable == [[4, 5], [4, 5], [2, 3, 4, 5], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]]
+    assert lr_scales(config, 10, unfreeze_every=10, unfreeze_blocks=2)["model.embed_tokens.weight"] == 0.0
+    assert lr_scales(config, 20, unfreeze_every=10, unfreeze_blocks=2)["model.embed_tokens.weight"] == 1.0
+    assert lr_scales(config, 0, unfreeze_every=10, unfreeze_blocks=2)["model.norm.weight"] == 1.0
+
+
+# -- data ------------------------------------------------------------------------------------------------
+def test_byte_level_tokenizer_round_trip():
+    tok = Tokenizer.byte_level()
+    assert tok.vocab_size == BYTE_LEVEL_VOCAB_SIZE == Gemma3Config.preset("tiny").vocab_size
+    text = "héllo\n<not special> ∑"
+    ids = tok.encode(text)
+    assert ids[0] == 2 and ids[1:] == [b + 5 for b in text.encode("utf-8")]
+    assert tok.decode(ids) == text
+    assert tok.encode("<start_of_turn>x<end_of_turn>", add_bos=False) == [3, ord("x") + 5, 4]
+
+
+def test_chat_loss_falls_on_replies_only():
+    tok = Tokenizer.byte_level()
+    doc = Document(messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "yo"}, {"role": "user", "content": "ok?"},
+                             {"role": "assistant", "content": "ok"}])
+    ids, trained = tokenize(doc, tok)
+    assert tok.decode(ids, skip_special=False) == (
+        "<bos><start_of_turn>user\nbe brief\n\nhi<end_of_turn>\n<start_of_turn>model\nyo<end_of_turn>\n"
+        "<start_of_turn>user\nok?<end_of_turn>\n<start_of_turn>model\nok<end_of_turn>\n<eos>"
+    )
+    assert tok.decode(ids[trained], skip_special=False) == "yo<end_of_turn>ok<end_of_turn>"
+
+
+def test_text_documents_pack_into_windows(tmp_path):
+    tok = Tokenizer.byte_level()
+    path = tmp_path / "a.txt"
+    path.write_text("abcdefghij")  # <bos> + 10 bytes + <eos> = 12 tokens
+    windows, trained = pack(load_documents(path), tok, seq_len=3)  # windows of 4: three of them
+    assert windows.shape == (3, 4)
+    expected = [2] + [b + 5 for b in b"abcdefghij"] + [1]
+    assert windows.reshape(-1).tolist() == expected
+    assert trained.reshape(-1).tolist() == [False] + [True] * 11
+
+
+def test_jsonl_and_folders(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text('{"text": "one"}\n\n{"messages": [{"role": "user", "content": "q"}, '
+                                            '{"role": "assistant", "content": "a"}]}\n')
+    (tmp_path / "d" / "b.txt").write_text("two")
+    (tmp_path / "d" / "skip.bin").write_bytes(b"\xff")
+    docs = load_documents(tmp_path / "d")
+    assert [d.text for d in docs] == ["one", None, "two"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:2 has neither"):
+        load_documents(tmp_path / "bad.jsonl")
+    with pytest.raises(InputError, match="does not exist"):
+        load_documents(tmp_path / "missing.txt")
+
+
+def test_embedded_corpus_needs_no_download():
+    docs = load_documents(None)
+    assert len(docs) > 50 and sum(len(d.text) for d in docs) > 300_000
+
+
+def test_stream_is_deterministic_disjoint_and_resumable():
+    windows = np.arange(100 * 5).reshape(100, 5).astype(np.int32)
+    trained = np.ones_like(windows, dtype=bool)
+    a = DataStream(windows, trained, seed=3, eval_fraction=0.1)
+    held_out = {tuple(w) for w in a.eval_windows.tolist()}
+    assert len(held_out) == 10 and not held_out & {tuple(w) for w in a.train_windows.tolist()}
+    first = [a.next_batch(7).inputs for _ in range(20)]  # 140 windows: wraps into epoch 1
+    assert a.epoch == 1
+    b = DataStream(windows, trained, seed=3, eval_fraction=0.1)
+    for _ in range(11):
+        b.next_batch(7)
+    c = DataStream(windows, trained, seed=3, eval_fraction=0.1)
+    c.restore(b.state())
+    rest = [c.next_batch(7).inputs for _ in range(9)]
+    assert all(np.array_equal(x, y) for x, y in zip(first[11:], rest, strict=True))
+    epoch0 = np.concatenate(first)[:90]
+    assert sorted(map(tuple, epoch0.tolist())) == sorted(map(tuple, a.train_windows[:, :-1].tolist()))
+
+
+# -- configuration ----------------------------------------------------------------------------------------
+def test_yaml_then_set_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 10\nlr: 3e-4\noptimizer: adafactor\n")
+    config = TrainConfig.from_sources(path, ["lr=1e-3", "max_grad_norm=null"], {"steps": 20, "seed": None})
+    assert (config.steps, config.lr, config.optimizer, config.max_grad_norm) == (20, 1e-3, "adafactor", None)
+
+
+@pytest.mark.parametrize(("item", "message"), [("lrr=1", "unknown training setting"), ("steps=x", "steps must be int"),
+                                               ("optimizer=sgd", "not one of adamw"), ("lr", "not key=value")])
+def test_bad_settings_name_the_problem(item, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_sources(None, [item])
+
+
+# -- checkpoints and tracking ----------------------------------------------------------------------------
+def test_checkpoints_are_whole_and_pruned(tmp_path):
+    config = Gemma3Config.preset("tiny")
+    from gemmalab.params import init_weights
+
+    weights = init_weights(config, seed=0)
+    for step in (1, 2, 3):
+        checkpoints.save(tmp_path, step, config=config, weights=weights, optimizer_state={"m": np.full(3, step, np.float32)},
+                         state={"data": {"epoch": 0, "position": step}}, tokenizer=Tokenizer.byte_level(), keep_last=2)
+    (tmp_path / "checkpoints" / "step-00000009").mkdir()  # a folder without trainer_state.json is incomplete
+    assert [p.name for p in checkpoints.complete_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    last = checkpoints.latest(tmp_path)
+    assert checkpoints.read_state(last)["step"] == 3
+    assert checkpoints.read_optimizer_state(last)["m"].tolist() == [3.0, 3.0, 3.0]
+    import gemmalab
+
+    reloaded = gemmalab.load(last, backend=None) if gemmalab.backends() else None
+    if reloaded is not None:
+        assert reloaded.tokenizer.vocab_size == 261
+        assert np.array_equal(reloaded.weights()["model.norm.weight"], weights["model.norm.weight"])
+
+
+def test_metrics_jsonl_is_truncated_to_the_resumed_step(tmp_path):
+    tracker = Tracker(tmp_path, resume_step=None, tensorboard=True, aim=False)
+    for step in (1, 2, 3):
+        tracker.log({"step": step, "loss": 1.0 / step})
+    tracker.close()
+    with (tmp_path / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 4, "lo')  # a kill in the middle of a line
+    truncate_metrics(tmp_path / "metrics.jsonl", 2)
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

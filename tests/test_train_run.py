@@ -1,0 +1,127 @@
+"""Whole training runs on every backend: the tiny preset learns the embedded corpus, a run killed with
+SIGKILL resumes to the very same losses, a non-finite loss stops the run and keeps the last good
+checkpoint, and `gemmalab train` / `gemmalab eval` work from the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from train_oracles import naive_loss_sum
+
+import gemmalab
+from gemmalab import reference
+from gemmalab.backend import get_backend
+from gemmalab.errors import TrainingError
+from gemmalab.train import TrainConfig, checkpoints, train
+
+SMALL = {"seq_len": 64, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "eval_fraction": 0.02, "eval_batches": 2}
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_tiny_model_learns_the_embedded_corpus(backend, tmp_path):
+    config = TrainConfig(backend=backend, steps=120, out=str(tmp_path / "run"), **SMALL, tensorboard=False)
+    result = train(config, progress=False)
+    first = result.history[0]["loss"]
+    assert first == pytest.approx(math.log(261), abs=0.3)  # random init: about uniform over 261 byte ids
+    assert result.eval_loss < 0.6 * first  # a real drop on text the run never trained on
+
+
+def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gemmalab", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_sigkilled_run_resumes_to_identical_losses(backend, tmp_path):
+    common = ["--steps", "16", "--backend", backend, "--seq-len", "64", "--batch-size", "4", "--lr", "3e-3",
+              "--checkpoint-every", "3", "-q", "--set", "warmup_steps=2", "--set", "tensorboard=false"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = _cli("train", *common, "--out", str(whole))
+    assert done.returncode == 0, done.stderr
+    process = subprocess.Popen([sys.executable, "-m", "gemmalab", "train", *common, "--out", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        logged = losses(killed) if (killed / "metrics.jsonl").exists() else {}
+        if max(logged, default=0) >= 8:  # past the checkpoint of step 6, before the end
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed_from = checkpoints.latest(killed)
+    assert resumed_from is not None and checkpoints.read_state(resumed_from)["step"] < 16
+    again = _cli("train", *common, "--out", str(killed), "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stdout
+    assert losses(killed) == losses(whole)  # every step, bit for bit
+    assert sorted(losses(killed)) == list(range(1, 17))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(backend, tmp_path, monkeypatch):
+    # Fault injection: the backend's real trainer, with one micro-batch's loss turned into NaN at step 7.
+    real = get_backend(backend)
+    make_trainer = real.trainer
+    calls = {"n": 0}
+
+    def trainer_with_a_fault(model, spec):
+        inner = make_trainer(model, spec)
+        accumulate = inner.accumulate
+
+        def faulty(*args, **kwargs):
+            calls["n"] += 1
+            value = accumulate(*args, **kwargs)
+            return float("nan") if calls["n"] == 7 else value
+
+        inner.accumulate = faulty
+        return inner
+
+    monkeypatch.setattr(real, "trainer", trainer_with_a_fault)
+    config = TrainConfig(backend=backend, steps=10, checkpoint_every=5, out=str(tmp_path), tensorboard=False, **SMALL)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 7.*step-00000005"):
+        train(config, progress=False)
+    assert [p.name for p in checkpoints.complete_checkpoints(tmp_path)] == ["step-00000005"]
+    assert max(losses(tmp_path)) == 6
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path):
+    config = TrainConfig(steps=2, out=str(tmp_path), tensorboard=False, **SMALL)
+    train(config, progress=False)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    result = _cli("train", "--steps", "2", "--out", str(tmp_path), "-q")
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "already holds a run" in result.stderr
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_cli_eval_reports_the_reference_perplexity(backend, tmp_path):
+    run = tmp_path / "run"
+    trained = _cli("train", "--steps", "3", "--backend", backend, "--out", str(run), "--seq-len", "32", "-q",
+                   "--set", "tensorboard=false")
+    assert trained.returncode == 0, trained.stderr
+    folder = checkpoints.latest(run)
+    data = tmp_path / "eval.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 6)
+    result = _cli("eval", str(folder), "--data", str(data), "--seq-len", "24", "--backend", backend, "--json")
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    # oracle: the float64 reference model on the same windows, packed by hand here
+    model = gemmalab.load(folder, backend="torch" if "torch" in gemmalab.backends() else backend)
+    weights = model.weights()
+    ids = [2, *(b + 5 for b in data.read_bytes()), 1]
+    width = 25
+    windows = np.array([ids[i : i + width] for i in range(0, len(ids) - width + 1, width)])
+    logits = reference.forward(model.config, weights, windows[:, :-1])
+    expected = naive_loss_sum(logits, windows[:, 1:], np.ones(windows[:, 1:].shape)) / windows[:, 1:].size
+    assert got["loss"] == pytest.approx(expected, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+    assert got["tokens"] == windows[:, 1:].size and got["tokens_per_s"] > 0
