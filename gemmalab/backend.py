@@ -109,7 +109,7 @@ class Backend(Protocol):
         targets: np.ndarray,
         weights: np.ndarray,
         *,
-        chunk_tokens: int = 1024,
+        chunk_tokens: int = 512,
         label_smoothing: float = 0.0,
     ) -> float:
         """sum(weights * token cross-entropy) of next-token targets, no gradients, with the head and loss

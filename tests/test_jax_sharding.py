@@ -67,8 +67,10 @@ CHILD = textwrap.dedent(
         out[name] = result
         return sharded
 
-    # 1. Every count divides the mesh: 8 heads, 4 kv heads, mlp 128, vocab 512, hidden 64 on data=2 x model=4.
-    config = dataclasses.replace(PRESETS["tiny"], num_attention_heads=8, num_key_value_heads=4, name="tp4")
+    # 1. Every count divides the mesh: 8 heads, 4 kv heads, mlp 128, vocab 512 (not tiny's byte-level 261),
+    #    hidden 64 on data=2 x model=4.
+    tiny512 = dataclasses.replace(PRESETS["tiny"], vocab_size=512)
+    config = dataclasses.replace(tiny512, num_attention_heads=8, num_key_value_heads=4, name="tp4")
     model = compare("divisible", config, {"data": 2, "model": 4}, batches=(2, 3))
     flat = flatten(model.params)
     out["shard_shapes"] = {
@@ -90,7 +92,7 @@ CHILD = textwrap.dedent(
 
     # 2. Counts that do not divide: tiny's 2 kv heads on model=4; tiny-mqa's 2 heads, 1 kv head and
     #    vocab 300 on model=8.
-    compare("kv-heads-replicated", PRESETS["tiny"], {"data": 2, "model": 4})
+    compare("kv-heads-replicated", tiny512, {"data": 2, "model": 4})
     compare("mqa-model8", PRESETS["tiny-mqa"], {"data": 1, "model": 8}, generate=False)
 
     # 3. The option travels through gemmalab.init and gemmalab.load to build (a sharded model saves one HF

@@ -20,6 +20,7 @@ from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
 from gemmalab.params import parameter_shapes
+from gemmalab.train.spec import LOSS_CHUNK_TOKENS
 
 from .cache import KVCache
 from .model import Gemma3ForCausalLM
@@ -233,7 +234,7 @@ class TorchBackend:
     def trainer(self, model: Gemma3ForCausalLM, spec) -> TorchTrainer:
         return TorchTrainer(model, spec)
 
-    def loss_sum(self, model: Gemma3ForCausalLM, inputs, targets, weights, *, chunk_tokens: int = 1024,
+    def loss_sum(self, model: Gemma3ForCausalLM, inputs, targets, weights, *, chunk_tokens: int = LOSS_CHUNK_TOKENS,
                  label_smoothing: float = 0.0) -> float:
         self._require_weights(model)
         ids, tgt, w = batch_tensors(model, inputs, targets, weights)

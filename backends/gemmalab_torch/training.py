@@ -10,7 +10,7 @@ gradient is all zero (the embedding row of a token absent from the batch) gets 0
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -25,32 +25,39 @@ from .model import Gemma3ForCausalLM
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _chunk_loss(model: Gemma3ForCausalLM, hidden: Tensor, targets: Tensor, weights: Tensor, smoothing: float) -> Tensor:
+def _chunk_loss(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor, weights: Tensor,
+                smoothing: float) -> Tensor:
     """sum(weights * token loss) for hidden [n, dim]: the head and a float32 log-softmax for n positions."""
-    logits = model.compute_logits(hidden).float()  # [n, vocab]
+    logits = head(hidden).float()  # [n, vocab]
     lse = torch.logsumexp(logits, dim=-1)  # [n]
     nll = lse - logits.gather(-1, targets[:, None])[:, 0]
     per_token = nll if smoothing == 0 else (1 - smoothing) * nll + smoothing * (lse - logits.mean(dim=-1))
     return (per_token * weights).sum()
 
 
-def chunked_loss_sum(model: Gemma3ForCausalLM, inputs: Tensor, targets: Tensor, weights: Tensor, *,
-                     chunk_tokens: int, smoothing: float) -> Tensor:
-    """The backbone once, then head + loss ``chunk_tokens`` positions at a time. Under autograd each chunk
-    is checkpointed: its [chunk, vocab] logits are freed after the forward and recomputed for its gradient,
-    so the full [batch, seq, vocab] logits never exist."""
-    hidden = model.model(inputs).last_hidden_state  # [batch, seq, dim]
-    hidden = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, dim]
-    targets, weights = targets.reshape(-1), weights.reshape(-1)
+def chunked_head_loss(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor, weights: Tensor, *,
+                      chunk_tokens: int, smoothing: float) -> Tensor:
+    """sum(weights * token loss) of final hidden states [n, dim] through ``head``, ``chunk_tokens`` positions
+    at a time. Under autograd each chunk is checkpointed: its [chunk, vocab] logits are freed after the
+    forward and recomputed for its gradient, so [n, vocab] logits never exist."""
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         part = slice(start, start + chunk_tokens)
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, model, hidden[part], targets[part], weights[part], smoothing,
+            total = total + checkpoint(_chunk_loss, head, hidden[part], targets[part], weights[part], smoothing,
                                        use_reentrant=False)
         else:
-            total = total + _chunk_loss(model, hidden[part], targets[part], weights[part], smoothing)
+            total = total + _chunk_loss(head, hidden[part], targets[part], weights[part], smoothing)
     return total
+
+
+def chunked_loss_sum(model: Gemma3ForCausalLM, inputs: Tensor, targets: Tensor, weights: Tensor, *,
+                     chunk_tokens: int, smoothing: float) -> Tensor:
+    """The backbone once on inputs [batch, seq], then the head and loss in chunks (chunked_head_loss)."""
+    hidden = model.model(inputs).last_hidden_state  # [batch, seq, dim]
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, dim]
+    return chunked_head_loss(model.compute_logits, hidden, targets.reshape(-1), weights.reshape(-1),
+                             chunk_tokens=chunk_tokens, smoothing=smoothing)
 
 
 def batch_tensors(model: Gemma3ForCausalLM, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray):
@@ -206,4 +213,4 @@ class TorchTrainer:
             self.optimizer.state[self.params[name]] = values
 
 
-__all__ = ["Adafactor", "TorchTrainer", "chunked_loss_sum"]
+__all__ = ["Adafactor", "TorchTrainer", "chunked_head_loss", "chunked_loss_sum"]

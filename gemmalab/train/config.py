@@ -17,7 +17,7 @@ import yaml
 
 from ..errors import ConfigError
 from .schedules import SCHEDULES
-from .spec import OptimizerSpec, TrainSpec
+from .spec import LOSS_CHUNK_TOKENS, OptimizerSpec, TrainSpec
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class TrainConfig:
     unfreeze_blocks: int = 1
     # loss, precision, memory
     label_smoothing: float = 0.0
-    loss_chunk_tokens: int = 1024
+    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
     precision: str = "fp32"  # fp32 | bf16 | fp16
     grad_checkpointing: bool = False
     loss_scale: float = 2.0**15  # fp16 only: the initial dynamic loss scale

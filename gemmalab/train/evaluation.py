@@ -10,6 +10,7 @@ from ..backend import get_backend
 from ..errors import InputError
 from ..tokenizer import Tokenizer
 from .data import load_documents, make_batch, pack
+from .spec import LOSS_CHUNK_TOKENS
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class EvalResult:
 
 
 def perplexity(model, data: str | None, *, seq_len: int = 256, batch_size: int = 8, max_batches: int | None = None,
-               chunk_tokens: int = 1024, progress: bool = False) -> EvalResult:
+               chunk_tokens: int = LOSS_CHUNK_TOKENS, progress: bool = False) -> EvalResult:
     """Mean loss and perplexity of ``model`` (a gemmalab.Model) over every packed window of ``data``."""
     tokenizer: Tokenizer | None = model.tokenizer
     if tokenizer is None:

@@ -45,6 +45,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 OptimizerName = Literal["adamw", "adafactor"]
+# Positions per loss chunk: at Gemma's 262k vocabulary a chunk's float32 logits take 0.5 GB.
+LOSS_CHUNK_TOKENS = 512
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -85,7 +87,7 @@ class TrainSpec:
     optimizer: OptimizerSpec = OptimizerSpec()
     precision: Precision = "fp32"
     max_grad_norm: float | None = 1.0
-    loss_chunk_tokens: int = 1024
+    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
     label_smoothing: float = 0.0
     grad_checkpointing: bool = False
 
@@ -135,4 +137,4 @@ class BackendTrainer(Protocol):
         """Restore what ``optimizer_state`` returned."""
 
 
-__all__ = ["BackendTrainer", "OptimizerName", "OptimizerSpec", "Precision", "TrainSpec"]
+__all__ = ["LOSS_CHUNK_TOKENS", "BackendTrainer", "OptimizerName", "OptimizerSpec", "Precision", "TrainSpec"]
