@@ -66,7 +66,7 @@ def run_gemmalab(backend_name: str, folder: str, tokens: np.ndarray, steps: int)
     losses = []
 
     def step():
-        losses.append(trainer.accumulate(inputs, targets, weights) / weights.sum())
+        losses.append(float(trainer.accumulate(inputs, targets, weights) / weights.sum()))
         trainer.apply(LR, float(weights.sum()))
 
     return {"step_s": timed_steps(step, steps), "losses": losses}
@@ -148,8 +148,7 @@ def run_loss_memory(kind: str, tokens: int) -> dict:
     if kind == "naive":
         loss = F.cross_entropy(hidden @ head.T, targets, reduction="sum")
     else:
-        loss = chunked_head_loss(lambda h: F.linear(h, head), hidden, targets, weights,
-                                 chunk_tokens=LOSS_CHUNK_TOKENS, smoothing=0.0)
+        loss = chunked_head_loss(head, hidden, targets, weights, chunk_tokens=LOSS_CHUNK_TOKENS, smoothing=0.0)
     loss.backward()
     return {"loss_extra_peak_bytes": process_peak_rss() - baseline, "loss": float(loss)}
 

@@ -125,3 +125,16 @@ def test_cli_eval_reports_the_reference_perplexity(backend, tmp_path):
     assert got["loss"] == pytest.approx(expected, rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
     assert got["tokens"] == windows[:, 1:].size and got["tokens_per_s"] > 0
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps_and_halves_the_scale(backend, tmp_path):
+    config = TrainConfig(backend=backend, steps=12, out=str(tmp_path), precision="fp16", loss_scale=2.0**24,
+                         tensorboard=False, **SMALL)
+    result = train(config, progress=False)
+    records = [r for r in result.history if "loss" in r]
+    skipped = [r["step"] for r in records if r["skipped"]]
+    assert skipped, "a 2**24 loss scale overflows fp16 gradients: some step must have been skipped"
+    # the rule: halve on every skipped step (no growth within 2000 good steps)
+    assert records[-1]["loss_scale"] == 2.0**24 / 2 ** len(skipped)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert records[-1]["loss"] < records[0]["loss"]

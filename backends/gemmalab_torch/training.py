@@ -10,12 +10,11 @@ gradient is all zero (the embedding row of a token absent from the batch) gets 0
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from gemmalab.errors import InputError
 from gemmalab.train.spec import TrainSpec
@@ -25,30 +24,68 @@ from .model import Gemma3ForCausalLM
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _chunk_loss(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor, weights: Tensor,
-                smoothing: float) -> Tensor:
-    """sum(weights * token loss) for hidden [n, dim]: the head and a float32 log-softmax for n positions."""
-    logits = head(hidden).float()  # [n, vocab]
-    lse = torch.logsumexp(logits, dim=-1)  # [n]
-    nll = lse - logits.gather(-1, targets[:, None])[:, 0]
-    per_token = nll if smoothing == 0 else (1 - smoothing) * nll + smoothing * (lse - logits.mean(dim=-1))
-    return (per_token * weights).sum()
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum(weights * token loss) of hidden states [n, dim] through the output matrix [vocab, dim], computed
+    ``chunk`` positions at a time, with its gradient computed in the same pass (as Liger-Kernel's fused
+    linear cross-entropy does): per chunk, logits -> softmax -> d(loss)/d(logits) -> the two gradient
+    matmuls, then the chunk's [chunk, vocab] buffers are dropped. So [n, vocab] logits never exist and
+    nothing is recomputed in the backward pass, which only scales the stored gradients.
+
+    d(loss)/d(logits) = weight * (softmax - (1 - eps) * onehot(target) - eps / vocab), times the soft-cap's
+    derivative (1 - tanh^2) when the model caps its logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, matrix: Tensor, targets: Tensor, weights: Tensor, chunk: int,
+                smoothing: float, softcap: float | None) -> Tensor:
+        compute = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else matrix.dtype
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(hidden.device.type, enabled=False):
+            matrix_c = matrix.to(compute)  # one cast per call, not per chunk
+            grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if needs_grad else None
+            grad_matrix = torch.zeros_like(matrix, dtype=torch.float32) if needs_grad else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            vocab = matrix.shape[0]
+            for start in range(0, hidden.shape[0], chunk):
+                part = slice(start, start + chunk)
+                h, t, w = hidden[part].to(compute), targets[part], weights[part]
+                logits = (h @ matrix_c.T).float()  # [c, vocab]
+                capped = None
+                if softcap is not None:
+                    capped = torch.tanh(logits / softcap)
+                    logits = capped * softcap
+                lse = torch.logsumexp(logits, dim=-1)  # [c]
+                nll = lse - logits.gather(-1, t[:, None])[:, 0]
+                per_token = nll if smoothing == 0 else (1 - smoothing) * nll + smoothing * (lse - logits.mean(-1))
+                total += (per_token * w).sum()
+                if not needs_grad:
+                    continue
+                d_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
+                d_logits.scatter_add_(-1, t[:, None], torch.full_like(lse[:, None], -(1 - smoothing)))
+                if smoothing:
+                    d_logits.sub_(smoothing / vocab)
+                d_logits.mul_(w[:, None])
+                if capped is not None:
+                    d_logits.mul_(1 - capped.square_())
+                d_c = d_logits.to(compute)
+                grad_hidden[part] = (d_c @ matrix_c).float()
+                grad_matrix.add_((d_c.T @ h).float())
+        if needs_grad:
+            ctx.save_for_backward(grad_hidden, grad_matrix)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grad_hidden, grad_matrix = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_matrix * grad_output, None, None, None, None, None
 
 
-def chunked_head_loss(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor, weights: Tensor, *,
-                      chunk_tokens: int, smoothing: float) -> Tensor:
-    """sum(weights * token loss) of final hidden states [n, dim] through ``head``, ``chunk_tokens`` positions
-    at a time. Under autograd each chunk is checkpointed: its [chunk, vocab] logits are freed after the
-    forward and recomputed for its gradient, so [n, vocab] logits never exist."""
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, head, hidden[part], targets[part], weights[part], smoothing,
-                                       use_reentrant=False)
-        else:
-            total = total + _chunk_loss(head, hidden[part], targets[part], weights[part], smoothing)
-    return total
+def chunked_head_loss(matrix: Tensor, hidden: Tensor, targets: Tensor, weights: Tensor, *, chunk_tokens: int,
+                      smoothing: float, softcap: float | None = None) -> Tensor:
+    """sum(weights * token loss) of final hidden states [n, dim] against the output ``matrix`` [vocab, dim]
+    (logits soft-capped at ``softcap`` when given), ``chunk_tokens`` positions at a time."""
+    return LinearCrossEntropy.apply(hidden, matrix, targets, weights.float(), chunk_tokens, smoothing, softcap)
 
 
 def chunked_loss_sum(model: Gemma3ForCausalLM, inputs: Tensor, targets: Tensor, weights: Tensor, *,
@@ -56,8 +93,9 @@ def chunked_loss_sum(model: Gemma3ForCausalLM, inputs: Tensor, targets: Tensor, 
     """The backbone once on inputs [batch, seq], then the head and loss in chunks (chunked_head_loss)."""
     hidden = model.model(inputs).last_hidden_state  # [batch, seq, dim]
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, dim]
-    return chunked_head_loss(model.compute_logits, hidden, targets.reshape(-1), weights.reshape(-1),
-                             chunk_tokens=chunk_tokens, smoothing=smoothing)
+    return chunked_head_loss(model.output_weight(), hidden, targets.reshape(-1), weights.reshape(-1),
+                             chunk_tokens=chunk_tokens, smoothing=smoothing,
+                             softcap=model.config.final_logit_softcapping)
 
 
 def batch_tensors(model: Gemma3ForCausalLM, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray):
@@ -213,4 +251,4 @@ class TorchTrainer:
             self.optimizer.state[self.params[name]] = values
 
 
-__all__ = ["Adafactor", "TorchTrainer", "chunked_head_loss", "chunked_loss_sum"]
+__all__ = ["Adafactor", "LinearCrossEntropy", "TorchTrainer", "chunked_head_loss", "chunked_loss_sum"]

@@ -193,10 +193,11 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print) -> TrainRes
             lr = schedule(step)
             update = trainer.apply(lr, max(tokens, 1) * loss_scale)
             loss = loss_sum / max(tokens, 1)
-            grad_norm = update["grad_norm"] / loss_scale
-            overflow = not math.isfinite(update["grad_norm"])
-            if config.precision == "fp16" and overflow and math.isfinite(loss):
-                loss_scale, good_steps = loss_scale / 2, 0  # the step was skipped; try again smaller
+            grad_norm = update["grad_norm"]  # of the unscaled gradient: the normalizer divided the scale out
+            overflow = not math.isfinite(grad_norm)
+            skipped = config.precision == "fp16" and overflow and math.isfinite(loss)
+            if skipped:
+                loss_scale, good_steps = loss_scale / 2, 0  # the backend updated nothing; try again smaller
             elif not math.isfinite(loss) or overflow:
                 last = checkpoints.latest(run_dir)
                 kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
@@ -214,7 +215,7 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print) -> TrainRes
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                       "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0}
             if config.precision == "fp16":
-                record["loss_scale"] = loss_scale
+                record.update(loss_scale=loss_scale, skipped=skipped)
             result.final_loss = loss
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 record.update(_eval_record(backend, trainer.model, stream, config))
