@@ -434,7 +434,7 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train or fine-tune a model: full-parameter training with AdamW or Adafactor on any backend."""
-    from .train import TrainConfig
+    from .train import TrainConfig, checkpoints
     from .train import train as run_training
 
     flags = {
@@ -443,6 +443,9 @@ def train(
         "device": device, "seed": seed, "out": out, "checkpoint_every": checkpoint_every, "resume": resume or None,
     }
     config = TrainConfig.from_sources(config_file, sets, flags)
+    if config.resume and (last := checkpoints.latest(Path(config.out))) is not None:
+        # the run's own settings first, so `--out DIR --resume` is enough; what is given here overrides them
+        config = TrainConfig.from_sources(config_file, sets, flags, base=checkpoints.read_state(last)["config"])
     source = config.model or f"preset {config.preset} (random init)"
     console.print(f"training {escape(source)} for {config.steps} steps -> {escape(config.out)}")
     result = run_training(config, progress=not quiet and console.is_terminal, echo=console.print)

@@ -60,7 +60,7 @@ def test_sigkilled_run_resumes_to_identical_losses(backend, tmp_path):
     process.wait()
     resumed_from = checkpoints.latest(killed)
     assert resumed_from is not None and checkpoints.read_state(resumed_from)["step"] < 16
-    again = _cli("train", *common, "--out", str(killed), "--resume")
+    again = _cli("train", "--out", str(killed), "--resume", "-q")  # the run's own settings come from its checkpoint
     assert again.returncode == 0, again.stderr
     assert "resuming from" in again.stdout
     assert losses(killed) == losses(whole)  # every step, bit for bit

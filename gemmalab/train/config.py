@@ -1,7 +1,8 @@
 """A training run's configuration: one typed dataclass, read from YAML and overridden key by key.
 
 Every field is a flat key, the same in the YAML file, in ``--set key=value`` and (for the common ones) in a
-``gemmalab train`` flag. Precedence: defaults < ``--config FILE.yaml`` < ``--set`` < flags.
+``gemmalab train`` flag. Precedence: defaults < a resumed run's saved settings < ``--config FILE.yaml`` <
+``--set`` < flags, so ``gemmalab train --out DIR --resume`` alone continues a run as it was configured.
 """
 
 from __future__ import annotations
@@ -113,9 +114,10 @@ class TrainConfig:
     # -- reading and overriding ----------------------------------------------------------------------------
     @classmethod
     def from_sources(cls, file: str | Path | None = None, sets: list[str] | None = None,
-                     flags: dict[str, Any] | None = None) -> TrainConfig:
-        """Defaults, then a YAML file, then ``key=value`` strings, then explicit flag values (None = unset)."""
-        values: dict[str, Any] = {}
+                     flags: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> TrainConfig:
+        """Defaults, then ``base`` (a resumed run's own settings), then a YAML file, then ``key=value``
+        strings, then explicit flag values (None = unset)."""
+        values: dict[str, Any] = dict(base or {})
         if file is not None:
             values.update(_read_yaml(Path(file)))
         for item in sets or []:
