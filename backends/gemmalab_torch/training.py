@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gemmalab.errors import InputError
+from gemmalab.errors import CheckpointError, InputError
 from gemmalab.train.spec import TrainSpec
 
 from .model import Gemma3ForCausalLM
@@ -41,8 +41,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         compute = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
             else matrix.dtype
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # fp16 would round the logit gradients (probabilities ~1/vocab are fp16 subnormals at 262k ids) before
+        # any loss scale reaches them: its gradient matmuls run in float32 instead.
+        grad_dtype = torch.float32 if compute == torch.float16 else compute
         with torch.autocast(hidden.device.type, enabled=False):
             matrix_c = matrix.to(compute)  # one cast per call, not per chunk
+            matrix_g = matrix_c if grad_dtype == compute else matrix.to(grad_dtype)
             grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if needs_grad else None
             grad_matrix = torch.zeros_like(matrix, dtype=torch.float32) if needs_grad else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -68,9 +72,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 d_logits.mul_(w[:, None])
                 if capped is not None:
                     d_logits.mul_(1 - capped.square_())
-                d_c = d_logits.to(compute)
-                grad_hidden[part] = (d_c @ matrix_c).float()
-                grad_matrix.add_((d_c.T @ h).float())
+                d_c = d_logits.to(grad_dtype)
+                grad_hidden[part] = (d_c @ matrix_g).float()
+                grad_matrix.add_((d_c.T @ h.to(grad_dtype)).float())
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_matrix)
         return total
@@ -244,8 +248,10 @@ class TorchTrainer:
         for key, value in state.items():
             kind, _, name = key.partition("/")
             if name not in self.params:
-                raise KeyError(f"optimizer state for unknown parameter {name}")
-            by_param.setdefault(name, {})[kind] = torch.from_numpy(np.array(value)).to(self.params[name].device)
+                raise CheckpointError(f"the optimizer state holds {name}, which this model does not have")
+            tensor = torch.from_numpy(np.array(value))
+            # torch keeps AdamW's step counts on the CPU (a device tensor would cost a sync per step)
+            by_param.setdefault(name, {})[kind] = tensor if kind == "step" else tensor.to(self.params[name].device)
         self.optimizer.state.clear()
         for name, values in by_param.items():
             self.optimizer.state[self.params[name]] = values

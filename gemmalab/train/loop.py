@@ -185,13 +185,16 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print) -> TrainRes
             if key != scales_key:
                 trainer.set_lr_scales(scales)
                 scales_key = key
+            # The backend differentiates a loss *sum*, so its gradients are ~tokens times those of the mean
+            # loss that loss scales are usually chosen for: scale per position in a micro-batch instead.
+            factor = loss_scale / (config.batch_size * config.seq_len) if config.precision == "fp16" else 1.0
             loss_sum, tokens = 0.0, 0
             for _ in range(config.grad_accum):
                 batch = stream.next_batch(config.batch_size)
-                loss_sum += trainer.accumulate(batch.inputs, batch.targets, batch.weights, loss_scale=loss_scale)
+                loss_sum += trainer.accumulate(batch.inputs, batch.targets, batch.weights, loss_scale=factor)
                 tokens += batch.tokens
             lr = schedule(step)
-            update = trainer.apply(lr, max(tokens, 1) * loss_scale)
+            update = trainer.apply(lr, max(tokens, 1) * factor)
             loss = loss_sum / max(tokens, 1)
             grad_norm = update["grad_norm"]  # of the unscaled gradient: the normalizer divided the scale out
             overflow = not math.isfinite(grad_norm)
