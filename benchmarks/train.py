@@ -1,7 +1,8 @@
 """Full fine-tuning speed and memory, gemmalab beside its peer, in one run: ratios, not absolute claims.
 
-    .venv/bin/python benchmarks/train.py                         # both pairs and the loss-memory check
-    .venv/bin/python benchmarks/train.py --engines torch,transformers --steps 3
+    .venv/bin/python benchmarks/train.py --engines torch,transformers                  # -> results/train.json
+    .venv/bin/python benchmarks/train.py --engines mlx,mlx-lm --batch 1 --seq 64 --no-loss-memory \
+        --results train-mlx.json        # MLX's Linux CPU build is ~25x slower at fp32 matmuls: a smaller batch
 
 Pairs, each engine in a fresh process on the same random checkpoint of the exact Gemma 3 270M shape
 (vocab 262144), float32, the same batch of random tokens, AdamW (lr 1e-5, weight decay 0.01) with
@@ -18,7 +19,7 @@ Tokens/s = batch x seq / median step time after one warm-up step; peak memory = 
 Loss memory (``--loss-memory``): the output head plus cross-entropy, forward and backward, on hidden states
 [tokens, 640] against the [262144, 640] head in float32: the naive loss (full logits, then cross-entropy)
 against gemmalab's chunked loss, as the extra peak RSS over what the inputs already hold.
-Writes benchmarks/results/train.json.
+Writes benchmarks/results/train.json (``--results`` to change).
 """
 
 from __future__ import annotations
@@ -196,6 +197,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="positions in the loss-memory check")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", default="train.json", help="file name under benchmarks/results/")
+    parser.add_argument("--no-loss-memory", action="store_true", help="skip the loss-memory check")
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -213,13 +216,15 @@ def main() -> None:
             step_s = statistics.median(result["step_s"])
             report["rows"].append({"engine": engine, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s,
                                    "peak_rss_bytes": result["peak_rss_bytes"], "losses": result["losses"]})
-    loss_memory = {kind: run_worker(args, f"loss-{kind}", "--tokens", str(args.tokens)) for kind in ("naive", "chunked")}
-    report["loss_memory"] = {
-        "tokens": args.tokens, "vocab": 262_144,
-        **{f"{kind}_extra_peak_bytes": r["loss_extra_peak_bytes"] for kind, r in loss_memory.items()},
-        "ratio": loss_memory["chunked"]["loss_extra_peak_bytes"] / loss_memory["naive"]["loss_extra_peak_bytes"],
-        "same_loss": abs(loss_memory["chunked"]["loss"] / loss_memory["naive"]["loss"] - 1) < 1e-5,
-    }
+    if not args.no_loss_memory:
+        loss_memory = {kind: run_worker(args, f"loss-{kind}", "--tokens", str(args.tokens))
+                       for kind in ("naive", "chunked")}
+        report["loss_memory"] = {
+            "tokens": args.tokens, "vocab": 262_144,
+            **{f"{kind}_extra_peak_bytes": r["loss_extra_peak_bytes"] for kind, r in loss_memory.items()},
+            "ratio": loss_memory["chunked"]["loss_extra_peak_bytes"] / loss_memory["naive"]["loss_extra_peak_bytes"],
+            "same_loss": abs(loss_memory["chunked"]["loss"] / loss_memory["naive"]["loss"] - 1) < 1e-5,
+        }
     by_engine = {r["engine"]: r for r in report["rows"]}
     for ours, peer in PAIRS:
         a, b = by_engine.get(ours), by_engine.get(peer)
@@ -228,7 +233,7 @@ def main() -> None:
                                      "peak_rss_ratio": a["peak_rss_bytes"] / b["peak_rss_bytes"],
                                      "first_loss": [a["losses"][0], b["losses"][0]]})
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / args.results).write_text(json.dumps(report, indent=2) + "\n")
 
     print(f"full fine-tuning step, 270M shape, fp32, batch {args.batch} x seq {args.seq}, {args.threads} threads")
     print(f"{'engine':<14}{'step s':>9}{'tokens/s':>11}{'peak RSS GB':>13}{'first loss':>12}")
@@ -237,9 +242,10 @@ def main() -> None:
               f"{r['losses'][0]:>12.4f}")
     for r in report["ratios"]:
         print(f"{r['pair']:<32} speed x{r['speed_ratio']:.2f}  peak RSS x{r['peak_rss_ratio']:.2f}")
-    m = report["loss_memory"]
-    print(f"loss memory at vocab 262144, {m['tokens']} positions: naive {m['naive_extra_peak_bytes'] / 1e9:.2f} GB, "
-          f"chunked {m['chunked_extra_peak_bytes'] / 1e9:.2f} GB (x{m['ratio']:.2f}), same loss: {m['same_loss']}")
+    m = report.get("loss_memory")
+    if m:
+        print(f"loss memory at vocab 262144, {m['tokens']} positions: naive {m['naive_extra_peak_bytes'] / 1e9:.2f} GB, "
+              f"chunked {m['chunked_extra_peak_bytes'] / 1e9:.2f} GB (x{m['ratio']:.2f}), same loss: {m['same_loss']}")
 
 
 if __name__ == "__main__":

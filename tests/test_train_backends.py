@@ -143,8 +143,9 @@ def test_gradient_checkpointing_changes_nothing_and_bf16_is_close(backend):
         results[key] = (loss, trainer.gradients())
     (loss, grads), (loss_remat, grads_remat) = results["plain"], results["remat"]
     assert loss_remat == pytest.approx(loss, rel=1e-6)
-    for name in grads:
-        np.testing.assert_allclose(grads_remat[name], grads[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    for name in grads:  # to 1e-5 of the gradient's scale: a compiler may fuse the recomputed block differently
+        scale = np.abs(grads[name]).max()
+        np.testing.assert_allclose(grads_remat[name], grads[name], rtol=0, atol=1e-5 * scale, err_msg=name)
     loss_bf16, grads_bf16 = results["bf16"]
     assert loss_bf16 == pytest.approx(loss, rel=2e-2)
     assert all(g.dtype == np.float32 for g in grads_bf16.values())

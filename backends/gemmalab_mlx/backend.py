@@ -23,9 +23,11 @@ from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
 from gemmalab.params import parameter_shapes
+from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
 
 from .cache import KVCache
 from .model import MX_DTYPES, Gemma3ForCausalLM
+from .training import MLXTrainer, batch_arrays, chunked_loss_sum
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _DEVICES = {"gpu": mx.gpu, "cpu": mx.cpu}
@@ -162,6 +164,26 @@ class MLXBackend:
     def num_parameters(self, model: Gemma3ForCausalLM) -> int:
         # .size reads the shape: lazy (shape-only) parameters are not evaluated.
         return sum(p.size for _, p in tree_flatten(model.parameters()))
+
+    # -- training ----------------------------------------------------------------------------------------
+    def trainer(self, model: Gemma3ForCausalLM, spec: TrainSpec) -> MLXTrainer:
+        _require_weights(model)
+        return MLXTrainer(model, spec)
+
+    def loss_sum(
+        self,
+        model: Gemma3ForCausalLM,
+        inputs: np.ndarray,
+        targets: np.ndarray,
+        weights: np.ndarray,
+        *,
+        chunk_tokens: int = LOSS_CHUNK_TOKENS,
+        label_smoothing: float = 0.0,
+    ) -> float:
+        _require_weights(model)
+        batch = batch_arrays(model, inputs, targets, weights)
+        with mx.stream(model.device or mx.default_device()):
+            return chunked_loss_sum(model, *batch, chunk_tokens=chunk_tokens, label_smoothing=label_smoothing)
 
 
 def load_weights(model: Gemma3ForCausalLM, weights: Mapping[str, np.ndarray]) -> None:

@@ -327,6 +327,9 @@ class Gemma3TextModel(nn.Module):
             for i in range(config.num_hidden_layers)
         ]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, compute_dtype)
+        # Set by training (gemmalab_mlx.training): recompute each block's activations in the backward pass
+        # instead of storing them, so activation memory holds one block's input per layer.
+        self.gradient_checkpointing = False
 
     def __call__(
         self,
@@ -366,9 +369,16 @@ class Gemma3TextModel(nn.Module):
         if capture is not None:
             capture.hidden_states.append(h)
         last = len(self.layers) - 1
+        # A cache or a capture is written from inside the block, which a recomputation would do twice.
+        remat = self.gradient_checkpointing and cache is None and capture is None
         for i, (layer, layer_cache) in enumerate(zip(self.layers, caches, strict=True)):
             layer_keep = keep if i == last and capture is None else None
-            h = layer(h, positions, masks[layer.layer_type], capture, layer_cache, layer_keep)
+            if remat:
+                # nn.utils.checkpoint passes the block's parameters in as inputs: mx.checkpoint only
+                # differentiates its inputs. Only h (and the parameters) are kept for the backward pass.
+                h = nn.utils.checkpoint(layer)(h, positions, masks[layer.layer_type], None, None, layer_keep)
+            else:
+                h = layer(h, positions, masks[layer.layer_type], capture, layer_cache, layer_keep)
             if capture is not None:
                 capture.hidden_states.append(h)
         if keep is not None and capture is not None:

@@ -1,0 +1,384 @@
+"""Training on MLX: the chunked loss, gradient accumulation, clipping and the optimizer step behind
+gemmalab.train.spec.BackendTrainer. The formulas are in gemmalab/train/spec.py.
+
+The loss and its gradients come in three stages per micro-batch, each evaluated before the next (see
+``MLXTrainer.accumulate`` for why one traced graph will not do): the backbone forward; the output head and
+the loss chunk by chunk, each chunk's value and gradients (head weight, hidden states) evaluated before the
+next chunk is built; then ``mlx.nn.value_and_grad`` over the backbone's trainable parameters, with the
+hidden states' gradient as the cotangent. A parameter with learning-rate scale 0 is frozen
+(``Module.freeze``), so no gradient is computed for it. Each parameter has its own optimizer
+instance: spec.py counts the step ``t`` per parameter (a block unfrozen at step 1000 starts at t = 1) and
+every parameter can have its own learning rate (layer-wise decay), while an MLX optimizer keeps one step
+count and one learning rate for everything it updates.
+
+AdamW is ``mlx.optimizers.AdamW`` with ``bias_correction=True`` (MLX's default is False), which then
+computes spec.py's formula as it stands: decay ``p * (1 - lr * wd)`` first, then ``lr * m_hat / (sqrt(v_hat)
++ eps)`` (MLX writes it as ``lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``).
+
+Adafactor is ``mlx.optimizers.Adafactor`` for the direction of the step and this file for its size. MLX
+multiplies the clipped update by ``lr * max(eps2, rms(p))`` *before* its first moment (so with ``beta1``
+the moment averages differently scaled updates as the lr and rms(p) change), and decays weights by that
+scaled rate; spec.py keeps the moment of the unscaled update and decays by ``lr`` alone. So MLX runs with
+``learning_rate=1``, ``scale_parameter=False``, ``relative_step=False`` (its default True ignores the lr),
+``weight_decay=0`` and ``decay_rate=-decay_rate`` (MLX's beta2 is ``1 - t^decay_rate``, spec.py's is
+``1 - t^-decay_rate``): that computes the factored second moments (over the last two axes, for every
+parameter with >= 2 dims, as spec.py), the update clipping and the first moment exactly, and this file
+applies ``p * (1 - lr * wd) - lr * max(eps2, rms(p)) * u``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from gemmalab.checks import check_token_ids
+from gemmalab.errors import InputError
+from gemmalab.train.spec import TrainSpec
+
+from .model import Gemma3ForCausalLM
+
+COMPUTE_DTYPES = {"fp32": None, "bf16": mx.bfloat16, "fp16": mx.float16}
+
+
+# --- the loss -----------------------------------------------------------------------------------------------
+def chunk_loss(
+    model: Gemma3ForCausalLM, hidden: mx.array, targets: mx.array, weights: mx.array, label_smoothing: float
+) -> mx.array:
+    """sum(weights * token loss) for final-normed hidden states [n, hidden]: the model's head (tied or not,
+    soft-capped when configured), then a float32 log-softmax."""
+    logits = model.logits_from_hidden(hidden).astype(mx.float32)  # [n, vocab]
+    lse = mx.logsumexp(logits, axis=-1)  # [n]
+    nll = lse - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]  # -log p(target), [n]
+    if label_smoothing:
+        # mean_v -log p(v) = lse - mean_v logits
+        nll = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(axis=-1))
+    return (nll * weights).sum()
+
+
+def final_hidden(model: Gemma3ForCausalLM, ids: mx.array) -> mx.array:
+    """The backbone on int ids [batch, seq]: final-normed hidden states, flattened [batch * seq, hidden]."""
+    hidden = model.model(ids)  # [batch, seq, hidden]
+    return hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, hidden]
+
+
+def chunks(positions: int, chunk_tokens: int) -> list[slice]:
+    """Runs of at most ``chunk_tokens`` of ``positions`` flattened positions."""
+    if chunk_tokens < 1:
+        raise InputError(f"chunk_tokens must be a positive number of positions, got {chunk_tokens}")
+    return [slice(start, start + chunk_tokens) for start in range(0, positions, chunk_tokens)]
+
+
+def chunked_loss_sum(
+    model: Gemma3ForCausalLM,
+    ids: mx.array,
+    targets: mx.array,
+    weights: mx.array,
+    *,
+    chunk_tokens: int,
+    label_smoothing: float,
+) -> float:
+    """The chunked loss without gradients: the backbone once, then the head and loss one chunk at a time,
+    each evaluated before the next is built, so one chunk's logits exist at a time."""
+    hidden = final_hidden(model, ids)
+    targets, weights = targets.reshape(-1), weights.reshape(-1)  # [batch * seq]
+    total = 0.0
+    for part in chunks(hidden.shape[0], chunk_tokens):
+        total += chunk_loss(model, hidden[part], targets[part], weights[part], label_smoothing).item()
+    return total
+
+
+def batch_arrays(
+    model: Gemma3ForCausalLM, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray
+) -> tuple[mx.array, mx.array, mx.array]:
+    """A checked numpy batch as MLX arrays: int32 ids and targets, float32 weights, all [batch, seq]."""
+    vocab = model.config.vocab_size
+    inputs, targets = check_token_ids(inputs, vocab), check_token_ids(targets, vocab)
+    weights = np.asarray(weights)
+    if inputs.shape != targets.shape or inputs.shape != weights.shape:
+        raise InputError(
+            f"inputs, targets and weights must share one [batch, seq] shape, got "
+            f"{inputs.shape}, {targets.shape}, {weights.shape}"
+        )
+    if not np.issubdtype(weights.dtype, np.floating) and not np.issubdtype(weights.dtype, np.integer):
+        raise InputError(f"loss weights must be numbers (float32), got {weights.dtype}")
+    return (
+        mx.array(inputs.astype(np.int32)),
+        mx.array(targets.astype(np.int32)),
+        mx.array(weights.astype(np.float32)),
+    )
+
+
+# --- precision ----------------------------------------------------------------------------------------------
+def _float16_policy(model: Gemma3ForCausalLM, on: bool) -> None:
+    """Switch a float32-built model to the float16 policy of gemmalab_mlx.model (its docstring) and back:
+    the residual stream and the post-norms in float32, the pre-norms and the final norm feeding the
+    float16 matmuls. Gemma's residual stream outgrows float16 on real checkpoints."""
+    text = model.model
+    compute, residual = (mx.float16, mx.float32) if on else (None, None)
+    text.residual_dtype = residual
+    text.norm.out_dtype = compute
+    for layer in text.layers:
+        layer.input_layernorm.out_dtype = layer.pre_feedforward_layernorm.out_dtype = compute
+        layer.post_attention_layernorm.out_dtype = layer.post_feedforward_layernorm.out_dtype = residual
+
+
+@contextmanager
+def compute_precision(model: Gemma3ForCausalLM, precision: str) -> Iterator[None]:
+    """A scope in which the float32 model may compute in ``precision`` (see ``cast_parameters``); on exit
+    it holds its float32 master parameters again (also dropping the traced copies that value_and_grad
+    and the block checkpoints leave bound), and the float16 policy is off.
+
+    The scope must cover the whole value-and-grad call, not just the function it differentiates: the
+    backward pass is built after that function returns, and the block checkpoints rerun their blocks
+    then, reading the cast parameters and the policy.
+    """
+    master = model.parameters()
+    if precision == "fp16":
+        _float16_policy(model, True)
+    try:
+        yield
+    finally:
+        model.update(master)
+        if precision == "fp16":
+            _float16_policy(model, False)
+
+
+def cast_parameters(model: Gemma3ForCausalLM, precision: str) -> None:
+    """Replace every parameter by its cast to the compute dtype of ``precision`` (inside a
+    ``compute_precision`` scope; nothing to do for "fp32"). Called inside a differentiated function, the
+    gradients flow back through the casts to the float32 parameters, arriving in float32."""
+    dtype = COMPUTE_DTYPES[precision]
+    if dtype is not None:
+        model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
+
+
+# --- the trainer --------------------------------------------------------------------------------------------
+class MLXTrainer:
+    """gemmalab.train.spec.BackendTrainer for a float32 gemmalab_mlx.model.Gemma3ForCausalLM."""
+
+    def __init__(self, model: Gemma3ForCausalLM, spec: TrainSpec):
+        if model.dtype != "float32":
+            raise InputError(
+                f"training needs the model in float32 (master weights), got {model.dtype}: "
+                "build it with dtype='float32' and choose the compute precision in the spec"
+            )
+        if spec.precision not in COMPUTE_DTYPES:
+            raise InputError(f"precision must be one of {', '.join(COMPUTE_DTYPES)}, got {spec.precision!r}")
+        if spec.optimizer.name not in ("adamw", "adafactor"):
+            raise InputError(f"optimizer must be 'adamw' or 'adafactor', got {spec.optimizer.name!r}")
+        self.model, self.spec = model, spec
+        model.model.gradient_checkpointing = spec.grad_checkpointing
+        self.names = [name for name, _ in tree_flatten(model.parameters())]  # canonical; tied head once
+        tied = model.config.tie_word_embeddings
+        self.head: nn.Module = model.model.embed_tokens if tied else model.lm_head
+        self.head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        self.scales: dict[str, float] = {}
+        self.grads: dict[str, mx.array] = {}  # the float32 accumulator of the trainable parameters
+        self.optimizers: dict[str, optim.Optimizer] = {}  # one per parameter, made at its first update
+        # Gradients of the backbone's trainable parameters (read per call: freezing takes effect at once).
+        self._backbone_grad = nn.value_and_grad(model.model, self._backbone_product)
+        self.set_lr_scales({})
+
+    @property
+    def _stream(self) -> mx.Device:
+        return self.model.device or mx.default_device()
+
+    def _head_loss(
+        self, weight: mx.array, hidden: mx.array, targets: mx.array, weights: mx.array, loss_scale: float
+    ) -> tuple[mx.array, mx.array]:
+        """(loss_scale * loss, loss) of one chunk, with the head's weight an argument to differentiate."""
+        self.head.update({"weight": weight})  # the head reads it from the module
+        loss = chunk_loss(self.model, hidden, targets, weights, self.spec.label_smoothing)
+        return loss * loss_scale, loss  # the gradient is of the first
+
+    def _backbone_product(self, ids: mx.array, hidden_grad: mx.array) -> mx.array:
+        """<final hidden states, hidden_grad>: its gradient is the backbone's vector-Jacobian product."""
+        cast_parameters(self.model, self.spec.precision)
+        hidden = final_hidden(self.model, ids)  # [batch * seq, hidden]
+        return (hidden.astype(mx.float32) * hidden_grad.astype(mx.float32)).sum()
+
+    def accumulate(
+        self, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray, *, loss_scale: float = 1.0
+    ) -> float:
+        """Forward and backward on one micro-batch; adds d(loss_scale * loss_sum)/d(params) to the
+        accumulated gradients of the trainable parameters. Returns the unscaled loss sum.
+
+        In three stages, because one traced graph cannot bound the logits' memory in MLX: each output is
+        allocated when its op is dispatched, ahead of the computation, and the graph is dispatched
+        breadth-first, so the chunks of a chunked loss (mx.checkpoint around each, its logits recomputed
+        for its gradient) run side by side; measured, that held more than the full logits at once.
+        1. the backbone forward, no gradient: final-normed hidden states [batch * seq, hidden];
+        2. per chunk, the head and loss with their gradients (head weight, hidden states), evaluated
+           before the next chunk is built: one chunk's logits exist at a time, and none is recomputed;
+        3. the backbone's gradients, with the hidden states' gradient as the cotangent (this reruns the
+           backbone forward: stage 1 could not keep it for a backward pass without keeping the graph).
+        """
+        ids, targets, weights = batch_arrays(self.model, inputs, targets, weights)
+        spec = self.spec
+        train_head = self.scales[self.head_name] != 0.0
+        total, head_grad, hidden_grads = 0.0, None, []
+        with mx.stream(self._stream):
+            with compute_precision(self.model, spec.precision):
+                cast_parameters(self.model, spec.precision)
+                hidden = final_hidden(self.model, ids)  # [batch * seq, hidden]
+                mx.eval(hidden)
+                targets, weights = targets.reshape(-1), weights.reshape(-1)  # [batch * seq]
+                grad_fn = mx.value_and_grad(self._head_loss, argnums=(0, 1) if train_head else 1)
+                weight = self.head.weight
+                for part in chunks(hidden.shape[0], spec.loss_chunk_tokens):
+                    (_, loss), grads = grad_fn(weight, hidden[part], targets[part], weights[part], loss_scale)
+                    if train_head:
+                        d_weight, grads = grads[0].astype(mx.float32), grads[1]
+                        head_grad = d_weight if head_grad is None else head_grad + d_weight
+                    hidden_grads.append(grads)
+                    mx.eval(loss, head_grad, grads)
+                    total += loss.item()
+            grads = {}
+            if any(scale for name, scale in self.scales.items() if name.startswith("model.")):
+                with compute_precision(self.model, spec.precision):
+                    _, tree = self._backbone_grad(ids, mx.concatenate(hidden_grads))
+                grads = {f"model.{name}": grad for name, grad in tree_flatten(tree)}
+            if head_grad is not None:
+                grads[self.head_name] = (
+                    grads[self.head_name] + head_grad if self.head_name in grads else head_grad
+                )
+            for name, grad in grads.items():
+                previous = self.grads.get(name)
+                self.grads[name] = grad if previous is None else previous + grad
+            mx.eval(self.grads)
+        return total
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The accumulated gradients of the trainable parameters, float32 numpy, canonical names."""
+        return {name: np.array(grad) for name, grad in self.grads.items()}
+
+    def apply(self, lr: float, normalizer: float) -> dict[str, float]:
+        """Normalise, clip and take one optimizer step (see gemmalab.train.spec.BackendTrainer.apply)."""
+        grads, self.grads = self.grads, {}
+        if not grads:
+            return {"grad_norm": 0.0}
+        with mx.stream(self._stream):
+            grads = {name: grad / normalizer for name, grad in grads.items()}
+            if self.spec.max_grad_norm is None:
+                norm = mx.sqrt(sum((g.square().sum() for g in grads.values()), mx.array(0.0)))
+            else:
+                # g * min(1, max_norm / (norm + 1e-6)): spec.py's formula is MLX's.
+                grads, norm = optim.clip_grad_norm(grads, self.spec.max_grad_norm)
+            grad_norm = float(norm)
+            if not math.isfinite(grad_norm):
+                return {"grad_norm": grad_norm}  # nothing updated; the accumulator is already empty
+            params = dict(tree_flatten(self.model.parameters()))
+            updated = {
+                name: self._update(name, grad, params[name], lr * self.scales[name])
+                for name, grad in grads.items()
+            }
+            self.model.update(tree_unflatten(list(updated.items())))
+            mx.eval(updated, [self.optimizers[name].state for name in updated])
+        return {"grad_norm": grad_norm}
+
+    def _optimizer(self, name: str) -> optim.Optimizer:
+        if name not in self.optimizers:
+            opt = self.spec.optimizer
+            if opt.name == "adamw":
+                self.optimizers[name] = optim.AdamW(
+                    learning_rate=0.0,  # set before every step
+                    betas=list(opt.betas),
+                    eps=opt.eps,
+                    weight_decay=opt.weight_decay,
+                    bias_correction=True,
+                )
+            else:
+                self.optimizers[name] = optim.Adafactor(
+                    learning_rate=1.0,  # the step size is applied in _update (see the module docstring)
+                    eps=opt.eps_adafactor,
+                    clip_threshold=opt.clip_threshold,
+                    decay_rate=-opt.decay_rate,
+                    beta_1=opt.beta1,
+                    weight_decay=0.0,
+                    scale_parameter=False,
+                    relative_step=False,
+                )
+        return self.optimizers[name]
+
+    def _update(self, name: str, grad: mx.array, param: mx.array, lr: float) -> mx.array:
+        """The parameter after one step of its optimizer (lazy)."""
+        optimizer = self._optimizer(name)
+        if self.spec.optimizer.name == "adamw":
+            optimizer.learning_rate = lr
+            return optimizer.apply_gradients({"w": grad}, {"w": param})["w"]
+        # Fed a zero parameter (its scale is unused: scale_parameter=False), MLX's Adafactor returns
+        # 0 - 1 * u: minus the clipped (and, with beta1, averaged) update u, exactly.
+        direction = optimizer.apply_gradients({"w": grad}, {"w": mx.zeros((), param.dtype)})["w"]
+        opt = self.spec.optimizer
+        step = lr * mx.maximum(opt.eps_adafactor[1], mx.sqrt(mx.mean(param.square())))  # rms(p) before update
+        return param * (1 - lr * opt.weight_decay) + step * direction
+
+    def set_lr_scales(self, scales: Mapping[str, float]) -> None:
+        """Per-parameter learning-rate multipliers by canonical name (missing = 1.0); 0 freezes."""
+        unknown = sorted(set(scales) - set(self.names))
+        if unknown:
+            raise InputError(f"learning-rate scales name parameters this model does not have: {unknown[:3]}")
+        self.scales = {name: float(scales.get(name, 1.0)) for name in self.names}
+        self.model.unfreeze()
+        modules = dict(self.model.named_modules())
+        for name, scale in self.scales.items():
+            if scale == 0.0:
+                owner, _, key = name.rpartition(".")
+                modules[owner].freeze(recurse=False, keys=[key])
+                self.grads.pop(name, None)  # no gradient is kept for a frozen parameter
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """``"<state>/<parameter name>"`` -> numpy: MLX's own state names (m, v for AdamW; exp_avg_sq_row,
+        exp_avg_sq_col or exp_avg_sq, and exp_avg with beta1, for Adafactor) and ``step``, the parameter's
+        update count as int64 [1] (checkpoints store a 0-d array as [1] anyway). The learning rate is not
+        state: apply sets it every step."""
+        out = {}
+        for name, optimizer in self.optimizers.items():
+            out[f"step/{name}"] = np.array([optimizer.step.item()], dtype=np.int64)
+            for key, value in optimizer.state["w"].items():
+                out[f"{key}/{name}"] = np.array(value)
+        return out
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore what ``optimizer_state`` returned (on a trainer with the same spec and model shapes)."""
+        params = dict(tree_flatten(self.model.parameters()))
+        by_param: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in state.items():
+            kind, _, name = key.partition("/")
+            if name not in params:
+                raise KeyError(f"optimizer state for unknown parameter {name}")
+            by_param.setdefault(name, {})[kind] = np.asarray(value)
+        self.optimizers = {}
+        for name, values in by_param.items():
+            optimizer = self._optimizer(name)
+            expected: dict[str, mx.array] = {}
+            optimizer.init_single(params[name], expected)  # lazy zeros: only their shapes are read
+            shapes = {key: tuple(value.shape) for key, value in expected.items()} | {"step": (1,)}
+            got = {key: value.shape for key, value in values.items()}
+            if got != shapes:
+                raise ValueError(f"optimizer state of {name} has shapes {got}, not the {shapes} it needs")
+            step = mx.array(int(values.pop("step")[0]), dtype=mx.uint64)
+            optimizer.state = {
+                **optimizer.state,
+                "step": step,
+                "w": {k: mx.array(v) for k, v in values.items()},
+            }
+
+
+__all__ = [
+    "MLXTrainer",
+    "batch_arrays",
+    "cast_parameters",
+    "chunk_loss",
+    "chunked_loss_sum",
+    "chunks",
+    "compute_precision",
+    "final_hidden",
+]
