@@ -34,10 +34,10 @@ case "$OS/$ARCH" in
     BACKEND_REQS=("mlx>=0.22" "mlx-lm" "${GEMMALAB_TORCH:-torch}")
     ;;
   Linux/*)
-    BACKEND_REQS=("mlx[cpu]>=0.22" "mlx-lm" "${GEMMALAB_TORCH:-torch==2.13.0}" "jax")
+    BACKEND_REQS=("mlx[cpu]>=0.22" "mlx-lm" "${GEMMALAB_TORCH:-torch==2.13.0}" "jax" "optax")
     ;;
   Darwin/*)
-    BACKEND_REQS=("${GEMMALAB_TORCH:-torch}" "jax")  # Intel Macs: MLX needs Apple Silicon
+    BACKEND_REQS=("${GEMMALAB_TORCH:-torch}" "jax" "optax")  # Intel Macs: MLX needs Apple Silicon
     ;;
   *)
     fail "unsupported platform $OS/$ARCH: gemmalab sets up on macOS and Linux"

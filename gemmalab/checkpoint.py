@@ -309,7 +309,9 @@ def atomic_save_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     os.close(fd)
     try:
         # format=pt: transformers refuses safetensors files whose metadata lacks a known format.
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        # (ascontiguousarray would turn a 0-d array, e.g. an optimizer's step count, into shape [1])
+        arrays = {k: np.asarray(v) if np.ndim(v) == 0 else np.ascontiguousarray(v) for k, v in tensors.items()}
+        save_file(arrays, tmp, metadata={"format": "pt"})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

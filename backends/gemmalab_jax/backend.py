@@ -37,10 +37,12 @@ from gemmalab.config import SLIDING, Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
 from gemmalab.params import parameter_shapes
+from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
 
 from .cache import KVCache, extend_step
 from .model import Params, abstract_params, default_masks, flatten, forward, head, rope_tables, unflatten
 from .sharding import Plan, make_mesh
+from .training import JaxTrainer, loss_sum
 
 _ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
@@ -221,9 +223,7 @@ class JaxBackend:
         Local layers get their full ring at once; global buffers grow as tokens arrive."""
         _require_weights(model)
         batch, pad_lengths = check_cache_request(batch, pad_lengths)
-        return KVCache(
-            model.config, batch=batch, pad_lengths=pad_lengths, dtype=model.dtype, plan=model.plan
-        )
+        return KVCache(model.config, batch=batch, pad_lengths=pad_lengths, dtype=model.dtype, plan=model.plan)
 
     def extend(
         self, model: JaxModel, cache: KVCache, ids: np.ndarray, *, logits: str = "last"
@@ -277,6 +277,28 @@ class JaxBackend:
 
     def reset_peak_memory(self, model: JaxModel) -> None:
         """No-op: JAX has no API to reset the peak (see peak_memory)."""
+
+    # -- training: the tensor work of gemmalab.train (training.py) -------------------------------------------
+    def trainer(self, model: JaxModel, spec: TrainSpec) -> JaxTrainer:
+        """A gemmalab.train.spec.BackendTrainer for ``model`` (built in float32) following ``spec``."""
+        return JaxTrainer(model, spec)
+
+    def loss_sum(
+        self,
+        model: JaxModel,
+        inputs: np.ndarray,
+        targets: np.ndarray,
+        weights: np.ndarray,
+        *,
+        chunk_tokens: int = LOSS_CHUNK_TOKENS,
+        label_smoothing: float = 0.0,
+    ) -> float:
+        """sum(weights * token cross-entropy) of next-token targets, no gradients, the head and loss run
+        ``chunk_tokens`` positions at a time (the loss the trainer differentiates)."""
+        _require_weights(model)
+        return loss_sum(
+            model, inputs, targets, weights, chunk_tokens=chunk_tokens, label_smoothing=label_smoothing
+        )
 
     # -- helpers -------------------------------------------------------------------------------------------
     @staticmethod

@@ -52,6 +52,7 @@ sharding plan (sharding.py) turns them into layout constraints, and without one 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -333,6 +334,7 @@ def forward(
     hint: Hint = no_hint,
     output_hidden_states: bool = False,
     output_attentions: bool = False,
+    remat: bool = False,
 ) -> Output:
     """Embeddings, decoder blocks and the final norm (no output head: see ``head``).
 
@@ -340,7 +342,9 @@ def forward(
     masks: layer type -> boolean [batch or 1, 1, seq, keys] (``default_masks`` for a plain sequence; a
     cache supplies its own). With a cache, keys and values are stored there and attention reads what it
     returns. The output_* flags also return the residual stream and attention probabilities
-    (non-fused attention path); the normal path pays nothing for them.
+    (non-fused attention path); the normal path pays nothing for them. ``remat`` (training, no cache)
+    rematerialises each decoder block: its backward pass reruns the block from its input instead of reading
+    stored activations, so activation memory holds one block's worth plus each block's input.
     """
     embed = params["model"]["embed_tokens"]["weight"]
     dtype = embed.dtype  # the matmul dtype
@@ -349,20 +353,13 @@ def forward(
     x = hint(x * config.embed_scale(dtype_name(dtype)), ("batch", None, None))
     hidden_states = [x] if output_hidden_states else None
     attentions = [] if output_attentions else None
+    block = partial(decoder_layer, dtype=dtype, cache=cache, hint=hint, with_probs=output_attentions)
+    if remat:
+        # jax.checkpoint traces its arguments as arrays: the config and the layer index stay Python values.
+        block = jax.checkpoint(block, static_argnums=(1, 2))
     for i, p in enumerate(params["model"]["layers"]):
         layer_type = config.layer_types[i]
-        x, probs = decoder_layer(
-            p,
-            config,
-            i,
-            x,
-            rope[layer_type],
-            masks[layer_type],
-            dtype=dtype,
-            cache=cache,
-            hint=hint,
-            with_probs=output_attentions,
-        )
+        x, probs = block(p, config, i, x, rope[layer_type], masks[layer_type])
         if hidden_states is not None:
             hidden_states.append(x)
         if attentions is not None:

@@ -1,0 +1,548 @@
+"""Training on JAX: the chunked loss, gradient accumulation, clipping and the optimizer step behind
+gemmalab.train.spec.BackendTrainer. The formulas are in gemmalab/train/spec.py.
+
+Two jitted functions do the work, both compiled once per shape and then reused step after step:
+
+* ``accumulate``: ``jax.value_and_grad`` of ``loss_scale * chunked_loss_sum`` over the trainable parameters
+  only (frozen ones go in as constants, so no gradient is computed for them), added into a float32
+  accumulator that is donated and updated in place;
+* ``apply``: divide by the normaliser, global norm, clip, one optax update per parameter, all skipped by a
+  ``lax.cond`` when the norm is not finite; parameters, optimizer state and accumulator are donated.
+
+``spec.grad_checkpointing`` wraps each decoder block in ``jax.checkpoint`` (model.forward's ``remat``): jax
+then keeps only each block's input for the backward pass. On XLA:CPU this saves nothing: the compiler drops
+the optimisation barriers and merges the recomputation back into the forward pass (the compiled program has
+the same matmuls and the same temporary memory with and without it); GPU and TPU keep the barriers.
+
+Each parameter has its own optax state: spec.py counts the step ``t`` per parameter (a block unfrozen at
+step 1000 starts at t = 1), and an optax state keeps one count for the tree it was made for. optax's
+updates are linear in the learning rate, so the transformations run with a learning rate of 1 and the step
+multiplies their update by ``lr * scale`` of each parameter: the learning rate changes every step and per
+parameter without recompiling, and is not part of the state.
+
+Where optax is not spec.py's formula, this file writes the piece, in a line or two:
+
+* global-norm clipping: ``optax.clip_by_global_norm`` scales by ``max_norm / norm``; spec.py (and torch,
+  MLX) by ``max_norm / (norm + 1e-6)``.
+* AdamW is ``optax.adamw`` (bias correction on, ``eps`` outside the square root, ``eps_root=0``, decay
+  ``lr * weight_decay * p`` added to the update): spec.py's formula exactly.
+* Adafactor is ``optax.adafactor`` for the factored second moment, the ``1 - t^-decay_rate`` schedule,
+  ``eps1`` added to ``g^2`` and the update clipping, with ``min_dim_size_to_factor=1`` (its default 128
+  leaves small matrices unfactored; spec.py factors every parameter with >= 2 dims), no learning rate, no
+  parameter scale, no momentum and no weight decay inside it, because:
+  the parameter scale of ``multiply_by_parameter_scale=True`` has its floor fixed at 1e-3 (spec.py's
+  ``eps2`` is a setting), so ``optax.scale_by_param_block_rms(eps2)`` is chained after it; its momentum
+  would average the update after that parameter scaling (spec.py averages the unscaled update), so
+  ``optax.ema(beta1)`` is chained between the two; its ``weight_decay_rate`` decays by ``wd * p``, not
+  ``lr * wd * p``, so the step decays the parameter here. optax factors the two largest axes of an array
+  where spec.py names the last two: the same for the 2-D matrices of Gemma, whose other parameters are
+  1-D. For a matrix with more rows than columns optax divides by the mean of the column statistics where
+  spec.py divides by the mean of the row statistics: both are the same running mean of ``g^2 + eps1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gemmalab.checks import check_token_ids
+from gemmalab.config import Gemma3Config
+from gemmalab.errors import BackendError, CheckpointError, InputError
+from gemmalab.train.spec import OptimizerSpec, TrainSpec
+
+from .model import (
+    JNP_DTYPES,
+    Hint,
+    Params,
+    Rope,
+    default_masks,
+    flatten,
+    forward,
+    head,
+    no_hint,
+    output_weight,
+    unflatten,
+)
+from .sharding import Plan
+
+if TYPE_CHECKING:
+    from .backend import JaxModel
+
+COMPUTE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+# --- the loss -----------------------------------------------------------------------------------------------
+def head_loss_sum(
+    params: Params,
+    config: Gemma3Config,
+    hidden: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    chunk_tokens: int,
+    label_smoothing: float,
+    hint: Hint = no_hint,
+) -> jax.Array:
+    """sum(weights * token loss), float32, of final-normed hidden states [n, hidden] against int targets
+    [n], with the output head (``model.head``: tied or not, soft-capped or not) and the loss run on at
+    most ``chunk_tokens`` positions at a time.
+
+    The chunks go through ``lax.scan`` with a checkpointed body: the backward pass recomputes each
+    chunk's [chunk, vocab] logits from its hidden states instead of reading them from the forward pass,
+    so [n, vocab] logits never exist (at Gemma's 262k vocabulary they would be 1 MB per position). The
+    last chunk is padded with weight-0 positions: zero hidden states give finite logits, so they add 0.
+    """
+    n, dim = hidden.shape
+    chunk = min(chunk_tokens, n)
+    count = -(-n // chunk)
+    pad = count * chunk - n
+    hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(count, chunk, dim)  # [chunks, chunk, hidden]
+    targets = jnp.pad(targets, (0, pad)).reshape(count, chunk)  # [chunks, chunk]
+    weights = jnp.pad(weights.astype(jnp.float32), (0, pad)).reshape(count, chunk)
+
+    # scan already keeps the chunks apart, so CSE cannot undo the recomputation (jax.checkpoint docs)
+    @partial(jax.checkpoint, prevent_cse=False)
+    def chunk_loss(h: jax.Array, t: jax.Array, w: jax.Array) -> jax.Array:
+        logits = head(params, config, h, hint).astype(jnp.float32)  # [chunk, vocab]
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [chunk]
+        nll = lse - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]  # -log p(target)
+        if label_smoothing:
+            # mean_v -log p(v) = lse - mean_v logits
+            nll = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(axis=-1))
+        return jnp.sum(nll * w)
+
+    def body(total: jax.Array, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        return total + chunk_loss(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, weights))
+    return total
+
+
+def chunked_loss_sum(
+    params: Params,
+    config: Gemma3Config,
+    ids: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    rope: Rope,
+    *,
+    chunk_tokens: int,
+    label_smoothing: float,
+    remat: bool = False,
+    hint: Hint = no_hint,
+    head_params: Params | None = None,
+) -> jax.Array:
+    """The backbone once on ids [batch, seq] (positions 0 .. seq-1, built-in masks), then
+    ``head_loss_sum`` over the flattened positions. ``remat`` rematerialises each decoder block;
+    ``head_params`` (default ``params``) are the parameters the output head reads, in their dtype."""
+    positions = jnp.arange(ids.shape[1])[None]  # [1, seq]: one mask for every row
+    hidden = forward(
+        params, config, ids, rope, default_masks(config, positions), hint=hint, remat=remat
+    ).hidden
+    head_params = params if head_params is None else head_params
+    hidden = hidden.astype(output_weight(head_params).dtype)
+    return head_loss_sum(
+        head_params,
+        config,
+        hidden.reshape(-1, hidden.shape[-1]),  # [batch * seq, hidden]
+        targets.reshape(-1),
+        weights.reshape(-1),
+        chunk_tokens=chunk_tokens,
+        label_smoothing=label_smoothing,
+        hint=hint,
+    )
+
+
+def _loss_sum(
+    params: Params,
+    ids: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    rope: Rope,
+    *,
+    config: Gemma3Config,
+    plan: Plan,
+    chunk_tokens: int,
+    label_smoothing: float,
+) -> jax.Array:
+    return chunked_loss_sum(
+        params,
+        config,
+        ids,
+        targets,
+        weights,
+        rope,
+        chunk_tokens=chunk_tokens,
+        label_smoothing=label_smoothing,
+        hint=plan.hint,
+    )
+
+
+def _accumulate(
+    trainable: dict[str, jax.Array],
+    frozen: dict[str, jax.Array],
+    accumulator: dict[str, jax.Array],
+    ids: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    rope: Rope,
+    loss_scale: jax.Array,
+    *,
+    config: Gemma3Config,
+    plan: Plan,
+    chunk_tokens: int,
+    label_smoothing: float,
+    compute: str,
+    remat: bool,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(unscaled loss sum, accumulator + d(loss_scale * loss sum)/d(trainable)) for one micro-batch."""
+
+    def scaled_loss(trainable: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        # The cast is inside the differentiated function: gradients flow back through it to float32.
+        master = unflatten({**trainable, **frozen})
+        params = jax.tree.map(lambda p: p.astype(JNP_DTYPES[compute]), master)
+        loss = chunked_loss_sum(
+            params,
+            config,
+            ids,
+            targets,
+            weights,
+            rope,
+            chunk_tokens=chunk_tokens,
+            label_smoothing=label_smoothing,
+            remat=remat,
+            hint=plan.hint,
+            # fp16: the head and its gradient matmuls in float32 on the masters, as the fp16 policy keeps
+            # the residual stream: the logit gradients (~1/vocab times the loss scale: 6e-5 at 262k ids and a
+            # scale of 16) would be float16 subnormals, rounded to a few bits.
+            head_params=master if compute == "float16" else None,
+        )
+        return loss * loss_scale, loss
+
+    (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(trainable)
+    return loss, jax.tree.map(jnp.add, accumulator, grads)
+
+
+def _apply(
+    params: dict[str, jax.Array],
+    states: dict[str, Any],
+    accumulator: dict[str, jax.Array],
+    scales: dict[str, jax.Array],
+    lr: jax.Array,
+    normalizer: jax.Array,
+    *,
+    optimizer: OptimizerSpec,
+    max_grad_norm: float | None,
+) -> tuple[dict[str, jax.Array], dict[str, Any], dict[str, jax.Array], jax.Array]:
+    """(parameters, states, zeroed accumulator, global norm before clipping) after one step; parameters
+    and states come back unchanged when the norm is not finite."""
+    grads = {name: g / normalizer for name, g in accumulator.items()}
+    norm = optax.tree.norm(grads)
+    if max_grad_norm is not None:  # spec.py's factor, not optax.clip_by_global_norm's (module docstring)
+        factor = jnp.minimum(1.0, max_grad_norm / (norm + 1e-6))
+        grads = {name: g * factor for name, g in grads.items()}
+    transform = optimizer_transform(optimizer)
+    # AdamW's decay is inside optax.adamw; Adafactor's is applied here (module docstring).
+    decay = optimizer.weight_decay if optimizer.name == "adafactor" else 0.0
+
+    def update(
+        operands: tuple[dict[str, jax.Array], dict[str, Any]],
+    ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+        params, states = operands
+        new_params, new_states = {}, {}
+        for name, p in params.items():
+            u, new_states[name] = transform.update(grads[name], states[name], p)
+            step = lr * scales[name]
+            new_params[name] = p * (1 - step * decay) + step * u
+        return new_params, new_states
+
+    params, states = jax.lax.cond(jnp.isfinite(norm), update, lambda operands: operands, (params, states))
+    return params, states, jax.tree.map(jnp.zeros_like, accumulator), norm
+
+
+# Module-level, with everything that shapes the computation static: trainers of the same config and spec
+# share compiled functions (the cache key also holds the trainable names, as the keys of their dicts).
+_jit_loss_sum = jax.jit(_loss_sum, static_argnames=("config", "plan", "chunk_tokens", "label_smoothing"))
+_jit_accumulate = jax.jit(
+    _accumulate,
+    static_argnames=("config", "plan", "chunk_tokens", "label_smoothing", "compute", "remat"),
+    donate_argnames=("accumulator",),
+)
+_jit_apply = jax.jit(
+    _apply,
+    static_argnames=("optimizer", "max_grad_norm"),
+    donate_argnames=("params", "states", "accumulator"),
+)
+
+
+def optimizer_transform(opt: OptimizerSpec) -> optax.GradientTransformation:
+    """The optax transformation of one parameter at learning rate 1 (the step scales it by the parameter's
+    learning rate); for Adafactor without the weight decay (see the module docstring)."""
+    if opt.name == "adamw":
+        b1, b2 = opt.betas
+        return optax.named_chain(
+            (
+                "adamw",
+                optax.adamw(1.0, b1=b1, b2=b2, eps=opt.eps, eps_root=0.0, weight_decay=opt.weight_decay),
+            )
+        )
+    eps1, eps2 = opt.eps_adafactor
+    direction = optax.adafactor(
+        learning_rate=None,
+        min_dim_size_to_factor=1,
+        decay_rate=opt.decay_rate,
+        multiply_by_parameter_scale=False,
+        clipping_threshold=opt.clip_threshold,
+        momentum=None,
+        weight_decay_rate=None,
+        eps=eps1,
+    )  # -u: the clipped g / sqrt(V)
+    momentum = [("momentum", optax.ema(opt.beta1, debias=False))] if opt.beta1 is not None else []
+    return optax.named_chain(
+        ("adafactor", direction), *momentum, ("parameter_scale", optax.scale_by_param_block_rms(eps2))
+    )
+
+
+# --- numpy in ------------------------------------------------------------------------------------------------
+def batch_arrays(
+    model: JaxModel, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A checked numpy batch placed like the model's activations: int32 ids and targets, float32 loss
+    weights, all [batch, seq]."""
+    vocab = model.config.vocab_size
+    inputs, targets, weights = (
+        check_token_ids(inputs, vocab),
+        check_token_ids(targets, vocab),
+        np.asarray(weights),
+    )
+    if inputs.shape != targets.shape or inputs.shape != weights.shape:
+        raise InputError(
+            f"inputs, targets and weights must share one [batch, seq] shape, got "
+            f"{inputs.shape}, {targets.shape}, {weights.shape}"
+        )
+    if not (np.issubdtype(weights.dtype, np.floating) or np.issubdtype(weights.dtype, np.integer)):
+        raise InputError(f"loss weights must be numbers (float32), got {weights.dtype}")
+    sharding = model.plan.batch_sharding(inputs.shape)
+    return tuple(
+        jax.device_put(array, sharding)
+        for array in (inputs.astype(np.int32), targets.astype(np.int32), weights.astype(np.float32))
+    )
+
+
+def _matmul_precision(dtype: str) -> contextlib.AbstractContextManager:
+    """Full fp32 matmuls when computing in float32 (on TPU the default rounds their inputs to bf16), as
+    backend.JaxModel traces its inference functions."""
+    return jax.default_matmul_precision("highest") if dtype == "float32" else contextlib.nullcontext()
+
+
+def _positions(seq: int) -> np.ndarray:
+    return np.arange(seq)[None]  # [1, seq]: one set of RoPE tables for every row
+
+
+def loss_sum(
+    model: JaxModel,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    weights: np.ndarray,
+    *,
+    chunk_tokens: int,
+    label_smoothing: float,
+) -> float:
+    """sum(weights * token loss) in the model's own dtype, no gradients (Backend.loss_sum)."""
+    _check_chunk(chunk_tokens)
+    ids, targets, weights = batch_arrays(model, inputs, targets, weights)
+    with _matmul_precision(model.dtype):
+        total = _jit_loss_sum(
+            model.params,
+            ids,
+            targets,
+            weights,
+            model.rope(_positions(ids.shape[1])),
+            config=model.config,
+            plan=model.plan,
+            chunk_tokens=int(chunk_tokens),
+            label_smoothing=float(label_smoothing),
+        )
+    return float(total)
+
+
+def _check_chunk(chunk_tokens: int) -> None:
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int | np.integer) or chunk_tokens < 1:
+        raise InputError(f"chunk_tokens must be a positive number of positions, got {chunk_tokens!r}")
+
+
+# --- the trainer --------------------------------------------------------------------------------------------
+class JaxTrainer:
+    """gemmalab.train.spec.BackendTrainer for a float32 ``JaxModel``; ``trainer.model.params`` holds the
+    current weights after every step (new arrays: the old ones are donated to the update)."""
+
+    def __init__(self, model: JaxModel, spec: TrainSpec):
+        if model.shape_only:
+            raise BackendError(
+                "this model was built shape-only (weights=None): build it with weights to train"
+            )
+        if model.dtype != "float32":
+            raise InputError(
+                f"training needs the model in float32 (master weights), got {model.dtype}: "
+                "build it with dtype='float32' and choose the compute precision in the spec"
+            )
+        if spec.precision not in COMPUTE_DTYPES:
+            raise InputError(f"precision must be one of {', '.join(COMPUTE_DTYPES)}, got {spec.precision!r}")
+        if spec.optimizer.name not in ("adamw", "adafactor"):
+            raise InputError(f"optimizer must be 'adamw' or 'adafactor', got {spec.optimizer.name!r}")
+        _check_chunk(spec.loss_chunk_tokens)
+        self.model, self.spec = model, spec
+        self.compute = COMPUTE_DTYPES[spec.precision]
+        self.transform = optimizer_transform(spec.optimizer)
+        self.names = list(flatten(model.params))  # canonical; the tied head once
+        self.scales: dict[str, float] = {}
+        self.states: dict[str, Any] = {}  # optax state per parameter, made at its first update
+        self.accumulator: dict[str, jax.Array] = {}  # float32, one entry per trainable parameter
+        self._scale_arrays: dict[str, jax.Array] = {}
+        self._rope: dict[int, Rope] = {}  # RoPE tables per sequence length
+        self.set_lr_scales({})
+
+    def accumulate(
+        self, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray, *, loss_scale: float = 1.0
+    ) -> float:
+        """Forward and backward on one micro-batch; adds d(loss_scale * loss_sum)/d(params) to the
+        accumulated gradients of the trainable parameters. Returns the unscaled loss sum."""
+        ids, targets, weights = batch_arrays(self.model, inputs, targets, weights)
+        seq = ids.shape[1]
+        if seq not in self._rope:
+            self._rope[seq] = self.model.rope(_positions(seq))
+        flat = flatten(self.model.params)
+        trainable = {name: flat[name] for name in self.accumulator}
+        frozen = {name: value for name, value in flat.items() if name not in self.accumulator}
+        with _matmul_precision(self.compute):
+            loss, self.accumulator = _jit_accumulate(
+                trainable,
+                frozen,
+                self.accumulator,
+                ids,
+                targets,
+                weights,
+                self._rope[seq],
+                jnp.float32(loss_scale),
+                config=self.model.config,
+                plan=self.model.plan,
+                chunk_tokens=self.spec.loss_chunk_tokens,
+                label_smoothing=float(self.spec.label_smoothing),
+                compute=self.compute,
+                remat=self.spec.grad_checkpointing,
+            )
+        return float(loss)
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The accumulated gradients of the trainable parameters, float32 numpy, canonical names."""
+        return {name: np.array(grad) for name, grad in self.accumulator.items()}
+
+    def apply(self, lr: float, normalizer: float) -> dict[str, float]:
+        """Normalise, clip and take one optimizer step (see gemmalab.train.spec.BackendTrainer.apply)."""
+        if not self.accumulator:
+            return {"grad_norm": 0.0}
+        flat = flatten(self.model.params)
+        params = {name: flat[name] for name in self.accumulator}
+        for name, value in params.items():
+            if name not in self.states:  # the parameter's first update: fresh state, t = 0
+                self.states[name] = self._placed(self.transform.init(value), value)
+        params, states, self.accumulator, norm = _jit_apply(
+            params,
+            {name: self.states[name] for name in params},
+            self.accumulator,
+            self._scale_arrays,
+            jnp.float32(lr),
+            jnp.float32(normalizer),
+            optimizer=self.spec.optimizer,
+            max_grad_norm=self.spec.max_grad_norm,
+        )
+        self.states.update(states)
+        self.model.params = unflatten({**flat, **params})
+        return {"grad_norm": float(norm)}
+
+    def _placed(self, state: Any, param: jax.Array) -> Any:
+        """A state's leaves placed on the model's mesh as the update step returns them (moments like the
+        parameter, the rest replicated): otherwise the step's second call would not match its first
+        compilation and would compile again."""
+        replicated = self.model.plan.replicated()
+        return jax.tree.map(
+            lambda leaf: jax.device_put(leaf, param.sharding if leaf.shape == param.shape else replicated),
+            state,
+        )
+
+    def set_lr_scales(self, scales: Mapping[str, float]) -> None:
+        """Per-parameter learning-rate multipliers by canonical name (missing = 1.0); 0 freezes: the
+        parameter leaves the accumulator (and what it held) and the optimizer step."""
+        unknown = sorted(set(scales) - set(self.names))
+        if unknown:
+            raise InputError(f"learning-rate scales name parameters this model does not have: {unknown[:3]}")
+        bad = {name: s for name, s in scales.items() if not (math.isfinite(s) and s >= 0)}
+        if bad:
+            raise InputError(f"learning-rate scales must be finite and >= 0, got {bad}")
+        self.scales = {name: float(scales.get(name, 1.0)) for name in self.names}
+        flat = flatten(self.model.params)
+        trainable = [name for name in self.names if self.scales[name] != 0.0]
+        self.accumulator = {
+            name: self.accumulator[name] if name in self.accumulator else jnp.zeros_like(flat[name])
+            for name in trainable
+        }
+        self._scale_arrays = {name: jnp.float32(self.scales[name]) for name in trainable}
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """``"<path in the optax state>/<parameter name>"`` -> numpy, e.g. ``adamw.0.mu/model.norm.weight``
+        and ``adamw.0.count/...``: the parameter's update count. Parameters never updated have no entry."""
+        out = {}
+        for name, state in self.states.items():
+            for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+                out[f"{_key(path)}/{name}"] = np.array(leaf)
+        return out
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore what ``optimizer_state`` returned (from a trainer with the same optimizer and shapes)."""
+        flat = flatten(self.model.params)
+        by_param: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in state.items():
+            path, _, name = key.partition("/")
+            if name not in flat:
+                raise CheckpointError(f"optimizer state {key!r} names a parameter this model does not have")
+            by_param.setdefault(name, {})[path] = np.asarray(value)
+        states = {}
+        for name, values in by_param.items():
+            template = jax.eval_shape(self.transform.init, flat[name])  # shapes and dtypes, nothing allocated
+            paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+            expected = {_key(path): leaf for path, leaf in paths}
+            # A step count may come back as [1]: the core's safetensors writer makes 0-d arrays 1-d.
+            fits = values.keys() == expected.keys() and all(
+                values[k].shape == leaf.shape or (leaf.shape == () and values[k].shape == (1,))
+                for k, leaf in expected.items()
+            )
+            if not fits:
+                raise CheckpointError(
+                    f"optimizer state of {name} has {sorted(values)}, not the {sorted(expected)} of this "
+                    f"{self.spec.optimizer.name} (or of other shapes): resume with the run's optimizer"
+                )
+            leaves = [values[k].astype(leaf.dtype).reshape(leaf.shape) for k, leaf in expected.items()]
+            states[name] = self._placed(jax.tree_util.tree_unflatten(treedef, leaves), flat[name])
+        self.states = states
+
+
+def _key(path: tuple[Any, ...]) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+__all__ = [
+    "JaxTrainer",
+    "batch_arrays",
+    "chunked_loss_sum",
+    "head_loss_sum",
+    "loss_sum",
+    "optimizer_transform",
+]
