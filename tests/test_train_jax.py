@@ -118,40 +118,6 @@ def test_two_steps_follow_the_spec_formulas(optimizer):
     assert len(counts) == len(weights) and all(int(c) == 2 for c in counts.values())
 
 
-def test_adafactor_momentum_and_parameter_scale_floor_follow_the_spec():
-    # beta1 and eps2 are spec settings that optax.adafactor cannot take as spec.py means them (training.py's
-    # docstring). The learning rate changes every step, so a moment of lr-scaled updates would show; eps2 =
-    # 0.05 lies between the matrices' rms (~0.02) and the norms' (~0.3), so both sides of the max are used.
-    # train_oracles.adafactor_step has no beta1: the formula of spec.py is written out here.
-    opt = OptimizerSpec(name="adafactor", beta1=0.9, weight_decay=0.1, eps_adafactor=(1e-30, 0.05))
-    trainer, config, weights, batch = make(TrainSpec(optimizer=opt, max_grad_norm=None, loss_chunk_tokens=16))
-    tokens = float(batch[2].sum())
-    states: dict[str, dict] = {name: {} for name in weights}
-    for t, lr in ((1, 0.01), (2, 0.03), (3, 0.02)):
-        before = {name: value.astype(np.float64) for name, value in BACKEND.weights(trainer.model).items()}
-        trainer.accumulate(*batch)
-        grads = {name: g.astype(np.float64) / tokens for name, g in trainer.gradients().items()}
-        trainer.apply(lr, tokens)
-        got = BACKEND.weights(trainer.model)
-        for name, p in before.items():
-            g, state = grads[name], states[name]
-            beta2 = 1 - t**-opt.decay_rate
-            sq = g * g + 1e-30
-            if g.ndim == 2:
-                state["r"] = beta2 * state.get("r", 0.0) + (1 - beta2) * sq.mean(axis=-1)
-                state["c"] = beta2 * state.get("c", 0.0) + (1 - beta2) * sq.mean(axis=-2)
-                v = state["r"][:, None] * state["c"][None, :] / state["r"].mean()
-            else:
-                state["v"] = beta2 * state.get("v", 0.0) + (1 - beta2) * sq
-                v = state["v"]
-            u = g / np.sqrt(v)
-            u /= max(1.0, np.sqrt(np.mean(u * u)) / opt.clip_threshold)
-            state["m"] = 0.9 * state.get("m", 0.0) + 0.1 * u
-            expected = p * (1 - lr * 0.1) - lr * max(0.05, np.sqrt(np.mean(p * p))) * state["m"]
-            atol = 1e-4 * np.abs(expected - p).max() + 1e-7
-            np.testing.assert_allclose(got[name], expected, rtol=0, atol=atol, err_msg=f"{name} t={t}")
-
-
 def test_frozen_parameter_stays_and_scales_are_per_parameter():
     spec = SPECS["adamw"]
     trainer, config, weights, batch = make(spec)

@@ -37,8 +37,10 @@ def adamw_step(p, g, state, *, lr, t, betas=(0.9, 0.999), eps=1e-8, weight_decay
     return p - lr * m_hat / (np.sqrt(v_hat) + eps)
 
 
-def adafactor_step(p, g, state, *, lr, t, decay_rate=0.8, clip_threshold=1.0, eps=(1e-30, 1e-3), weight_decay=0.0):
-    """One Adafactor update (Shazeer & Stern 2018 with explicit lr, parameter scaling, no momentum) in float64."""
+def adafactor_step(p, g, state, *, lr, t, decay_rate=0.8, clip_threshold=1.0, eps=(1e-30, 1e-3), weight_decay=0.0,
+                   beta1=None):
+    """One Adafactor update (Shazeer & Stern 2018 with explicit lr, parameter scaling, and a first moment of the
+    clipped update when beta1 is given) in float64."""
     p = np.asarray(p, np.float64)
     g = np.asarray(g, np.float64)
     beta2 = 1.0 - t ** (-decay_rate)
@@ -53,6 +55,9 @@ def adafactor_step(p, g, state, *, lr, t, decay_rate=0.8, clip_threshold=1.0, ep
         v = state["v"]
     u = g / np.sqrt(v)
     u = u / max(1.0, rms(u) / clip_threshold)
+    if beta1 is not None:
+        state["m"] = beta1 * state.get("m", 0.0) + (1 - beta1) * u
+        u = state["m"]
     scale = lr * max(eps[1], rms(p))
     return p * (1 - lr * weight_decay) - scale * u
 

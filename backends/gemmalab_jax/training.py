@@ -394,11 +394,6 @@ class JaxTrainer:
                 f"training needs the model in float32 (master weights), got {model.dtype}: "
                 "build it with dtype='float32' and choose the compute precision in the spec"
             )
-        if spec.precision not in COMPUTE_DTYPES:
-            raise InputError(f"precision must be one of {', '.join(COMPUTE_DTYPES)}, got {spec.precision!r}")
-        if spec.optimizer.name not in ("adamw", "adafactor"):
-            raise InputError(f"optimizer must be 'adamw' or 'adafactor', got {spec.optimizer.name!r}")
-        _check_chunk(spec.loss_chunk_tokens)
         self.model, self.spec = model, spec
         self.compute = COMPUTE_DTYPES[spec.precision]
         self.transform = optimizer_transform(spec.optimizer)

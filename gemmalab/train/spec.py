@@ -44,6 +44,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..errors import InputError
+
 OptimizerName = Literal["adamw", "adafactor"]
 # Positions per loss chunk: at Gemma's 262k vocabulary a chunk's float32 logits take 0.5 GB.
 LOSS_CHUNK_TOKENS = 512
@@ -90,6 +92,17 @@ class TrainSpec:
     loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
     label_smoothing: float = 0.0
     grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        # Checked once here, so every backend's trainer can rely on a valid spec.
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise InputError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.optimizer.name not in ("adamw", "adafactor"):
+            raise InputError(f"optimizer must be adamw or adafactor, got {self.optimizer.name!r}")
+        if self.loss_chunk_tokens < 1:
+            raise InputError(f"loss_chunk_tokens must be at least 1, got {self.loss_chunk_tokens}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise InputError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @runtime_checkable
