@@ -138,3 +138,30 @@ def test_fp16_loss_scaling_skips_overflowing_steps_and_halves_the_scale(backend,
     assert records[-1]["loss_scale"] == 2.0**24 / 2 ** len(skipped)
     assert all(math.isfinite(r["loss"]) for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_progressive_unfreezing_trains_the_top_blocks_first(backend, tmp_path):
+    # 6 blocks, two more every 2 steps: after 2 steps only blocks 4-5 (and the final norm) have moved
+    config = TrainConfig(backend=backend, steps=2, out=str(tmp_path / "a"), unfreeze_every=2, unfreeze_blocks=2,
+                         tensorboard=False, **SMALL)
+    start = gemmalab.init("tiny", backend="torch" if "torch" in gemmalab.backends() else backend).weights()
+    after = gemmalab.load(train(config, progress=False).checkpoint, backend=backend).weights()
+    moved = {name for name in start if not np.array_equal(start[name], after[name])}
+    blocks = {int(name.split(".")[2]) for name in moved if name.startswith("model.layers.")}
+    assert blocks == {4, 5} and "model.norm.weight" in moved and "model.embed_tokens.weight" not in moved
+
+
+def test_fine_tuning_a_checkpoint_on_chat_data(backend, tmp_path):
+    base = train(TrainConfig(backend=backend, steps=2, out=str(tmp_path / "base"), tensorboard=False, **SMALL),
+                 progress=False).checkpoint
+    chats = tmp_path / "chats.jsonl"
+    line = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4, of course."}]}
+    chats.write_text("\n".join(json.dumps(line) for _ in range(40)) + "\n")
+    result = _cli("train", "--model", str(base), "--data", str(chats), "--steps", "3", "--seq-len", "32",
+                  "--batch-size", "2", "--backend", backend, "--out", str(tmp_path / "chat"), "-q",
+                  "--set", "tensorboard=false", "--set", "eval_fraction=0.1")
+    assert result.returncode == 0, result.stderr
+    records = losses(tmp_path / "chat")
+    assert sorted(records) == [1, 2, 3] and all(math.isfinite(v) for v in records.values())
+    tuned = checkpoints.latest(tmp_path / "chat")
+    assert (tuned / "tokenizer.json").is_file() and gemmalab.load(tuned, backend=backend).tokenizer.vocab_size == 261
