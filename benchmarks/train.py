@@ -12,7 +12,7 @@ global-norm clipping at 1.0, 2 threads:
   (``model(input_ids, labels=...)``, ``loss.backward()``, ``clip_grad_norm_``, ``step``);
 * gemmalab-mlx vs mlx-lm's own training step, the one ``mlx_lm.lora --fine-tune-type full`` runs
   (``mlx_lm.tuner.trainer.default_loss`` under ``nn.value_and_grad``, compiled with the model and optimizer
-  state as ``mlx_lm.tuner.trainer.train`` does, ``optim.AdamW``).
+  state as ``mlx_lm.tuner.trainer.train`` does, ``optim.AdamW`` with bias correction as gemmalab's).
 
 Tokens/s = batch x seq / median step time after one warm-up step; peak memory = the process's peak RSS.
 
@@ -105,7 +105,9 @@ def run_mlx_lm(folder: str, tokens: np.ndarray, steps: int) -> dict:
 
     model, _ = load_model(Path(folder))
     model.train()
-    optimizer = optim.AdamW(learning_rate=LR, weight_decay=WEIGHT_DECAY)
+    # With bias correction, as gemmalab's AdamW (MLX's default leaves it out): the same optimizer, so the
+    # two engines' losses must agree step by step; the speed is the same either way.
+    optimizer = optim.AdamW(learning_rate=LR, weight_decay=WEIGHT_DECAY, bias_correction=True)
     loss_value_and_grad = nn.value_and_grad(model, default_loss)
     state = [model.state, optimizer.state, mx.random.state]
 

@@ -413,6 +413,14 @@ class Gemma3TextModel(nn.Module):
         }
 
 
+def soft_cap(logits: mx.array, cap: float | None) -> mx.array:
+    """Gemma's final-logit soft-capping ``tanh(logits / cap) * cap`` (none when ``cap`` is None), in float32
+    and rounded once to the logits' dtype (transformers rounds after each op in bf16)."""
+    if cap is None:
+        return logits
+    return (mx.tanh(logits.astype(mx.float32) / cap) * cap).astype(logits.dtype)
+
+
 class Gemma3ForCausalLM(nn.Module):
     """Gemma 3 causal LM with Hugging Face parameter names. ``dtype`` is fixed at construction.
 
@@ -472,8 +480,4 @@ class Gemma3ForCausalLM(nn.Module):
             logits = self.model.embed_tokens.as_linear(h)  # the embedding matrix itself, not a copy
         else:
             logits = self.lm_head(h)
-        cap = self.config.final_logit_softcapping
-        if cap is not None:
-            # In float32 and rounded once (transformers rounds after each op in bf16).
-            logits = (mx.tanh(logits.astype(mx.float32) / cap) * cap).astype(logits.dtype)
-        return logits
+        return soft_cap(logits, self.config.final_logit_softcapping)

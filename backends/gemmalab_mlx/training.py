@@ -1,12 +1,12 @@
 """Training on MLX: the chunked loss, gradient accumulation, clipping and the optimizer step behind
 gemmalab.train.spec.BackendTrainer. The formulas are in gemmalab/train/spec.py.
 
-The loss and its gradients come in three stages per micro-batch, each evaluated before the next (see
-``MLXTrainer.accumulate`` for why one traced graph will not do): the backbone forward; the output head and
-the loss chunk by chunk, each chunk's value and gradients (head weight, hidden states) evaluated before the
-next chunk is built; then ``mlx.nn.value_and_grad`` over the backbone's trainable parameters, with the
-hidden states' gradient as the cotangent. A parameter with learning-rate scale 0 is frozen
-(``Module.freeze``), so no gradient is computed for it. Each parameter has its own optimizer
+The loss and its gradients come from one ``mlx.nn.value_and_grad`` over the trainable parameters, with the
+output head and loss inside as one custom function (``fused_head_loss``) whose forward pass works chunk by
+chunk and computes each chunk's gradients (hidden states, head weight) on the spot, evaluated before the next
+chunk is built: one chunk's logits exist at a time, none is recomputed, and the backbone runs forward once.
+A parameter with learning-rate scale 0 is frozen (``Module.freeze``), so no gradient is computed for it.
+Each parameter has its own optimizer
 instance: spec.py counts the step ``t`` per parameter (a block unfrozen at step 1000 starts at t = 1) and
 every parameter can have its own learning rate (layer-wise decay), while an MLX optimizer keeps one step
 count and one learning rate for everything it updates.
@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -42,18 +43,15 @@ from gemmalab.checks import check_token_ids
 from gemmalab.errors import InputError
 from gemmalab.train.spec import TrainSpec
 
-from .model import Gemma3ForCausalLM
+from .model import Gemma3ForCausalLM, soft_cap
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": mx.bfloat16, "fp16": mx.float16}
 
 
 # --- the loss -----------------------------------------------------------------------------------------------
-def chunk_loss(
-    model: Gemma3ForCausalLM, hidden: mx.array, targets: mx.array, weights: mx.array, label_smoothing: float
-) -> mx.array:
-    """sum(weights * token loss) for final-normed hidden states [n, hidden]: the model's head (tied or not,
-    soft-capped when configured), then a float32 log-softmax."""
-    logits = model.logits_from_hidden(hidden).astype(mx.float32)  # [n, vocab]
+def chunk_loss(logits: mx.array, targets: mx.array, weights: mx.array, label_smoothing: float) -> mx.array:
+    """sum(weights * token loss) over float32 logits [n, vocab]: -log p(target), mixed with the mean of
+    -log p over the vocabulary by ``label_smoothing``."""
     lse = mx.logsumexp(logits, axis=-1)  # [n]
     nll = lse - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]  # -log p(target), [n]
     if label_smoothing:
@@ -90,8 +88,84 @@ def chunked_loss_sum(
     targets, weights = targets.reshape(-1), weights.reshape(-1)  # [batch * seq]
     total = 0.0
     for part in chunks(hidden.shape[0], chunk_tokens):
-        total += chunk_loss(model, hidden[part], targets[part], weights[part], label_smoothing).item()
+        logits = model.logits_from_hidden(hidden[part]).astype(mx.float32)  # [chunk, vocab]
+        total += chunk_loss(logits, targets[part], weights[part], label_smoothing).item()
     return total
+
+
+@dataclass
+class HeadLossResult:
+    """What ``fused_head_loss`` leaves once its forward pass has run: the unscaled loss sum, and the
+    gradient of loss_scale * loss with respect to the head weight (float32), or None when not asked."""
+
+    loss: float = 0.0
+    weight_grad: mx.array | None = None
+
+
+def fused_head_loss(
+    hidden: mx.array,
+    head_weight: mx.array,
+    targets: mx.array,
+    weights: mx.array,
+    *,
+    spec: TrainSpec,
+    logit_cap: float | None,
+    loss_scale: float,
+    weight_grad: bool,
+) -> tuple[mx.array, HeadLossResult]:
+    """The output head and loss on final-normed hidden states [n, hidden], in chunks of
+    ``spec.loss_chunk_tokens`` positions, doing the work of the backward pass in the forward pass.
+
+    Returns ``loss_scale * loss sum`` as an array differentiable with respect to ``hidden`` (the gradient
+    is computed here and handed out by the backward pass), and a ``HeadLossResult`` that holds the
+    unscaled loss and, with ``weight_grad``, the head weight's gradient. The head weight [vocab, hidden]
+    is a plain float32 array, cast here to the compute dtype of ``spec.precision``: its gradient is
+    returned rather than differentiated, so the caller adds it to a tied embedding's own.
+
+    Each chunk's logits, loss and gradients are evaluated, and copied out through numpy, before the next
+    chunk is built. Evaluating alone would not free them: MLX allocates an op's output when the graph is
+    dispatched, ahead of the computation, so a lazily built chunked loss dispatches all chunks side by
+    side; and inside a gradient transformation it keeps the graph behind every evaluated array (for the
+    backward pass), and with it every intermediate buffer. A copy made from host memory has no graph.
+    """
+    compute_dtype = COMPUTE_DTYPES[spec.precision]
+    result = HeadLossResult()
+
+    def part_loss(h: mx.array, w: mx.array, t: mx.array, wt: mx.array) -> tuple[mx.array, mx.array]:
+        w = w if compute_dtype is None else w.astype(compute_dtype)
+        logits = soft_cap(h @ w.T, logit_cap).astype(mx.float32)  # [chunk, vocab]
+        loss = chunk_loss(logits, t, wt, spec.label_smoothing)
+        return loss * loss_scale, loss  # the gradient is of the first
+
+    hidden_grads: list[mx.array] = []  # float32 [chunk, hidden] each, no graph behind them
+
+    @mx.custom_function
+    def scaled_loss(hidden: mx.array) -> mx.array:
+        hidden = mx.stop_gradient(hidden)  # differentiated here; the outer transformation sees the vjp
+        grad_fn = mx.value_and_grad(part_loss, argnums=(0, 1) if weight_grad else 0)
+        weight_sum = None  # float32 numpy [vocab, hidden]: added to in place, one buffer for all chunks
+        for part in chunks(hidden.shape[0], spec.loss_chunk_tokens):
+            (_, loss), grads = grad_fn(hidden[part], head_weight, targets[part], weights[part])
+            d_hidden, d_weight = grads if weight_grad else (grads, None)
+            d_hidden = d_hidden.astype(mx.float32)
+            mx.eval(loss, d_hidden, d_weight)
+            result.loss += loss.item()
+            hidden_grads.append(mx.array(np.asarray(d_hidden)))
+            if d_weight is not None:
+                d_weight = np.asarray(d_weight)  # a view of MLX's buffer
+                weight_sum = (
+                    d_weight.copy() if weight_sum is None else np.add(weight_sum, d_weight, out=weight_sum)
+                )
+        if weight_sum is not None:
+            result.weight_grad = mx.array(weight_sum)
+        return mx.array(result.loss * loss_scale, dtype=mx.float32)
+
+    @scaled_loss.vjp
+    def scaled_loss_vjp(primals, cotangent, output):
+        hidden = primals  # MLX passes a single argument as itself, and takes its cotangent so
+        return (cotangent * mx.concatenate(hidden_grads)).astype(hidden.dtype)
+
+    return scaled_loss(hidden), result
 
 
 def batch_arrays(
@@ -182,27 +256,38 @@ class MLXTrainer:
         self.scales: dict[str, float] = {}
         self.grads: dict[str, mx.array] = {}  # the float32 accumulator of the trainable parameters
         self.optimizers: dict[str, optim.Optimizer] = {}  # one per parameter, made at its first update
-        # Gradients of the backbone's trainable parameters (read per call: freezing takes effect at once).
-        self._backbone_grad = nn.value_and_grad(model.model, self._backbone_product)
+        self._loss_and_grad = nn.value_and_grad(model, self._scaled_loss)  # reads what is trainable per call
         self.set_lr_scales({})
 
     @property
     def _stream(self) -> mx.Device:
         return self.model.device or mx.default_device()
 
-    def _head_loss(
-        self, weight: mx.array, hidden: mx.array, targets: mx.array, weights: mx.array, loss_scale: float
-    ) -> tuple[mx.array, mx.array]:
-        """(loss_scale * loss, loss) of one chunk, with the head's weight an argument to differentiate."""
-        self.head.update({"weight": weight})  # the head reads it from the module
-        loss = chunk_loss(self.model, hidden, targets, weights, self.spec.label_smoothing)
-        return loss * loss_scale, loss  # the gradient is of the first
-
-    def _backbone_product(self, ids: mx.array, hidden_grad: mx.array) -> mx.array:
-        """<final hidden states, hidden_grad>: its gradient is the backbone's vector-Jacobian product."""
+    def _scaled_loss(
+        self,
+        ids: mx.array,
+        targets: mx.array,
+        weights: mx.array,
+        head_weight: mx.array,
+        loss_scale: float,
+        results: list[HeadLossResult],
+    ) -> mx.array:
+        """loss_scale * loss sum of one micro-batch (what ``accumulate`` differentiates); appends the
+        head's HeadLossResult to ``results``."""
         cast_parameters(self.model, self.spec.precision)
         hidden = final_hidden(self.model, ids)  # [batch * seq, hidden]
-        return (hidden.astype(mx.float32) * hidden_grad.astype(mx.float32)).sum()
+        loss, result = fused_head_loss(
+            hidden,
+            head_weight,
+            targets.reshape(-1),
+            weights.reshape(-1),
+            spec=self.spec,
+            logit_cap=self.model.config.final_logit_softcapping,
+            loss_scale=loss_scale,
+            weight_grad=self.scales[self.head_name] != 0.0,
+        )
+        results.append(result)
+        return loss
 
     def accumulate(
         self, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray, *, loss_scale: float = 1.0
@@ -210,41 +295,32 @@ class MLXTrainer:
         """Forward and backward on one micro-batch; adds d(loss_scale * loss_sum)/d(params) to the
         accumulated gradients of the trainable parameters. Returns the unscaled loss sum.
 
-        In three stages, because one traced graph cannot bound the logits' memory in MLX: each output is
-        allocated when its op is dispatched, ahead of the computation, and the graph is dispatched
-        breadth-first, so the chunks of a chunked loss (mx.checkpoint around each, its logits recomputed
-        for its gradient) run side by side; measured, that held more than the full logits at once.
-        1. the backbone forward, no gradient: final-normed hidden states [batch * seq, hidden];
-        2. per chunk, the head and loss with their gradients (head weight, hidden states), evaluated
-           before the next chunk is built: one chunk's logits exist at a time, and none is recomputed;
-        3. the backbone's gradients, with the hidden states' gradient as the cotangent (this reruns the
-           backbone forward: stage 1 could not keep it for a backward pass without keeping the graph).
+        One ``nn.value_and_grad`` over the trainable parameters, the head weight excepted: fused_head_loss
+        computes its gradient (and the hidden states') chunk by chunk in the forward pass, and the
+        transformation carries the hidden states' gradient back through the backbone.
         """
         ids, targets, weights = batch_arrays(self.model, inputs, targets, weights)
-        spec = self.spec
-        train_head = self.scales[self.head_name] != 0.0
-        total, head_grad, hidden_grads = 0.0, None, []
-        with mx.stream(self._stream):
-            with compute_precision(self.model, spec.precision):
-                cast_parameters(self.model, spec.precision)
-                hidden = final_hidden(self.model, ids)  # [batch * seq, hidden]
-                mx.eval(hidden)
-                targets, weights = targets.reshape(-1), weights.reshape(-1)  # [batch * seq]
-                grad_fn = mx.value_and_grad(self._head_loss, argnums=(0, 1) if train_head else 1)
-                weight = self.head.weight
-                for part in chunks(hidden.shape[0], spec.loss_chunk_tokens):
-                    (_, loss), grads = grad_fn(weight, hidden[part], targets[part], weights[part], loss_scale)
-                    if train_head:
-                        d_weight, grads = grads[0].astype(mx.float32), grads[1]
-                        head_grad = d_weight if head_grad is None else head_grad + d_weight
-                    hidden_grads.append(grads)
-                    mx.eval(loss, head_grad, grads)
-                    total += loss.item()
-            grads = {}
-            if any(scale for name, scale in self.scales.items() if name.startswith("model.")):
-                with compute_precision(self.model, spec.precision):
-                    _, tree = self._backbone_grad(ids, mx.concatenate(hidden_grads))
-                grads = {f"model.{name}": grad for name, grad in tree_flatten(tree)}
+        head_weight = self.head.weight  # the float32 parameter, read before value_and_grad swaps in tracers
+        untied_head = not self.model.config.tie_word_embeddings
+        # Whether anything but the head trains: the tied head is also the embedding, which does.
+        backbone_trains = any(
+            scale for name, scale in self.scales.items() if name != self.head_name or not untied_head
+        )
+        results: list[HeadLossResult] = []
+        grads: dict[str, mx.array] = {}
+        with mx.stream(self._stream), compute_precision(self.model, self.spec.precision):
+            if backbone_trains:
+                if untied_head:  # its gradient comes from fused_head_loss, not from the transformation
+                    self.model.lm_head.freeze()
+                try:
+                    _, tree = self._loss_and_grad(ids, targets, weights, head_weight, loss_scale, results)
+                finally:
+                    if untied_head and self.scales[self.head_name] != 0.0:
+                        self.model.lm_head.unfreeze()
+                grads = dict(tree_flatten(tree))
+            else:  # only the untied head trains, or nothing: no backbone gradients at all
+                self._scaled_loss(ids, targets, weights, head_weight, loss_scale, results)
+            head_grad = results[0].weight_grad
             if head_grad is not None:
                 grads[self.head_name] = (
                     grads[self.head_name] + head_grad if self.head_name in grads else head_grad
@@ -253,7 +329,7 @@ class MLXTrainer:
                 previous = self.grads.get(name)
                 self.grads[name] = grad if previous is None else previous + grad
             mx.eval(self.grads)
-        return total
+        return results[0].loss
 
     def gradients(self) -> dict[str, np.ndarray]:
         """The accumulated gradients of the trainable parameters, float32 numpy, canonical names."""
@@ -381,4 +457,6 @@ __all__ = [
     "chunks",
     "compute_precision",
     "final_hidden",
+    "HeadLossResult",
+    "fused_head_loss",
 ]
