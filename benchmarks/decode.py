@@ -121,14 +121,21 @@ def write_checkpoints(root: Path, dtypes: list[str], seed: int) -> dict[str, Pat
     }
 
 
-def run_engine(engine: str, folder: Path, prompt_file: Path, gen: int, threads: int) -> dict:
+def run_worker(script: str, name: str, threads: int, *args: str) -> dict:
+    """``script --worker name --threads N args...`` in a fresh process limited to ``threads`` threads: the
+    JSON object its last output line holds. Each benchmark's engines run this way, one process each."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    command = [sys.executable, __file__, "--worker", engine, "--checkpoint", str(folder),
-               "--prompt-file", str(prompt_file), "--gen", str(gen)]
+    command = [sys.executable, script, "--worker", name, "--threads", str(threads), *args]
+    print(f"running {name} ...", file=sys.stderr, flush=True)
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        raise SystemExit(f"{engine} failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_engine(engine: str, folder: Path, prompt_file: Path, gen: int, threads: int) -> dict:
+    return run_worker(__file__, engine, threads, "--checkpoint", str(folder), "--prompt-file", str(prompt_file),
+                      "--gen", str(gen))
 
 
 def main() -> None:

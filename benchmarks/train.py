@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import decode  # the same random 270M-shaped checkpoint and worker processes as the decode benchmark
 import numpy as np
-from decode import write_checkpoints  # the same random 270M-shaped checkpoint as the decode benchmark
 
 RESULTS = Path(__file__).parent / "results"
 PAIRS = [("torch", "transformers"), ("mlx", "mlx-lm")]
@@ -178,13 +175,7 @@ def worker(args: argparse.Namespace) -> None:
 
 # --- the driver ---------------------------------------------------------------------------------------------
 def run_worker(args: argparse.Namespace, name: str, *extra: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    command = [sys.executable, __file__, "--worker", name, "--threads", str(args.threads), *extra]
-    print(f"running {name} ...", file=sys.stderr, flush=True)
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return decode.run_worker(__file__, name, args.threads, *extra)
 
 
 def main() -> None:
@@ -208,7 +199,7 @@ def main() -> None:
 
     report = {"batch": args.batch, "seq": args.seq, "threads": args.threads, "rows": [], "ratios": []}
     with tempfile.TemporaryDirectory(prefix="gemmalab-train-") as tmp:
-        folder = write_checkpoints(Path(tmp), ["float32"], args.seed)["float32"]
+        folder = decode.write_checkpoints(Path(tmp), ["float32"], args.seed)["float32"]
         tokens_file = Path(tmp) / "tokens.npy"
         tokens = np.random.default_rng(args.seed).integers(3, 262_144, size=(args.batch, args.seq + 1))
         np.save(tokens_file, tokens.astype(np.int32))

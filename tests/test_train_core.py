@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gemmalab.config import Gemma3Config
-from gemmalab.errors import ConfigError, InputError
+from gemmalab.errors import CheckpointError, ConfigError, InputError
 from gemmalab.tokenizer import BYTE_LEVEL_VOCAB_SIZE, Tokenizer
 from gemmalab.train import checkpoints
 from gemmalab.train.config import TrainConfig
@@ -18,6 +18,7 @@ from gemmalab.train.data import DataStream, Document, load_documents, pack, toke
 from gemmalab.train.layers import lr_scales
 from gemmalab.train.loop import warmup_for
 from gemmalab.train.schedules import Schedule
+from gemmalab.train.spec import optimizer_state_by_parameter
 from gemmalab.train.tracking import Tracker, truncate_metrics
 
 
@@ -192,3 +193,14 @@ def test_metrics_jsonl_is_truncated_to_the_resumed_step(tmp_path):
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_optimizer_state_groups_by_parameter_and_refuses_another_models():
+    m, step = np.zeros((2, 3), np.float32), np.array([4])
+    state = {"exp_avg/model.norm.weight": m, "step/model.norm.weight": step, "step/lm_head.weight": step}
+    grouped = optimizer_state_by_parameter(state, ["model.norm.weight", "lm_head.weight", "unused"])
+    assert set(grouped) == {"model.norm.weight", "lm_head.weight"}
+    assert set(grouped["model.norm.weight"]) == {"exp_avg", "step"}
+    assert grouped["model.norm.weight"]["exp_avg"] is m
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        optimizer_state_by_parameter(state, ["model.norm.weight"])

@@ -23,6 +23,7 @@ from train_oracles import (
 )
 
 from gemmalab import reference
+from gemmalab.errors import CheckpointError
 from gemmalab.train.spec import OptimizerSpec, TrainSpec
 
 mx = pytest.importorskip("mlx.core")
@@ -340,7 +341,7 @@ def test_optimizer_state_that_does_not_fit_is_refused():
     trainer.apply(1e-3, 10.0)
     state = trainer.optimizer_state()
     fresh, *_ = make(TrainSpec())
-    with pytest.raises(KeyError):
+    with pytest.raises(CheckpointError, match="model.nope.weight"):
         fresh.load_optimizer_state({**state, "m/model.nope.weight": np.zeros(3, np.float32)})
-    with pytest.raises(ValueError):
+    with pytest.raises(CheckpointError, match="shapes"):
         fresh.load_optimizer_state({**state, f"m/{NORM}": np.zeros(3, np.float32)})

@@ -56,7 +56,7 @@ import optax
 from gemmalab.checks import check_token_ids
 from gemmalab.config import Gemma3Config
 from gemmalab.errors import BackendError, CheckpointError, InputError
-from gemmalab.train.spec import OptimizerSpec, TrainSpec
+from gemmalab.train.spec import OptimizerSpec, TrainSpec, optimizer_state_by_parameter
 
 from .model import (
     JNP_DTYPES,
@@ -503,12 +503,7 @@ class JaxTrainer:
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore what ``optimizer_state`` returned (from a trainer with the same optimizer and shapes)."""
         flat = flatten(self.model.params)
-        by_param: dict[str, dict[str, np.ndarray]] = {}
-        for key, value in state.items():
-            path, _, name = key.partition("/")
-            if name not in flat:
-                raise CheckpointError(f"optimizer state {key!r} names a parameter this model does not have")
-            by_param.setdefault(name, {})[path] = np.asarray(value)
+        by_param = optimizer_state_by_parameter(state, flat)
         states = {}
         for name, values in by_param.items():
             template = jax.eval_shape(self.transform.init, flat[name])  # shapes and dtypes, nothing allocated

@@ -40,8 +40,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from gemmalab.checks import check_token_ids
-from gemmalab.errors import InputError
-from gemmalab.train.spec import TrainSpec
+from gemmalab.errors import CheckpointError, InputError
+from gemmalab.train.spec import TrainSpec, optimizer_state_by_parameter
 
 from .model import Gemma3ForCausalLM, soft_cap
 
@@ -425,12 +425,7 @@ class MLXTrainer:
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore what ``optimizer_state`` returned (on a trainer with the same spec and model shapes)."""
         params = dict(tree_flatten(self.model.parameters()))
-        by_param: dict[str, dict[str, np.ndarray]] = {}
-        for key, value in state.items():
-            kind, _, name = key.partition("/")
-            if name not in params:
-                raise KeyError(f"optimizer state for unknown parameter {name}")
-            by_param.setdefault(name, {})[kind] = np.asarray(value)
+        by_param = optimizer_state_by_parameter(state, params)
         self.optimizers = {}
         for name, values in by_param.items():
             optimizer = self._optimizer(name)
@@ -439,7 +434,10 @@ class MLXTrainer:
             shapes = {key: tuple(value.shape) for key, value in expected.items()} | {"step": (1,)}
             got = {key: value.shape for key, value in values.items()}
             if got != shapes:
-                raise ValueError(f"optimizer state of {name} has shapes {got}, not the {shapes} it needs")
+                raise CheckpointError(
+                    f"the optimizer state of {name} has shapes {got}, not the {shapes} this model needs: "
+                    "resume with the model and optimizer the run was started with"
+                )
             step = mx.array(int(values.pop("step")[0]), dtype=mx.uint64)
             optimizer.state = {
                 **optimizer.state,

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gemmalab.errors import CheckpointError, InputError
-from gemmalab.train.spec import TrainSpec
+from gemmalab.errors import InputError
+from gemmalab.train.spec import TrainSpec, optimizer_state_by_parameter
 
 from .model import Gemma3ForCausalLM
 
@@ -244,17 +244,15 @@ class TorchTrainer:
         return out
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
-        by_param: dict[str, dict[str, Tensor]] = {}
-        for key, value in state.items():
-            kind, _, name = key.partition("/")
-            if name not in self.params:
-                raise CheckpointError(f"the optimizer state holds {name}, which this model does not have")
-            tensor = torch.from_numpy(np.array(value))
-            # torch keeps AdamW's step counts on the CPU (a device tensor would cost a sync per step)
-            by_param.setdefault(name, {})[kind] = tensor if kind == "step" else tensor.to(self.params[name].device)
+        by_param = optimizer_state_by_parameter(state, self.params)
         self.optimizer.state.clear()
         for name, values in by_param.items():
-            self.optimizer.state[self.params[name]] = values
+            tensors = {kind: torch.from_numpy(np.array(value)) for kind, value in values.items()}
+            device = self.params[name].device
+            # torch keeps AdamW's step counts on the CPU (a device tensor would cost a sync per step)
+            self.optimizer.state[self.params[name]] = {
+                kind: tensor if kind == "step" else tensor.to(device) for kind, tensor in tensors.items()
+            }
 
 
 __all__ = ["Adafactor", "LinearCrossEntropy", "TorchTrainer", "chunked_head_loss", "chunked_loss_sum"]

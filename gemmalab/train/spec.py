@@ -38,13 +38,13 @@ rms(x) = sqrt(mean(x^2)). Weight decay applies to every trainable parameter.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 
 OptimizerName = Literal["adamw", "adafactor"]
 # Positions per loss chunk: at Gemma's 262k vocabulary a chunk's float32 logits take 0.5 GB.
@@ -142,12 +142,40 @@ class BackendTrainer(Protocol):
         its state, and weight decay does not touch it. Takes effect from the next ``accumulate``."""
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        """The optimizer's whole state as flat numpy arrays (names are backend-defined but stable, e.g.
-        ``"exp_avg/model.layers.0.mlp.up_proj.weight"``; per-parameter step counts included), so that
-        ``load_optimizer_state`` on a fresh trainer continues bit-for-bit."""
+        """The optimizer's whole state as flat numpy arrays named ``"<state>/<parameter>"`` (the state
+        names are backend-defined but stable, e.g. ``"exp_avg/model.layers.0.mlp.up_proj.weight"``;
+        per-parameter step counts included), so that ``load_optimizer_state`` on a fresh trainer continues
+        bit-for-bit."""
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore what ``optimizer_state`` returned."""
 
 
-__all__ = ["LOSS_CHUNK_TOKENS", "BackendTrainer", "OptimizerName", "OptimizerSpec", "Precision", "TrainSpec"]
+def optimizer_state_by_parameter(
+    state: Mapping[str, np.ndarray], parameters: Iterable[str]
+) -> dict[str, dict[str, np.ndarray]]:
+    """A flat optimizer state (``"<state>/<parameter>"`` -> array, see BackendTrainer.optimizer_state)
+    grouped by parameter: {parameter: {state: array}}. A name outside ``parameters`` raises
+    CheckpointError: the checkpoint belongs to another model."""
+    known = set(parameters)
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in state.items():
+        kind, _, name = key.partition("/")
+        if name not in known:
+            raise CheckpointError(
+                f"the optimizer state holds {key!r}, for a parameter this model does not have: "
+                "resume with the model the run was started with"
+            )
+        grouped.setdefault(name, {})[kind] = np.asarray(value)
+    return grouped
+
+
+__all__ = [
+    "LOSS_CHUNK_TOKENS",
+    "BackendTrainer",
+    "OptimizerName",
+    "OptimizerSpec",
+    "Precision",
+    "TrainSpec",
+    "optimizer_state_by_parameter",
+]
