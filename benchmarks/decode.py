@@ -126,7 +126,6 @@ def run_worker(script: str, name: str, threads: int, *args: str) -> dict:
     JSON object its last output line holds. Each benchmark's engines run this way, one process each."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     command = [sys.executable, script, "--worker", name, "--threads", str(threads), *args]
-    print(f"running {name} ...", file=sys.stderr, flush=True)
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -175,6 +176,7 @@ def worker(args: argparse.Namespace) -> None:
 
 # --- the driver ---------------------------------------------------------------------------------------------
 def run_worker(args: argparse.Namespace, name: str, *extra: str) -> dict:
+    print(f"running {name} ...", file=sys.stderr, flush=True)
     return decode.run_worker(__file__, name, args.threads, *extra)
 
 

@@ -162,7 +162,7 @@ def fused_head_loss(
 
     @scaled_loss.vjp
     def scaled_loss_vjp(primals, cotangent, output):
-        hidden = primals  # MLX passes a single argument as itself, and takes its cotangent so
+        hidden = primals  # with one argument, MLX passes the array itself and expects one array back
         return (cotangent * mx.concatenate(hidden_grads)).astype(hidden.dtype)
 
     return scaled_loss(hidden), result
