@@ -453,7 +453,9 @@ def train(
     if result.eval_loss is not None:
         summary += f", held-out loss {result.eval_loss:.4f} (perplexity {math.exp(min(result.eval_loss, 700)):.2f})"
     console.print(summary)
-    console.print(f"checkpoint: {escape(str(result.checkpoint))}  metrics: {escape(str(result.run_dir / 'metrics.jsonl'))}")
+    # One line each, never wrapped: paths are for copying.
+    console.print(f"checkpoint: {escape(str(result.checkpoint))}", soft_wrap=True)
+    console.print(f"metrics: {escape(str(result.run_dir / 'metrics.jsonl'))}", soft_wrap=True)
 
 
 @app.command("eval")
