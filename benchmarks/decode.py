@@ -7,7 +7,7 @@ Pairs: gemmalab-torch and gemmalab-jax vs transformers' ``generate``; gemmalab-m
 engine loads the same random checkpoint of the exact Gemma 3 270M shape (vocab 262144), written once per dtype
 in HF format, and runs in a fresh process (so peak RSS is its own) with the same thread count. Greedy decoding,
 no stop ids. Prefill time = time to the first new token; decode tokens/s counts the tokens after it.
-Writes benchmarks/results/decode.json.
+Writes benchmarks/results/decode.json (``--results`` to change).
 """
 
 from __future__ import annotations
@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--gen", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", default="decode.json", help="file name under benchmarks/results/")
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -192,7 +193,7 @@ def main() -> None:
                     "same_greedy_tokens": a["tokens_head"] == b["tokens_head"],
                 })
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "decode.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / args.results).write_text(json.dumps(report, indent=2) + "\n")
 
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.threads} threads, prompt {args.prompt}, generate {args.gen}")
     print(f"{'engine':<14}{'dtype':<10}{'prefill s':>10}{'prompt tok/s':>14}{'decode tok/s':>14}{'roofline':>10}{'peak RSS GB':>13}")

@@ -194,11 +194,13 @@ class Weights(Mapping):
     """Canonical name -> numpy array, read from safetensors on access (memory-mapped, one at a time).
 
     A backend iterating over it converts tensor by tensor, so a checkpoint never sits in memory twice.
+    ``read_into`` reads a tensor into the backend's own memory instead, with no memory map at all.
     """
 
     locations: dict[str, tuple[Path, str]]  # canonical name -> (file, key in file)
     set_aside: list[str] = field(default_factory=list)  # vision/projector keys not used by the text model
     _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+    _headers: dict[Path, tuple[int, dict]] = field(default_factory=dict, repr=False)
 
     def _handle(self, file: Path):
         if file not in self._handles:
@@ -215,11 +217,71 @@ class Weights(Mapping):
     def __contains__(self, name: object) -> bool:
         return name in self.locations  # Mapping's default would read the tensor to answer
 
+    def stored_dtype(self, name: str) -> np.dtype | None:
+        """The numpy dtype ``name`` is stored in (from the file's header), or None for a dtype other than
+        float32, bfloat16 and float16."""
+        return _SAFETENSORS_DTYPES.get(self._entry(name)[1]["dtype"])
+
+    def _entry(self, name: str) -> tuple[int, dict]:
+        """(where the file's data begins, the header entry of ``name``: dtype, shape, data_offsets)."""
+        file, key = self.locations[name]
+        if file not in self._headers:
+            self._headers[file] = _read_header(file)
+        start, header = self._headers[file]
+        return start, header[key]
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Read ``name`` from its file straight into ``out`` (C-contiguous, writable, the stored dtype and
+        shape) with plain reads, no memory map: a backend that allocates its own tensor and hands its
+        memory here holds each tensor once while loading. (A memory-mapped read counts the file's pages in
+        the process's resident memory too, on top of the copy, until the map closes.)"""
+        file, key = self.locations[name]
+        data_start, entry = self._entry(name)
+        begin, end = entry["data_offsets"]
+        if (
+            out.dtype != self.stored_dtype(name)
+            or tuple(out.shape) != tuple(entry["shape"])
+            or not out.flags.c_contiguous
+            or out.nbytes != end - begin
+        ):
+            raise ValueError(
+                f"read_into({name!r}) needs a C-contiguous {self.stored_dtype(name)} array of shape {tuple(entry['shape'])}, "
+                f"got {out.dtype} {out.shape}"
+            )
+        target = memoryview(out.reshape(-1).view(np.uint8))
+        with open(file, "rb") as handle:
+            handle.seek(data_start + begin)
+            filled = 0
+            while filled < len(target):
+                count = handle.readinto(target[filled:])
+                if not count:
+                    raise CheckpointError(
+                        f"{file}: tensor {key} ends early: the file is truncated; re-download it"
+                    )
+                filled += count
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.locations)
 
     def __len__(self) -> int:
         return len(self.locations)
+
+
+# safetensors' dtype names for the floating-point dtypes gemmalab computes in.
+_SAFETENSORS_DTYPES = {
+    "F32": numpy_dtype("float32"),
+    "BF16": numpy_dtype("bfloat16"),
+    "F16": numpy_dtype("float16"),
+}
+
+
+def _read_header(file: Path) -> tuple[int, dict]:
+    """(where the tensor data begins, the JSON header: key -> {"dtype", "shape", "data_offsets"}) of a
+    safetensors file: an 8-byte little-endian header length, the header, then the data, which the
+    offsets count from (the format's definition)."""
+    with open(file, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return 8 + size, json.loads(handle.read(size))
 
 
 def _open(file: Path):

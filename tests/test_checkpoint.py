@@ -336,3 +336,27 @@ def test_saved_checkpoint_loads_in_mlx_lm(shape, tmp_path):
     ids = token_ids(config)
     theirs = np.array(peer(mx.array(ids)).astype(mx.float32))
     assert relative_error(theirs, reference.forward(config, weights, ids)) < 1e-3
+
+
+def test_read_into_fills_caller_memory_with_the_stored_tensor(tmp_path):
+    # Oracle: safetensors' own numpy reader on the same file.
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    stored = {
+        "model.norm.weight": rng.normal(size=(64,)).astype(np.float32),
+        "model.embed_tokens.weight": rng.normal(size=(7, 64)).astype(ml_dtypes.bfloat16),
+        "model.layers.0.mlp.up_proj.weight": rng.normal(size=(5, 3)).astype(np.float16),
+    }
+    save_file(stored, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    expected = load_file(tmp_path / "model.safetensors")
+    weights = checkpoint.Weights({name: (tmp_path / "model.safetensors", name) for name in stored})
+    for name, value in expected.items():
+        assert weights.stored_dtype(name) == value.dtype
+        out = np.empty(value.shape, value.dtype)
+        weights.read_into(name, out)
+        assert out.tobytes() == value.tobytes(), name
+    with pytest.raises(ValueError, match="float32 array of shape \\(64,\\)"):
+        weights.read_into("model.norm.weight", np.empty((64,), np.float16))
+    with pytest.raises(ValueError, match="shape \\(5, 3\\)"):
+        weights.read_into("model.layers.0.mlp.up_proj.weight", np.empty((3, 5), np.float16))

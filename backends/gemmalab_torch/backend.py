@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gemmalab.checkpoint import Weights
 from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype
@@ -28,6 +29,7 @@ from .training import TorchTrainer, batch_tensors, chunked_loss_sum
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BF16 = np.dtype(ml_dtypes.bfloat16)
+_NUMPY_OF = {torch.float32: np.dtype(np.float32), torch.bfloat16: _BF16, torch.float16: np.dtype(np.float16)}
 
 
 def to_torch(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -48,15 +50,16 @@ def to_torch(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> tor
     return source.to(device=device, dtype=dtype, copy=True)
 
 
-def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+def to_numpy(tensor: torch.Tensor, *, writable: bool = False) -> np.ndarray:
     """A numpy array of a tensor's values in its own dtype (bfloat16 through ml_dtypes). On CPU this is a
-    read-only view of the tensor's memory (no copy); elsewhere a host copy."""
+    view of the tensor's memory (no copy), read-only unless ``writable``; elsewhere a host copy."""
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
         array = tensor.view(torch.int16).numpy().view(_BF16)
     else:
         array = tensor.numpy()
-    array.flags.writeable = False
+    if not writable:
+        array.flags.writeable = False  # (numpy refuses to set it back to True on a view of torch memory)
     return array
 
 
@@ -124,13 +127,22 @@ class TorchBackend:
                 f"weights do not match the config ({'; '.join(problems)}): use a checkpoint made for it"
             )
         for name, shape in expected.items():
-            array = weights[name]  # a lazy Mapping may read it from disk only now
-            if tuple(array.shape) != shape:
-                raise CheckpointError(f"{name} has shape {tuple(array.shape)} but the config needs {shape}")
+            direct = isinstance(weights, Weights) and target.type == "cpu"
+            if direct and weights.stored_dtype(name) == _NUMPY_OF[torch_dtype]:
+                # Read from the file straight into the parameter's memory: each tensor is held once (a
+                # memory-mapped read would hold the file's pages as well, doubling the peak while loading).
+                tensor = torch.empty(shape, dtype=torch_dtype)
+                weights.read_into(name, to_numpy(tensor, writable=True))
+            else:
+                array = weights[name]  # a lazy Mapping may read it from disk only now
+                if tuple(array.shape) != shape:
+                    raise CheckpointError(
+                        f"{name} has shape {tuple(array.shape)} but the config needs {shape}"
+                    )
+                tensor = to_torch(array, torch_dtype, target)
+                del array
             module_name, _, leaf = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            setattr(module, leaf, nn.Parameter(to_torch(array, torch_dtype, target), requires_grad=False))
-            del array
+            setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
         return model
 
     def logits(self, model: Gemma3ForCausalLM, ids: np.ndarray) -> np.ndarray:
