@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
@@ -114,6 +114,23 @@ class Backend(Protocol):
     ) -> float:
         """sum(weights * token cross-entropy) of next-token targets, no gradients, with the head and loss
         run ``chunk_tokens`` positions at a time (the loss ``BackendTrainer.accumulate`` differentiates)."""
+
+
+@runtime_checkable
+class GreedyAhead(Protocol):
+    """Optional: a backend that decodes greedily one step ahead on its device.
+
+    With ``extend`` every step makes a round trip: the logits come to the host, the core's sampler picks
+    the tokens, they go back. For pure greedy decoding (the core decides when that is) a backend may take
+    the argmax on its device instead and build the next step before the current one's tokens are read, so
+    the host's work of a step overlaps the device's (mlx-lm decodes this way). The tokens are the ones
+    ``extend`` plus an argmax of its float32 logits would give.
+    """
+
+    def greedy_tokens(self, model: Any, cache: Any, tokens: np.ndarray) -> Iterator[np.ndarray]:
+        """Feed int ids [batch] (one per row, after everything in ``cache``) and yield, step after step,
+        the argmax ids [batch] of the position each step adds, computing one step ahead of what was
+        yielded. The cache holds that extra step when the caller stops; the caller closes the iterator."""
 
 
 @dataclass(frozen=True)

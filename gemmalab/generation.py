@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend
+from .backend import Backend, GreedyAhead
 from .config import Gemma3Config
 from .errors import InputError
 from .sampling import SamplingParams, make_sampler
@@ -100,6 +100,9 @@ class Generator:
     stop_ids: frozenset[int] = frozenset()
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     pad_id: int = 0
+    # Greedy decoding one step ahead on the device, where the backend offers it (backend.GreedyAhead); the
+    # same tokens as the host-side argmax. False keeps every step's logits coming to the host.
+    device_greedy: bool = True
 
     def __post_init__(self) -> None:
         if not self.prompts or any(len(p) == 0 for p in self.prompts):
@@ -116,6 +119,8 @@ class Generator:
         self.cache = self.backend.new_cache(self.model, batch=len(self.prompts), pad_lengths=self.pad_lengths)
         self.histories = [list(p) for p in self.prompts]
         self.sampler = make_sampler(self.params)
+        greedy = self.params.temperature == 0 and self.params.repetition_penalty == 1.0  # argmax of raw logits
+        self.greedy_ahead = self.device_greedy and greedy and isinstance(self.backend, GreedyAhead)
 
     def prefill(self) -> np.ndarray:
         """Feed the (left-padded) prompts in chunks; logits [batch, vocab] of each row's last token."""
@@ -151,26 +156,35 @@ def decode_steps(gen: Generator, max_tokens: int, stats: GenerationStats | None 
     logits = gen.prefill()
     stats.prefill_seconds = time.perf_counter() - start
     decode_start = time.perf_counter()
-    for index in range(max_tokens):
-        tokens = gen.sample(logits)
-        out: list[int | None] = []
-        for row in range(batch):
-            if finished[row]:
-                out.append(None)
-                continue
-            token = int(tokens[row])
-            gen.histories[row].append(token)
-            out.append(token)
-            stats.generated_tokens += 1
-            finished[row] = token in gen.stop_ids
-        done = all(finished) or index == max_tokens - 1
-        if not done:
-            # Rows that stopped keep being fed (their own last token) so the batch stays in lock-step.
-            logits = gen.feed(tokens)
-        stats.decode_seconds = time.perf_counter() - decode_start
-        yield DecodeStep(index, out, list(finished))
-        if done:
-            return
+    ahead: Iterator[np.ndarray] | None = None  # the backend's greedy tokens, once it decodes ahead
+    try:
+        for index in range(max_tokens):
+            tokens = gen.sample(logits) if ahead is None else next(ahead)
+            out: list[int | None] = []
+            for row in range(batch):
+                if finished[row]:
+                    out.append(None)
+                    continue
+                token = int(tokens[row])
+                gen.histories[row].append(token)
+                out.append(token)
+                stats.generated_tokens += 1
+                finished[row] = token in gen.stop_ids
+            done = all(finished) or index == max_tokens - 1
+            if not done:
+                # Rows that stopped keep being fed so the batch stays in lock-step (their tokens are dropped).
+                if gen.greedy_ahead:
+                    if ahead is None:
+                        ahead = gen.backend.greedy_tokens(gen.model, gen.cache, tokens)
+                else:
+                    logits = gen.feed(tokens)
+            stats.decode_seconds = time.perf_counter() - decode_start
+            yield DecodeStep(index, out, list(finished))
+            if done:
+                return
+    finally:
+        if ahead is not None:
+            ahead.close()
 
 
 def generate_ids(gen: Generator, max_tokens: int) -> GenerationResult:

@@ -126,3 +126,32 @@ def test_prefill_runs_the_head_on_the_last_position_only(backend, tiny_models):
     assert out.shape == (2, config.vocab_size)
     assert relative_error(out, reference.forward(config, weights, ids)[:, -1]) < FP32_TOLERANCE
     assert be.extend(native, be.new_cache(native, batch=2), ids, logits="none") is None
+
+
+def test_greedy_ahead_on_the_device_equals_the_host_argmax(backend, tiny_models):
+    # A backend that decodes greedily on its device, a step ahead (backend.GreedyAhead), must give the tokens
+    # of the host path: float32 logits to numpy, then the core's argmax. Batched, left-padded, generating
+    # past twice the window so the ring buffers wrap.
+    from gemmalab.backend import GreedyAhead
+    from gemmalab.generation import Generator, generate_ids
+
+    native = get_backend(backend)
+    if not isinstance(native, GreedyAhead):
+        pytest.skip(f"the {backend} backend decodes through the host only")
+    config, _, _, folder = tiny_models["tiny"]
+    model = gemmalab.load(folder, backend=backend, dtype="float32", device="cpu")
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, config.vocab_size, size=n).tolist() for n in (13, 5, 9)]
+    steps = 2 * config.sliding_window + 5
+
+    def run(device: bool, stop: frozenset[int]):
+        return generate_ids(Generator(native, model.native, config, prompts, stop_ids=stop, device_greedy=device), steps)
+
+    free = run(False, frozenset())
+    stop = frozenset({free.token_rows[1][3]})  # ends row 1 early; the others go on in lock-step
+    host = run(False, stop)
+    assert host.finish_reasons[1] == "stop" and len(host.token_rows[1]) <= 4
+    assert Generator(native, model.native, config, prompts).greedy_ahead  # the device path is the one taken
+    assert run(True, frozenset()).token_rows == free.token_rows
+    device = run(True, stop)
+    assert device.token_rows == host.token_rows and device.finish_reasons == host.finish_reasons

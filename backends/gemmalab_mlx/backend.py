@@ -10,7 +10,7 @@ one step (the layers, the cache writes, the head on the requested positions only
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import ml_dtypes
 import mlx.core as mx
@@ -141,6 +141,35 @@ class MLXBackend:
                 out = out[:, 0]  # [batch, vocab]
             mx.eval(out, cache.state)
         return np.array(out)
+
+    def greedy_tokens(
+        self, model: Gemma3ForCausalLM, cache: KVCache, tokens: np.ndarray
+    ) -> Iterator[np.ndarray]:
+        """gemmalab.backend.GreedyAhead: each step's argmax is taken on the device and the next step is
+        built and queued (``mx.async_eval``) before this step's ids are read, so building a step's graph
+        overlaps computing the one before."""
+        _require_weights(model)
+        if not isinstance(cache, KVCache) or cache.config != model.config:
+            raise InputError("this cache was not made for this model: make one with new_cache(model, ...)")
+        ids = _token_ids(model, np.asarray(tokens).reshape(-1, 1))  # [batch, 1]
+        if ids.shape[0] != cache.batch:
+            raise InputError(
+                f"greedy_tokens needs one token per row of this cache ({cache.batch}), got {ids.shape[0]}"
+            )
+        device = model.device or mx.default_device()
+
+        def queue_step(ids: mx.array) -> mx.array:
+            with mx.stream(device):
+                logits = model(ids, cache=cache, logits_to_keep=1)[:, -1]  # [batch, vocab]
+                chosen = mx.argmax(logits, axis=-1).astype(mx.int32)[:, None]  # [batch, 1]
+            mx.async_eval(chosen)
+            return chosen
+
+        current = queue_step(ids)
+        while True:
+            following = queue_step(current)  # queued behind `current`, built while it computes
+            yield np.array(current[:, 0]).astype(np.int64)
+            current = following
 
     def cache_nbytes(self, cache: KVCache) -> dict[str, int]:
         return cache.nbytes()
