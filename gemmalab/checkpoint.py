@@ -191,10 +191,10 @@ def _canonical(key: str) -> str | None:
 
 @dataclass
 class Weights(Mapping):
-    """Canonical name -> numpy array, read from safetensors on access (memory-mapped, one at a time).
+    """Canonical name -> numpy array, read from safetensors on access (one at a time, with plain reads).
 
     A backend iterating over it converts tensor by tensor, so a checkpoint never sits in memory twice.
-    ``read_into`` reads a tensor into the backend's own memory instead, with no memory map at all.
+    ``read_into`` reads a tensor into the backend's own memory instead, skipping the numpy copy.
     """
 
     locations: dict[str, tuple[Path, str]]  # canonical name -> (file, key in file)
@@ -208,7 +208,12 @@ class Weights(Mapping):
         return self._handles[file]
 
     def __getitem__(self, name: str) -> np.ndarray:
-        file, key = self.locations[name]
+        dtype = self.stored_dtype(name)
+        if dtype is not None:  # plain reads: no memory map whose pages would count on top of the copy
+            out = np.empty(self._entry(name)[1]["shape"], dtype)
+            self.read_into(name, out)
+            return out
+        file, key = self.locations[name]  # other dtypes (a backend names the problem) through safetensors
         try:
             return self._handle(file).get_tensor(key)
         except SafetensorError as err:

@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from gemmalab.checkpoint import Weights
 from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids
 from gemmalab.config import SLIDING, Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
@@ -180,13 +179,7 @@ class JaxBackend:
         target = numpy_dtype(dtype)
         flat = {}
         for name, shape in expected.items():
-            stored = weights.stored_dtype(name) if isinstance(weights, Weights) else None
-            if stored is not None:
-                # Plain reads into our own buffer: no memory map, whose pages would count on top of it.
-                array = np.empty(shape, stored)
-                weights.read_into(name, array)
-            else:
-                array = np.asarray(weights[name])  # a lazy Mapping may read it from disk only now
+            array = np.asarray(weights[name])  # a lazy Mapping may read it from disk only now
             if tuple(array.shape) != shape:
                 raise CheckpointError(f"{name} has shape {tuple(array.shape)} but the config needs {shape}")
             if not (np.issubdtype(array.dtype, np.floating) or array.dtype == np.dtype(target)):

@@ -122,13 +122,7 @@ class MLXBackend:
     ) -> np.ndarray | None:
         _require_weights(model)
         check_logits_mode(logits)
-        if not isinstance(cache, KVCache) or cache.config != model.config:
-            raise InputError("this cache was not made for this model: make one with new_cache(model, ...)")
-        ids = _token_ids(model, ids)
-        if ids.shape[0] != cache.batch or ids.shape[1] == 0:
-            raise InputError(
-                f"extend needs token ids [{cache.batch}, n >= 1] for this cache, got {tuple(ids.shape)}"
-            )
+        ids = _ids_for_cache(model, cache, ids, "extend")
         with mx.stream(model.device or mx.default_device()):
             if logits == "none":
                 # Only the cache is evaluated: the head (and the last layer's MLP) are never computed.
@@ -149,13 +143,7 @@ class MLXBackend:
         built and queued (``mx.async_eval``) before this step's ids are read, so building a step's graph
         overlaps computing the one before."""
         _require_weights(model)
-        if not isinstance(cache, KVCache) or cache.config != model.config:
-            raise InputError("this cache was not made for this model: make one with new_cache(model, ...)")
-        ids = _token_ids(model, np.asarray(tokens).reshape(-1, 1))  # [batch, 1]
-        if ids.shape[0] != cache.batch:
-            raise InputError(
-                f"greedy_tokens needs one token per row of this cache ({cache.batch}), got {ids.shape[0]}"
-            )
+        ids = _ids_for_cache(model, cache, np.asarray(tokens).reshape(-1, 1), "greedy_tokens")  # [batch, 1]
         device = model.device or mx.default_device()
 
         def queue_step(ids: mx.array) -> mx.array:
@@ -277,6 +265,18 @@ def _token_ids(model: Gemma3ForCausalLM, ids: np.ndarray) -> mx.array:
     """Checked int token ids [batch, seq] as an MLX int32 array (MLX gathers do not check bounds: an
     out-of-range id would read garbage silently)."""
     return mx.array(check_token_ids(ids, model.config.vocab_size).astype(np.int32))
+
+
+def _ids_for_cache(model: Gemma3ForCausalLM, cache: KVCache, ids: np.ndarray, caller: str) -> mx.array:
+    """Checked token ids [cache.batch, n >= 1] to feed after what ``cache`` (made for ``model``) holds."""
+    if not isinstance(cache, KVCache) or cache.config != model.config:
+        raise InputError("this cache was not made for this model: make one with new_cache(model, ...)")
+    ids = _token_ids(model, ids)
+    if ids.shape[0] != cache.batch or ids.shape[1] == 0:
+        raise InputError(
+            f"{caller} needs token ids [{cache.batch}, n >= 1] for this cache, got {tuple(ids.shape)}"
+        )
+    return ids
 
 
 def _require_weights(model: Gemma3ForCausalLM) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from gemmalab.checkpoint import Weights
 from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
-from gemmalab.dtypes import canonical_dtype
+from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
 from gemmalab.params import parameter_shapes
 from gemmalab.train.spec import LOSS_CHUNK_TOKENS
@@ -29,7 +29,6 @@ from .training import TorchTrainer, batch_tensors, chunked_loss_sum
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BF16 = np.dtype(ml_dtypes.bfloat16)
-_NUMPY_OF = {torch.float32: np.dtype(np.float32), torch.bfloat16: _BF16, torch.float16: np.dtype(np.float16)}
 
 
 def to_torch(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -128,7 +127,7 @@ class TorchBackend:
             )
         for name, shape in expected.items():
             direct = isinstance(weights, Weights) and target.type == "cpu"
-            if direct and weights.stored_dtype(name) == _NUMPY_OF[torch_dtype]:
+            if direct and weights.stored_dtype(name) == numpy_dtype(canonical_dtype(dtype)):
                 # Read from the file straight into the parameter's memory: each tensor is held once (a
                 # memory-mapped read would hold the file's pages as well, doubling the peak while loading).
                 tensor = torch.empty(shape, dtype=torch_dtype)
