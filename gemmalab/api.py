@@ -78,11 +78,13 @@ class Model:
         return out
 
     # -- generation ---------------------------------------------------------------------------------------
-    def _generator(self, prompt: Any, *, stop: Sequence[int] | None, prefill_chunk: int, **sampling: Any):
-        from .generation import Generator, normalize_prompts, stop_ids_for
+    def _generator(self, prompt: Any, *, stop: Sequence[int | str] | None, prefill_chunk: int, track_text: bool = False,
+                   **sampling: Any):
+        from .generation import Generator, normalize_prompts, split_stops, stop_ids_for
         from .sampling import SamplingParams
 
         rows, batched = normalize_prompts(prompt, self.tokenizer)
+        stop_ids, stop_strings = split_stops(stop)
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         gen = Generator(
             self._backend,
@@ -90,9 +92,12 @@ class Model:
             self.config,
             rows,
             params=SamplingParams(**sampling),
-            stop_ids=stop_ids_for(self.config, self.generation_eos, stop),
+            stop_ids=stop_ids_for(self.config, self.generation_eos, stop_ids),
             prefill_chunk=prefill_chunk,
             pad_id=pad,
+            stop_strings=stop_strings,
+            tokenizer=self.tokenizer,
+            track_text=track_text,
         )
         return gen, batched
 
@@ -107,14 +112,15 @@ class Model:
         min_p: float = 0.0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
-        stop: Sequence[int] | None = None,
+        stop: Sequence[int | str] | None = None,
         prefill_chunk: int = 512,
     ):
         """Continue ``prompt`` (a string, a list of token ids, or a list of either for a batch).
 
         Greedy when temperature is 0. Stops at the eos ids of generation_config.json (or the config's),
-        plus ``stop``. Returns a GenerationResult: ``.tokens`` (new ids), ``.text`` (when there is a
-        tokenizer), ``.finish_reasons``, ``.stats`` (time to first token, tokens/s).
+        plus ``stop``: token ids (int) and stop strings (str; the text ends before the string). Returns a
+        GenerationResult: ``.tokens`` (new ids), ``.text`` (when there is a tokenizer),
+        ``.finish_reasons``, ``.stats`` (time to first token, tokens/s).
         """
         from .generation import generate_ids
 
@@ -123,7 +129,7 @@ class Model:
             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
         )
         result = generate_ids(gen, max_tokens)
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and result.texts is None:
             result.texts = [self.tokenizer.decode(row) for row in result.token_rows]
         return result
 
@@ -138,28 +144,32 @@ class Model:
         min_p: float = 0.0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
-        stop: Sequence[int] | None = None,
+        stop: Sequence[int | str] | None = None,
         prefill_chunk: int = 512,
         stats: Any = None,
     ) -> Iterator[StreamChunk]:
         """Yield each new token of a single prompt as it comes: StreamChunk(token, text), where text is the
-        new piece of decoded text ('' while a multi-byte character is incomplete, or without a tokenizer).
+        new piece of decoded text ('' while a multi-byte character is incomplete, while the text might be
+        the start of a stop string, or without a tokenizer). The chunks' texts add up to ``generate``'s.
         Pass a GenerationStats as ``stats`` to read the timings afterwards."""
-        from .generation import GenerationStats, IncrementalDetokenizer, decode_steps
+        from .generation import GenerationStats, decode_steps
 
         gen, batched = self._generator(
             prompt, stop=stop, prefill_chunk=prefill_chunk, temperature=temperature, top_k=top_k,
-            top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+            top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, track_text=True,
         )
         if batched:
             raise InputError("stream takes one prompt; use generate for a batch")
-        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        text_of = gen.row_texts[0] if gen.row_texts is not None else None
         for step in decode_steps(gen, max_tokens, stats if stats is not None else GenerationStats()):
             token = step.tokens[0]
             if token is None:
                 return
             stopping = step.finished[0]
-            text = detok.add(token) if detok is not None and not stopping else ""
+            text = ""
+            if text_of is not None:
+                # once the row ends, what was held back as the possible start of a stop string is text
+                text = text_of.take() + (text_of.flush() if stopping or step.last else "")
             yield StreamChunk(token, text, stopping)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], max_tokens: int = 512, **kwargs: Any):

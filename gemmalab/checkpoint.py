@@ -34,6 +34,7 @@ from safetensors.numpy import save_file
 from .config import Gemma3Config
 from .dtypes import numpy_dtype
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
+from .outputs import check_writable_folder, writing
 from .params import EMBED, LM_HEAD, parameter_shapes
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -411,21 +412,29 @@ def save_checkpoint(
     copy_from: Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
+    overwrite_hint: str = "pass overwrite=True",
 ) -> Path:
     """Write ``weights`` (canonical names) and ``config`` as a Gemma3ForCausalLM checkpoint that
     transformers and mlx-lm load. Tensors are cast to ``config.stored_dtype`` (kept as given when it is
     None). Every file is written atomically; tokenizer and generation files are copied from ``copy_from``
-    when given. Refuses to write over existing weights unless ``overwrite``."""
+    when given. Refuses to write over existing weights unless ``overwrite`` (``overwrite_hint`` is how the
+    caller's user asks for that: the CLI says ``--overwrite``). A folder that cannot be written is an
+    OutputError before anything is written."""
     out = Path(folder).expanduser()
     expected = parameter_shapes(config)
     missing = [n for n in expected if n not in weights]
     if missing:
         raise CheckpointError(f"cannot save: weights lack {', '.join(missing[:5])}")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a folder: choose another output path")
+    check_writable_folder(out, what="checkpoint folder")
     old = sorted(out.glob("*.safetensors")) if out.is_dir() else []
     if old and not overwrite:
-        raise CheckpointError(f"{out} already holds weights ({old[0].name}...): choose an empty folder or pass --overwrite")
+        raise CheckpointError(f"{out} already holds weights ({old[0].name}...): choose an empty folder or {overwrite_hint}")
+    with writing(out, "checkpoint"):
+        return _write_checkpoint(out, config, weights, expected, old, copy_from, max_shard_bytes)
+
+
+def _write_checkpoint(out: Path, config: Gemma3Config, weights: Mapping[str, np.ndarray], expected: dict,
+                      old: list[Path], copy_from: Path | None, max_shard_bytes: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     # Shard sizes from shapes and the stored dtype, so a lazily read or cast mapping is read once, below.

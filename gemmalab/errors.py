@@ -37,3 +37,9 @@ class InputError(GemmalabError):
 
 class TrainingError(GemmalabError):
     """A run that cannot go on (non-finite loss, a checkpoint that does not fit the run)."""
+
+
+class OutputError(GemmalabError, OSError):
+    """A file or folder cannot be written where it was asked for (read-only, a file in the way, disk full).
+
+    It is also an OSError, so code that catches OSError around a save keeps working."""

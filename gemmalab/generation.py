@@ -6,12 +6,16 @@
 
 Batched prompts of different lengths are left-padded: every row is fed in lock-step, the padding is never
 attended to, and each row's positions count from its own first token, so a row's tokens are the ones it
-would get alone. A row stops at its first stop id (kept in its output) or at ``max_tokens``.
+would get alone. A row stops at its first stop id (kept in its output), at the token that completes one of
+its stop strings (the text ends just before the string, which is never shown, not even in part, while
+streaming), or at ``max_tokens``. A prompt must fit in the model's positions; generation that would run past
+them is cut there, with a warning.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +69,7 @@ class DecodeStep:
     index: int
     tokens: list[int | None]
     finished: list[bool]
+    last: bool = False  # the stream ends after this step (every row stopped, or max_tokens reached)
 
 
 @dataclass
@@ -100,6 +105,9 @@ class Generator:
     stop_ids: frozenset[int] = frozenset()
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     pad_id: int = 0
+    stop_strings: tuple[str, ...] = ()
+    tokenizer: Any = None  # needed for stop strings and for text (track_text)
+    track_text: bool = False  # keep each row's decoded text as it grows (streaming), even with no stop string
     # Greedy decoding one step ahead on the device, where the backend offers it (backend.GreedyAhead); the
     # same tokens as the host-side argmax. False keeps every step's logits coming to the host.
     device_greedy: bool = True
@@ -115,6 +123,18 @@ class Generator:
         if self.prefill_chunk < 1:
             raise InputError(f"prefill chunk size {self.prefill_chunk} must be >= 1")
         longest = max(len(p) for p in self.prompts)
+        limit = self.config.max_position_embeddings
+        if longest >= limit:
+            raise InputError(
+                f"the prompt has {longest} tokens but this model takes at most {limit} positions "
+                f"(max_position_embeddings), leaving none to generate: shorten the prompt"
+            )
+        if self.stop_strings and self.tokenizer is None:
+            raise InputError("stop strings need a tokenizer, and this model has none: give stop token ids instead")
+        self.row_texts = (
+            [RowText(self.tokenizer, self.stop_strings) for _ in self.prompts]
+            if self.stop_strings or (self.track_text and self.tokenizer is not None) else None
+        )
         self.pad_lengths = [longest - len(p) for p in self.prompts]
         self.cache = self.backend.new_cache(self.model, batch=len(self.prompts), pad_lengths=self.pad_lengths)
         self.histories = [list(p) for p in self.prompts]
@@ -145,8 +165,7 @@ class Generator:
 
 def decode_steps(gen: Generator, max_tokens: int, stats: GenerationStats | None = None) -> Iterator[DecodeStep]:
     """The stream: prefill, then one DecodeStep per new token until every row stopped or hit max_tokens."""
-    if max_tokens < 1:
-        raise InputError(f"max_tokens={max_tokens} must be >= 1")
+    max_tokens = _fit_positions(gen, max_tokens)
     stats = stats if stats is not None else GenerationStats()
     batch = len(gen.prompts)
     stats.batch, stats.prompt_tokens = batch, max(len(p) for p in gen.prompts)
@@ -170,6 +189,8 @@ def decode_steps(gen: Generator, max_tokens: int, stats: GenerationStats | None 
                 out.append(token)
                 stats.generated_tokens += 1
                 finished[row] = token in gen.stop_ids
+                if gen.row_texts is not None and not finished[row]:  # a stop id adds no text
+                    finished[row] = gen.row_texts[row].add(token)
             done = all(finished) or index == max_tokens - 1
             if not done:
                 # Rows that stopped keep being fed so the batch stays in lock-step (their tokens are dropped).
@@ -179,12 +200,27 @@ def decode_steps(gen: Generator, max_tokens: int, stats: GenerationStats | None 
                 else:
                     logits = gen.feed(tokens)
             stats.decode_seconds = time.perf_counter() - decode_start
-            yield DecodeStep(index, out, list(finished))
+            yield DecodeStep(index, out, list(finished), last=done)
             if done:
                 return
     finally:
         if ahead is not None:
             ahead.close()
+
+
+def _fit_positions(gen: Generator, max_tokens: int) -> int:
+    """``max_tokens``, cut (with a warning) so no row runs past the model's last position."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int | np.integer) or max_tokens < 1:
+        raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    room = gen.config.max_position_embeddings - max(len(p) for p in gen.prompts)
+    if max_tokens > room:
+        warnings.warn(
+            f"max_tokens {max_tokens} would run past the model's {gen.config.max_position_embeddings} positions: "
+            f"generating at most {room}",
+            stacklevel=3,
+        )
+        return room
+    return int(max_tokens)
 
 
 def generate_ids(gen: Generator, max_tokens: int) -> GenerationResult:
@@ -198,7 +234,8 @@ def generate_ids(gen: Generator, max_tokens: int) -> GenerationResult:
                 rows[row].append(token)
         finished = step.finished
     reasons = ["stop" if f else "length" for f in finished]
-    return GenerationResult(rows, reasons, stats)
+    texts = [t.text for t in gen.row_texts] if gen.row_texts is not None else None
+    return GenerationResult(rows, reasons, stats, texts)
 
 
 def normalize_prompts(prompt: Any, tokenizer: Any | None) -> tuple[list[list[int]], bool]:
@@ -241,8 +278,82 @@ class IncrementalDetokenizer:
         return delta
 
 
+class RowText:
+    """One row's decoded text as tokens arrive, watching for stop strings.
+
+    ``add`` feeds a token and says whether a stop string is now complete; ``take`` returns the text that is
+    safe to show since the last call: never a stop string, nor the start of one that the next tokens might
+    complete (that tail is held back until it is decided), nor half a UTF-8 character. ``flush`` returns the
+    held-back tail once the row has ended for another reason. ``text`` is the whole text, cut before the
+    stop string that ended the row.
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: Sequence[str] = ()):
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._stops = tuple(stop_strings)
+        self._longest = max((len(s) for s in self._stops), default=0)
+        self._decoded = ""
+        self._shown = 0
+        self._cut: int | None = None  # where the stop string that ended the row begins
+
+    def add(self, token: int) -> bool:
+        if self._cut is not None:
+            return True
+        before = len(self._decoded)
+        self._decoded += self._detok.add(token)
+        search_from = max(0, before - self._longest + 1)  # a new match must end in the new text
+        hits = [i for i in (self._decoded.find(s, search_from) for s in self._stops) if i >= 0]
+        if hits:
+            self._cut = min(hits)
+        return self._cut is not None
+
+    def _safe_end(self) -> int:
+        if self._cut is not None:
+            return self._cut
+        text = self._decoded
+        for keep in range(min(self._longest - 1, len(text)), 0, -1):  # the longest tail a stop string starts with
+            if any(s.startswith(text[-keep:]) for s in self._stops):
+                return len(text) - keep
+        return len(text)
+
+    def take(self) -> str:
+        end = max(self._safe_end(), self._shown)
+        piece, self._shown = self._decoded[self._shown : end], end
+        return piece
+
+    def flush(self) -> str:
+        end = self._cut if self._cut is not None else len(self._decoded)
+        piece, self._shown = self._decoded[self._shown : end], max(end, self._shown)
+        return piece
+
+    @property
+    def text(self) -> str:
+        return self._decoded if self._cut is None else self._decoded[: self._cut]
+
+
+def split_stops(stop: Sequence[int | str] | int | str | None) -> tuple[list[int], tuple[str, ...]]:
+    """(stop ids, stop strings) of a ``stop=`` argument: integers are token ids, strings are text."""
+    if stop is None:
+        return [], ()
+    items = [stop] if isinstance(stop, int | str | np.integer) else list(stop)
+    ids, strings = [], []
+    for item in items:
+        if isinstance(item, str):
+            if not item:
+                raise InputError("an empty stop string would stop at once: drop it")
+            strings.append(item)
+        elif isinstance(item, int | np.integer) and not isinstance(item, bool):
+            ids.append(int(item))
+        else:
+            raise InputError(f"stop entries are token ids (int) or stop strings (str), got {item!r}")
+    return ids, tuple(strings)
+
+
 def stop_ids_for(config: Gemma3Config, generation_eos: Sequence[int] | None, extra: Sequence[int] | None) -> frozenset[int]:
     """The ids that end a row: generation_config.json's eos ids (1 and 106 for instruction-tuned Gemma),
-    else the config's, plus any given."""
+    else the config's, plus any given (each checked against the vocabulary)."""
     base = list(generation_eos) if generation_eos else list(config.eos_token_ids)
+    bad = [t for t in extra or [] if not 0 <= int(t) < config.vocab_size]
+    if bad:
+        raise InputError(f"stop id {bad[0]} is outside the vocabulary [0, {config.vocab_size}): check the id")
     return frozenset(int(t) for t in [*base, *(extra or [])])

@@ -1,4 +1,4 @@
-"""`gemmalab generate` and `gemmalab bench`, run as a user runs them (fresh process), on every backend."""
+"""`gemmalab generate`, run as a user runs them (fresh process), on every backend."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 import gemmalab
-from gemmalab.config import Gemma3Config
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
@@ -82,26 +81,3 @@ def test_tiny_preset_generates_text_with_its_byte_level_tokenizer():
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert len(out["tokens"]) == 4 and all(0 <= t < 261 for t in out["tokens"])
-
-
-def test_bench_json_is_consistent(backend):
-    result = cli("bench", "--preset", "tiny", "--prompt-tokens", "20", "--gen-tokens", "5", "--json", "-b", backend)
-    assert result.returncode == 0, result.stderr
-    (row,) = json.loads(result.stdout)
-    config = Gemma3Config.preset("tiny")
-    assert row["backend"] == backend and row["generated_tokens"] == 5 and row["prompt_tokens"] == 20
-    n_local = sum(map(config.is_sliding, range(config.num_hidden_layers)))
-    # batch 1, keys + values, fp32: the local layers hold exactly one window
-    window_bytes = n_local * 2 * config.num_key_value_heads * config.sliding_window * config.head_dim * 4
-    assert row["kv_cache_bytes"]["sliding_attention"] == window_bytes
-    assert row["weight_bytes"] == config.num_parameters() * 4
-    assert row["bytes_per_token"] == row["weight_bytes"] + sum(row["kv_cache_bytes"].values())
-    assert row["roofline_tokens_per_s"] == pytest.approx(row["bandwidth_bytes_per_s"] / row["bytes_per_token"])
-    assert row["roofline_fraction"] == pytest.approx(row["generation_tokens_per_s"] / row["roofline_tokens_per_s"])
-    assert row["generation_tokens_per_s"] > 0 and row["prompt_tokens_per_s"] > 0 and row["peak_memory_bytes"] > 0
-
-
-def test_bench_table_for_people():
-    result = cli("bench", "--preset", "tiny", "--prompt-tokens", "12", "--gen-tokens", "3")
-    assert result.returncode == 0, result.stderr
-    assert "decode tok/s" in result.stdout and "roofline" in result.stdout
