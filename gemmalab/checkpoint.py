@@ -53,6 +53,8 @@ SIDE_FILES = (
 # What the Hub download fetches: weights, configs, tokenizer. Never *.bin, *.pt, *.gguf.
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.md"]
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+# Weights gemmalab refuses to read: unpickling can run code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 # key prefix in the file -> canonical prefix
 LAYOUTS = {
@@ -93,39 +95,100 @@ def locate(source: str | os.PathLike, *, revision: str | None = None, download: 
         raise ModelNotFoundError(f"{text} is not a folder with a config.json: pass a checkpoint folder or a Hub repo id")
 
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(text, revision=revision, allow_patterns=DOWNLOAD_PATTERNS, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, RepositoryNotFoundError, ValueError):
         pass  # not cached: try the Hub below
     if not download or _offline():
-        why = "offline mode is on (HF_HUB_OFFLINE=1)" if _offline() else "downloads are off here"
-        raise ModelNotFoundError(
-            f"model {text!r} is not in the Hugging Face cache and {why}: run `gemmalab download {text}` "
-            f"where the network reaches the Hub, or pass a local checkpoint folder"
-        )
+        raise _not_cached(text, "offline mode is on (HF_HUB_OFFLINE=1)" if _offline() else "downloads are off here")
     try:
         return Path(snapshot_download(text, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
-    except GatedRepoError:
-        raise ModelNotFoundError(
-            f"{text} is gated: accept its license on huggingface.co, then log in with `hf auth login`"
-        ) from None
-    except RepositoryNotFoundError:
-        raise ModelNotFoundError(
-            f"{text} is not a folder here and not a repository on the Hub (or it is private): check the name"
-        ) from None
-    except RevisionNotFoundError:
-        raise ModelNotFoundError(f"{text} has no revision {revision!r}: check the branch, tag or commit") from None
     except Exception as err:  # network failures come in many types across huggingface-hub versions
-        raise ModelNotFoundError(
-            f"could not download {text} ({type(err).__name__}: {err}): check the network, or pass a local folder"
-        ) from None
+        raise _hub_error(err, text, revision, doing=f"could not download {text}") from None
+
+
+def _not_cached(repo_id: str, why: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model {repo_id!r} is not in the Hugging Face cache and {why}: run `gemmalab download {repo_id}` "
+        f"where the network reaches the Hub, or pass a local checkpoint folder"
+    )
+
+
+def _root(err: BaseException) -> BaseException:
+    """The error at the bottom of ``err``'s chain: huggingface-hub wraps a network failure (httpx's
+    ConnectError, ReadTimeout, ...) in errors of its own."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: first line``: huggingface-hub's messages span several lines, the CLI's failure policy is one."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _hub_error(err: Exception, repo_id: str, revision: str | None, *, doing: str) -> ModelNotFoundError:
+    """One line for what went wrong asking the Hub about ``repo_id`` (``doing`` says what was asked)."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(err, GatedRepoError):
+        return ModelNotFoundError(
+            f"{repo_id} is gated: accept its license on huggingface.co, then log in with `hf auth login`"
+        )
+    if isinstance(err, RepositoryNotFoundError):
+        return ModelNotFoundError(
+            f"{repo_id} is not a folder here and not a repository on the Hub (or it is private): check the name"
+        )
+    if isinstance(err, RevisionNotFoundError):
+        return ModelNotFoundError(f"{repo_id} has no revision {revision!r}: check the branch, tag or commit")
+    root = _root(err)
+    if isinstance(root, HfHubHTTPError) and not isinstance(root, LocalEntryNotFoundError):  # an error page
+        return ModelNotFoundError(f"{doing} ({_one_line(root)}): check the network, or pass a local folder")
+    return ModelNotFoundError(
+        f"{doing}: the Hugging Face Hub cannot be reached ({_one_line(root)}); check the network, "
+        f"or pass a local folder"
+    )
+
+
+def locate_config(repo_id: str, *, revision: str | None = None) -> Path:
+    """The local folder holding ``repo_id``'s config.json, for describing a model without its weights: the
+    Hugging Face cache first, else config.json alone from the Hub (never the weights). The folder holds the
+    weights too only when they were downloaded before.
+
+    Offline (``HF_HUB_OFFLINE=1``) or with no network this fails at once, in one line, where
+    ``hf_hub_download`` would retry a failed connection five times with backoff first (about 25 s)."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=True)).parent
+    except LocalEntryNotFoundError:
+        pass  # not cached: ask the Hub below
+    except ValueError:  # huggingface-hub's HFValidationError: characters a repo id cannot have
+        raise ModelNotFoundError(f"{repo_id} is not a folder here and not a valid Hub repo id: check the spelling") from None
+    if _offline():
+        raise _not_cached(repo_id, "offline mode is on (HF_HUB_OFFLINE=1)")
+    doing = f"could not fetch config.json of {repo_id}"
+    try:
+        # One HEAD with huggingface-hub's ETag timeout and no retries, so a dead network fails fast; only
+        # then the download, which on a connection error retries with backoff and 60 s timeouts.
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json", revision=revision), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision)).parent
+    except LocalEntryNotFoundError as err:  # an EntryNotFoundError too, but it means the Hub was not reached
+        raise _hub_error(err, repo_id, revision, doing=doing) from None
+    except EntryNotFoundError:
+        raise ModelNotFoundError(f"{repo_id} has no config.json on the Hub: it is not a transformers checkpoint") from None
+    except Exception as err:  # network failures come in many types across huggingface-hub versions
+        raise _hub_error(err, repo_id, revision, doing=doing) from None
 
 
 def load_config(folder: Path) -> Gemma3Config:
@@ -167,7 +230,7 @@ def weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(
             f"{folder} has only pickle weights ({', '.join(pickles)}); gemmalab reads safetensors only, "
@@ -350,6 +413,94 @@ def read_weights(folder: Path, config: Gemma3Config) -> Weights:
     # Reorder to the canonical order so backends and saved files list tensors the same way.
     ordered = {name: locations[name] for name in expected}
     return Weights(ordered, set_aside, handles)
+
+
+@dataclass(frozen=True)
+class WeightsSummary:
+    """What a checkpoint folder holds in weights, from the safetensors headers alone (no tensor data read)."""
+
+    files: list[str]  # the safetensors files (the shards the index names, when there is one)
+    bytes: int  # their total size on disk
+    tensors: int  # tensors in their headers, vision and duplicate tensors included
+    dtypes: list[str]  # stored dtypes: float32, bfloat16, float16, or safetensors' own name (I8, ...)
+    ok: bool | None  # names and shapes match the config; None: there are no weights to check
+    problem: str | None  # what is wrong and the fix, when not ok
+
+
+# safetensors' dtype names -> gemmalab's, for the floating-point dtypes it computes in.
+_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def summarize_weights(folder: str | os.PathLike, config: Gemma3Config) -> WeightsSummary:
+    """The weights of ``folder`` checked against ``config`` as ``read_weights`` checks them, reading headers only.
+
+    A folder with no weight files at all (config.json alone) is not a problem: ``ok`` is None. A folder whose
+    weights cannot be used (truncated, unreadable, a shard missing, pickles, names or shapes that do not fit
+    the config) gets ``ok`` False and the ``problem``, with what could still be counted.
+    """
+    folder = Path(folder)
+    if not _has_weight_files(folder):
+        return WeightsSummary(files=[], bytes=0, tensors=0, dtypes=[], ok=None, problem=None)
+    try:
+        files = weight_files(folder)
+    except CheckpointError:  # a bad index or a missing shard (read_weights names it below): report what is there
+        files = sorted(folder.glob("*.safetensors"))
+    headers = {file: _header_entries(file) for file in files}
+    problem = _truncation(headers)
+    if problem is None:
+        try:
+            read_weights(folder, config)
+        except CheckpointError as err:
+            problem = str(err)
+    entries = [entry for found in headers.values() if found for entry in found[0]]
+    return WeightsSummary(
+        files=[file.name for file in files],
+        bytes=sum(_size_on_disk(file) for file in files),
+        tensors=len(entries),
+        dtypes=sorted({_DTYPE_NAMES.get(entry.get("dtype"), str(entry.get("dtype"))) for entry in entries}),
+        ok=problem is None,
+        problem=problem,
+    )
+
+
+def _truncation(headers: dict[Path, tuple[list[dict], int] | None]) -> str | None:
+    """The first file shorter than its header says, in words (safetensors itself only says "incomplete
+    metadata, file not fully covered")."""
+    for file, found in headers.items():
+        if found is not None and _size_on_disk(file) < found[1]:
+            return (f"{file} is truncated: {_size_on_disk(file):,} bytes where its header says {found[1]:,}; "
+                    f"re-download it")
+    return None
+
+
+def _has_weight_files(folder: Path) -> bool:
+    return (folder / INDEX_FILE).exists() or any(
+        p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()
+    )
+
+
+def _size_on_disk(file: Path) -> int:
+    try:
+        return file.stat().st_size  # through the symlink: the Hugging Face cache links snapshots to blobs
+    except OSError:
+        return 0  # a dangling link: read_weights names it
+
+
+def _header_entries(file: Path) -> tuple[list[dict], int] | None:
+    """(the header entries of a safetensors file: dtype, shape, data_offsets; the file size they imply),
+    or None when the header itself is unreadable (read_weights names that problem). A corrupt length is
+    checked against the file's size before it is read, so garbage never asks for a huge buffer."""
+    try:
+        with open(file, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size <= os.fstat(handle.fileno()).st_size - 8:
+                return None
+            header = json.loads(handle.read(size))
+        entries = [entry for key, entry in header.items() if key != "__metadata__"]
+        data_end = max((int(entry["data_offsets"][1]) for entry in entries), default=0)
+    except (OSError, ValueError, AttributeError, TypeError, KeyError, IndexError):  # not the format: no facts
+        return None
+    return entries, 8 + size + data_end
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -43,3 +43,8 @@ class OutputError(GemmalabError, OSError):
     """A file or folder cannot be written where it was asked for (read-only, a file in the way, disk full).
 
     It is also an OSError, so code that catches OSError around a save keeps working."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C, after keeping what it could. Its message says what was kept (the
+    checkpoint) and how to go on; it is a KeyboardInterrupt, so code that handles Ctrl-C still does."""

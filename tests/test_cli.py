@@ -52,34 +52,6 @@ def test_check_table_for_people():
     assert "backends" in result.stdout and "torch" in result.stdout
 
 
-def test_info_preset_json():
-    result = gemmalab("info", "gemma-3-270m", "--json")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
-    assert info["layer_pattern"] == "LLLLLG" * 3
-    assert (info["local_layers"], info["global_layers"], info["sliding_window"]) == (15, 3, 512)
-    # 270M: 262144 x 640 embedding + 18 blocks; the embedding is 63% of it (DESIGN.md, §4)
-    assert info["embedding_parameters"] == 262144 * 640
-    assert round(info["embedding_parameters"] / info["parameters"], 2) == 0.63
-    assert info["weight_bytes"]["bfloat16"] == 2 * info["parameters"]
-    assert info["weight_bytes"]["float32"] == 4 * info["parameters"]
-    # KV per token per layer: 2 (k, v) x 1 kv head x 256 x 2 bytes = 1024; 3 global layers
-    assert info["kv_cache_bytes_bf16"]["global_per_token"] == 3 * 1024
-    assert info["kv_cache_bytes_bf16"]["local_max"] == 15 * 1024 * 512
-
-
-def test_info_reads_a_checkpoint_folder(tiny_hf):
-    _, _, folder = tiny_hf
-    result = gemmalab("info", str(folder))
-    assert result.returncode == 0, result.stderr
-    assert "LLLLLG" in result.stdout and "tied" in result.stdout
-
-
-def test_info_of_nothing_is_one_line(tmp_path):
-    result = gemmalab("info", str(tmp_path / "missing"))
-    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "error:" in result.stderr
-
-
 def test_download_offline_is_one_clear_line(tmp_path):
     result = gemmalab("download", "someone/absent-model", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
     assert result.returncode == 1

@@ -39,7 +39,7 @@ def chat_checkpoint(tiny_hf, tmp_path_factory) -> Path:
 
 def test_generate_json_matches_the_api(backend):
     result = cli("generate", "tiny", "--prompt-ids", "5,6,7,8,9,10,11,12,13,14", "-n", "6", "--json",
-                 "--backend", backend, "--dtype", "float32", "--stop", "1")
+                 "--backend", backend, "--dtype", "float32", "--stop-ids", "1")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     expected = gemmalab.init("tiny", backend=backend, seed=0).generate(list(range(5, 15)), max_tokens=6, stop=[1])

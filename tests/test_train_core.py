@@ -115,7 +115,7 @@ def test_jsonl_and_folders(tmp_path):
     docs = load_documents(tmp_path / "d")
     assert [d.text for d in docs] == ["one", None, "two"]
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
-    with pytest.raises(InputError, match=r"bad.jsonl:2 has neither"):
+    with pytest.raises(InputError, match=r"bad.jsonl:2 has no \"text\" string"):
         load_documents(tmp_path / "bad.jsonl")
     with pytest.raises(InputError, match="does not exist"):
         load_documents(tmp_path / "missing.txt")
@@ -204,3 +204,35 @@ def test_optimizer_state_groups_by_parameter_and_refuses_another_models():
     assert grouped["model.norm.weight"]["exp_avg"] is m
     with pytest.raises(CheckpointError, match="lm_head.weight"):
         optimizer_state_by_parameter(state, ["model.norm.weight"])
+
+
+# -- prompt/completion records and extended schedules ----------------------------------------------------
+def test_prompt_completion_records_train_on_the_completion_only(tmp_path):
+    from gemmalab.tokenizer import Tokenizer
+    from gemmalab.train.data import load_documents, tokenize
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "ab", "completion": "cd"}) + "\n" + json.dumps({
+        "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}, {"role": "user", "content": "r"}],
+        "completion": [{"role": "assistant", "content": "y"}]}) + "\n")
+    plain, chat = load_documents(path)
+    tokenizer = Tokenizer.byte_level()
+    ids, trained = tokenize(plain, tokenizer)
+    # by hand: byte b is id b + 5, <bos> 2, <eos> 1; the loss predicts "c", "d" and <eos> only
+    assert ids.tolist() == [2, ord("a") + 5, ord("b") + 5, ord("c") + 5, ord("d") + 5, 1]
+    assert trained.tolist() == [False, False, False, True, True, True]
+    ids, trained = tokenize(chat, tokenizer)
+    text = tokenizer.decode(ids[trained].tolist(), skip_special=False)
+    assert text == "y<end_of_turn>"  # the prompt's own reply "x" is context, not a target
+
+
+def test_extended_schedule_keeps_the_old_cycle_and_restarts_by_the_same_warmup_rule():
+    from gemmalab.train.schedules import Cycles
+
+    cycles = Cycles("linear", 1.0, (0, 4), warmup_steps=2, min_lr=0.0).extended(24)
+    # first cycle: 4 steps, warmup 2 >= 4 // 2 -> a tenth of 4 = 0: linear from 1 to 0 over updates 0..3
+    assert [cycles(s) for s in range(4)] == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
+    # second cycle: 20 steps, warmup 2 < 10 kept: 0.5, 1.0, then linear down to 0 at update 23
+    assert cycles(4) == pytest.approx(0.5) and cycles(5) == pytest.approx(1.0) and cycles(23) == pytest.approx(0.0)
+    with pytest.raises(ConfigError, match="must go past"):
+        cycles.extended(10)

@@ -22,7 +22,8 @@ from gemmalab.backend import get_backend
 from gemmalab.errors import TrainingError
 from gemmalab.train import TrainConfig, checkpoints, train
 
-SMALL = {"seq_len": 64, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "eval_fraction": 0.02, "eval_batches": 2}
+SMALL = {"seq_len": 64, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "eval_fraction": 0.02, "eval_batches": 2,
+         "log_every": 1}
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -44,7 +45,7 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 def test_sigkilled_run_resumes_to_identical_losses(backend, tmp_path):
     common = ["--steps", "16", "--backend", backend, "--seq-len", "64", "--batch-size", "4", "--lr", "3e-3",
-              "--checkpoint-every", "3", "-q", "--set", "warmup_steps=2", "--set", "tensorboard=false"]
+              "--checkpoint-every", "3", "-q", "--set", "warmup_steps=2", "--set", "tensorboard=false", "--log-every", "1"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     done = _cli("train", *common, "--out", str(whole))
     assert done.returncode == 0, done.stderr
@@ -158,7 +159,7 @@ def test_fine_tuning_a_checkpoint_on_chat_data(backend, tmp_path):
     line = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4, of course."}]}
     chats.write_text("\n".join(json.dumps(line) for _ in range(40)) + "\n")
     result = _cli("train", "--model", str(base), "--data", str(chats), "--steps", "3", "--seq-len", "32",
-                  "--batch-size", "2", "--backend", backend, "--out", str(tmp_path / "chat"), "-q",
+                  "--batch-size", "2", "--backend", backend, "--out", str(tmp_path / "chat"), "-q", "--log-every", "1",
                   "--set", "tensorboard=false", "--set", "eval_fraction=0.1")
     assert result.returncode == 0, result.stderr
     records = losses(tmp_path / "chat")

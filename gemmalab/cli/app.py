@@ -14,6 +14,7 @@ on ``app`` from the modules of this package; none of them imports an array frame
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -70,8 +71,31 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _interrupt_message(err: BaseException) -> str:
-    # A training run stopped by Ctrl-C says what it kept and how to go on (gemmalab.train.TrainingInterrupted).
-    return str(err) if str(err) else "interrupted: nothing was written"
+    # A training run stopped by Ctrl-C says what it kept and how to go on (gemmalab.errors.RunInterrupted).
+    return str(err) if str(err) else "interrupted (Ctrl-C)"
+
+
+class _Interrupted(Exception):
+    """Ctrl-C inside a command, carried past typer (which would turn it into a silent exit 130)."""
+
+
+def command(*args, **kwargs):
+    """``app.command``, with Ctrl-C inside the command reported by ``main`` (see the module docstring).
+    Every gemmalab command registers through this."""
+
+    def register(function):
+        @functools.wraps(function)  # typer reads the signature and annotations through __wrapped__
+        def run(*call_args, **call_kwargs):
+            try:
+                return function(*call_args, **call_kwargs)
+            except KeyboardInterrupt as err:
+                if _debug["on"]:
+                    raise
+                raise _Interrupted(_interrupt_message(err)) from None
+
+        return app.command(*args, **kwargs)(run)
+
+    return register
 
 
 def main(args: list[str] | None = None) -> None:
@@ -85,15 +109,11 @@ def main(args: list[str] | None = None) -> None:
             raise
         error_line(str(err))
         code = EXIT_FAILURE
-    except typer.Abort as err:  # Ctrl-C: click wraps the KeyboardInterrupt
-        if _debug["on"]:
-            raise
-        error_line(_interrupt_message(err.__cause__ or err))
+    except _Interrupted as err:
+        error_line(str(err))
         code = EXIT_INTERRUPTED
-    except KeyboardInterrupt as err:
-        if _debug["on"]:
-            raise
-        error_line(_interrupt_message(err))
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a command (while parsing, say)
+        error_line("interrupted (Ctrl-C)")
         code = EXIT_INTERRUPTED
     except click_errors.NoArgsIsHelpError as err:  # `gemmalab` or `gemmalab lora` alone: the help page
         err.show()

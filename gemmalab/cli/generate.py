@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import InputError
-from .app import app, err_console
+from .app import command, err_console
 from .common import BackendOption, DeviceOption, DtypeOption, open_model, resolve_source
 
 
@@ -20,7 +20,7 @@ def _ids(text: str, flag: str) -> list[int]:
         raise InputError(f"{flag} {text!r} is not a comma-separated list of integers, e.g. {flag} 1,106") from None
 
 
-@app.command()
+@command()
 def generate(
     source: Annotated[str, typer.Argument(help="A checkpoint folder, a Hub repo id, or a preset (random weights).")],
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text to continue.")] = None,  # noqa: UP045

@@ -13,8 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import __version__
-from ..errors import GemmalabError
-from .app import app, console
+from .app import command, console
 from .common import gib, is_preset
 
 
@@ -35,7 +34,7 @@ def _memory() -> dict[str, int | None]:
     return {"total": total, "available": available}
 
 
-@app.command()
+@command()
 def check(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
     verify: Annotated[
@@ -97,39 +96,78 @@ def check(
 
 
 def _config_for_info(source: str):
+    """(config, what to call the source, the folder whose weights to report or None).
+
+    A repo id is read from the Hugging Face cache, else its config.json alone is fetched: describing a
+    model never downloads its weights."""
     from .. import checkpoint
-    from ..config import PRESETS, Gemma3Config
+    from ..config import Gemma3Config
 
     if is_preset(source):
-        return Gemma3Config.preset(source), f"preset {Gemma3Config.preset(source).name}"
+        config = Gemma3Config.preset(source)
+        return config, f"preset {config.name}", None
     path = Path(source).expanduser()
     if path.exists():
-        return Gemma3Config.from_file(path), str(path)
+        # A folder, or a config file; only a checkpoint's own config.json has weights beside it.
+        folder = path if path.is_dir() else path.parent if path.name == "config.json" else None
+        return Gemma3Config.from_file(path), str(path), folder
     if checkpoint._looks_like_repo_id(source):
-        # Only config.json is needed to describe a model: do not download its weights.
-        from huggingface_hub import hf_hub_download
-
-        try:
-            return Gemma3Config.from_file(hf_hub_download(source, "config.json")), source
-        except Exception as err:
-            if isinstance(err, GemmalabError):
-                raise
-            raise checkpoint.ModelNotFoundError(
-                f"cannot read config.json of {source} ({type(err).__name__}): check the name and network, "
-                f"or pass a local folder or a preset ({', '.join(PRESETS)})"
-            ) from None
+        folder = checkpoint.locate_config(source)
+        return checkpoint.load_config(folder), source, folder
     raise checkpoint.ModelNotFoundError(f"{source} is not a preset, a folder or a repo id: check the spelling")
 
 
-@app.command()
+def _size(n_bytes: int) -> str:
+    """Bytes for people, with the exact count (what a script or a test compares with the files' sizes)."""
+    if n_bytes < 1024:
+        return f"{n_bytes} B"
+    value, unit = n_bytes / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit} ({n_bytes:,} bytes)"
+
+
+def _weights_rows(weights, folder: Path, repo_id: str | None) -> list[tuple[str, str]]:
+    """Table rows (rich markup) for a checkpoint's weights: ``weights`` is a ``checkpoint.WeightsSummary``."""
+    where = [("folder", escape(str(folder)))] if repo_id else []  # where the cache keeps it
+    if weights.ok is None:
+        if repo_id:
+            return [("weights", f"not downloaded (the cache holds config.json only): "
+                                f"`gemmalab download {escape(repo_id)}` fetches them"), *where]
+        return [("weights", "none: no *.safetensors in this folder, only config.json")]
+    rows = []
+    if weights.files:
+        names = weights.files[0] if len(weights.files) == 1 else (
+            f"{len(weights.files)} shards ({weights.files[0]} ... {weights.files[-1]})")
+        dtypes = ", ".join(weights.dtypes) or "-"
+        rows.append(("weights", f"{escape(names)}: {_size(weights.bytes)}, {weights.tensors:,} tensors, {dtypes}"))
+    verdict = ("[green]names and shapes match config.json[/]" if weights.ok
+               else f"[red]not usable[/]: {escape(weights.problem or '')}")
+    return [*rows, ("weights check", verdict), *where]
+
+
+@command()
 def info(
     source: Annotated[str, typer.Argument(help="A preset (gemma-3-270m ...), a checkpoint folder or a Hub repo id.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
 ) -> None:
-    """Shape of a model: layer pattern, attention, RoPE, parameter count and memory per dtype."""
+    """Shape of a model: layer pattern, attention, RoPE, parameter count and memory per dtype; for a checkpoint,
+    its weights on disk (files, size, tensors, dtypes) checked against its config.json.
+
+    Only headers are read, so it is fast on any size. A repo id is read from the Hugging Face cache, else only
+    its config.json is fetched, never the weights. Exits 1 when a checkpoint's weights cannot be used.
+    """
+    from dataclasses import asdict
+
+    from .. import checkpoint
     from ..dtypes import BYTES_PER_ELEMENT, DTYPES
 
-    config, where = _config_for_info(source)
+    config, where, folder = _config_for_info(source)
+    weights = None if folder is None else checkpoint.summarize_weights(folder, config)
+    # A repo id: its folder is a snapshot in the Hugging Face cache, and `gemmalab download` fetches its weights.
+    repo_id = source if folder is not None and not Path(source).expanduser().exists() else None
     n_params = config.num_parameters()
     embed = config.vocab_size * config.hidden_size
     # KV cache per token of context, per layer kind: keys + values, kv heads x head_dim, in bf16.
@@ -137,6 +175,7 @@ def info(
     n_global = sum(not config.is_sliding(i) for i in range(config.num_hidden_layers))
     report = {
         "source": where,
+        "folder": None if folder is None else str(folder),
         "layers": config.num_hidden_layers,
         "layer_pattern": config.describe_layers(),
         "local_layers": config.num_hidden_layers - n_global,
@@ -160,13 +199,23 @@ def info(
             "global_per_token": kv_per_token * n_global,
             "local_max": kv_per_token * (config.num_hidden_layers - n_global) * config.sliding_window,
         },
+        # None for a preset; files [] and ok None for a folder (or a cached repo) with config.json only.
+        "weights": None if weights is None else asdict(weights),
     }
     if as_json:
         print(json.dumps(report, indent=2))
-        return
-    table = Table(title=f"Gemma 3 · {where}", show_header=False)
+    else:
+        console.print(_info_table(config, report, weights, folder, repo_id))
+    if weights is not None and weights.problem:
+        # The report is out (the shape is still right); the failure is the one error line after it.
+        raise checkpoint.CheckpointError(weights.problem)
+
+
+def _info_table(config, report: dict, weights, folder: Path | None, repo_id: str | None) -> Table:
+    n_params, embed = report["parameters"], report["embedding_parameters"]
+    table = Table(title=f"Gemma 3 · {escape(report['source'])}", show_header=False)
     table.add_column("field", style="bold")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")  # a path folds onto the next line, never cut with an ellipsis
     table.add_row("layers", f"{config.num_hidden_layers}: {config.describe_layers()} (L local, G global)")
     table.add_row("sliding window", f"{config.sliding_window} tokens on {report['local_layers']} local layers")
     table.add_row("hidden / MLP", f"{config.hidden_size} / {config.intermediate_size}")
@@ -182,7 +231,7 @@ def info(
     )
     table.add_row("vocabulary", f"{config.vocab_size:,} ({'tied' if config.tie_word_embeddings else 'untied'} head)")
     table.add_row("parameters", f"{n_params:,} ({embed / n_params:.0%} in the embedding)")
-    for d in DTYPES:
+    for d in report["weight_bytes"]:
         table.add_row(f"weights {d}", gib(report["weight_bytes"][d]))
     kv = report["kv_cache_bytes_bf16"]
     table.add_row(
@@ -192,10 +241,13 @@ def info(
     )
     if config.stored_dtype:
         table.add_row("stored dtype", config.stored_dtype)
-    console.print(table)
+    if weights is not None:
+        for field, value in _weights_rows(weights, folder, repo_id):
+            table.add_row(field, value)
+    return table
 
 
-@app.command()
+@command()
 def convert(
     source: Annotated[str, typer.Argument(help="A checkpoint folder or Hub repo id.")],
     out: Annotated[Path, typer.Argument(help="Folder to write the converted checkpoint to.")],
@@ -223,7 +275,7 @@ def convert(
     console.print(f"wrote {out} ({config.num_parameters():,} parameters, {target}{aside})")
 
 
-@app.command()
+@command()
 def download(
     repo_id: Annotated[str, typer.Argument(help="Hub repository, e.g. google/gemma-3-270m.")],
     revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit.")] = None,  # noqa: UP045

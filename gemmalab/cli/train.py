@@ -9,48 +9,81 @@ from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
+from rich.table import Table
 
-from .app import app, console
-from .common import BackendOption, DeviceOption, open_model
+from ..train.config import TrainConfig
+from .app import command, console
+from .common import BackendOption, DeviceOption, open_model, resolve_source
 
 
-@app.command()
+def _h(name: str) -> str:
+    """A flag's help: the setting's meaning and its default, from TrainConfig (one source of truth)."""
+    return TrainConfig.meaning(name)
+
+
+def _list_settings(value: bool) -> None:
+    if not value:
+        return
+    table = Table(title="training settings (YAML keys, --set key=value, and flags where one exists)")
+    for column in ("setting", "type", "default"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("meaning", ratio=1)
+    for name, kind, default, meaning in TrainConfig.settings():
+        shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        table.add_row(name, kind, shown, meaning)
+    console.print(table)
+    console.print("optional settings take none (or null); flags win over --set, which wins over --config")
+    raise typer.Exit()
+
+
+@command()
 def train(
-    config_file: Annotated[Optional[Path], typer.Option("--config", help="A YAML file of training settings.")] = None,  # noqa: UP045
-    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override any setting: --set key=value (repeatable).")] = None,  # noqa: UP045
-    preset: Annotated[Optional[str], typer.Option(help="Train from random init of a preset (default: tiny, byte-level).")] = None,  # noqa: UP045
-    model: Annotated[Optional[str], typer.Option("--model", help="Fine-tune a checkpoint folder or Hub repo id.")] = None,  # noqa: UP045
-    data: Annotated[Optional[str], typer.Option(help="Text file, .jsonl (text or chat messages) or folder (default: the embedded corpus).")] = None,  # noqa: UP045
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,  # noqa: UP045
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per micro-batch.")] = None,  # noqa: UP045
-    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per step.")] = None,  # noqa: UP045
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per sequence.")] = None,  # noqa: UP045
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,  # noqa: UP045
-    optimizer: Annotated[Optional[str], typer.Option(help="adamw or adafactor.")] = None,  # noqa: UP045
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="A YAML file of training settings (keys: --list-settings).")] = None,  # noqa: UP045
+    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override any setting: --set key=value (repeatable; keys: --list-settings).")] = None,  # noqa: UP045
+    list_settings: Annotated[bool, typer.Option("--list-settings", callback=_list_settings, is_eager=True, help="List every setting with its type, default and meaning, and exit.")] = False,
+    preset: Annotated[Optional[str], typer.Option(help=_h("preset"))] = None,  # noqa: UP045
+    model: Annotated[Optional[str], typer.Option("--model", help=_h("model"))] = None,  # noqa: UP045
+    data: Annotated[Optional[str], typer.Option(help=_h("data"))] = None,  # noqa: UP045
+    steps: Annotated[Optional[int], typer.Option(help=_h("steps"))] = None,  # noqa: UP045
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=_h("batch_size"))] = None,  # noqa: UP045
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help=_h("grad_accum"))] = None,  # noqa: UP045
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help=_h("seq_len"))] = None,  # noqa: UP045
+    lr: Annotated[Optional[float], typer.Option(help=_h("lr"))] = None,  # noqa: UP045
+    optimizer: Annotated[Optional[str], typer.Option(help=_h("optimizer"))] = None,  # noqa: UP045
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16 (sets precision; master weights stay float32) (default: float32)")] = None,  # noqa: UP045
     backend: BackendOption = None,
     device: DeviceOption = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the init and the data order.")] = None,  # noqa: UP045
-    out: Annotated[Optional[str], typer.Option(help="Run folder: metrics.jsonl, tensorboard/, checkpoints/.")] = None,  # noqa: UP045
-    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints (0 = at the end).")] = None,  # noqa: UP045
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    seed: Annotated[Optional[int], typer.Option(help=_h("seed"))] = None,  # noqa: UP045
+    out: Annotated[Optional[str], typer.Option(help=_h("out"))] = None,  # noqa: UP045
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help=_h("checkpoint_every"))] = None,  # noqa: UP045
+    log_every: Annotated[Optional[int], typer.Option("--log-every", help=_h("log_every"))] = None,  # noqa: UP045
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint, with its own settings.")] = False,
+    extend: Annotated[bool, typer.Option("--extend", help="With --resume and a larger --steps: train on, the extra steps as a new schedule cycle.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")] = False,
 ) -> None:
-    """Train or fine-tune a model: full-parameter training with AdamW or Adafactor on any backend."""
-    from ..train import TrainConfig, checkpoints
-    from ..train import train as run_training
+    """Train or fine-tune a model: full-parameter training with AdamW or Adafactor on any backend.
 
+    On a terminal a progress bar shows loss, tokens/s, learning rate and ETA; otherwise (a log file, nohup, a batch scheduler) a plain line every --log-every steps. Ctrl-C stops after the step in progress and keeps a checkpoint to resume from.
+    """
+    from ..dtypes import canonical_dtype
+    from ..train import train as run_training
+    from ..train.loop import saved_settings
+
+    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[canonical_dtype(dtype)] if dtype else None
     flags = {
         "preset": preset, "model": model, "data": data, "steps": steps, "batch_size": batch_size,
-        "grad_accum": grad_accum, "seq_len": seq_len, "lr": lr, "optimizer": optimizer, "backend": backend,
-        "device": device, "seed": seed, "out": out, "checkpoint_every": checkpoint_every, "resume": resume or None,
+        "grad_accum": grad_accum, "seq_len": seq_len, "lr": lr, "optimizer": optimizer, "precision": precision,
+        "backend": backend, "device": device, "seed": seed, "out": out, "checkpoint_every": checkpoint_every,
+        "log_every": log_every, "resume": resume or None, "extend": extend or None,
     }
     config = TrainConfig.from_sources(config_file, sets, flags)
-    if config.resume and (last := checkpoints.latest(Path(config.out))) is not None:
+    if config.resume and (settings := saved_settings(Path(config.out).expanduser())) is not None:
         # the run's own settings first, so `--out DIR --resume` is enough; what is given here overrides them
-        config = TrainConfig.from_sources(config_file, sets, flags, base=checkpoints.read_state(last)["config"])
+        config = TrainConfig.from_sources(config_file, sets, flags, base=settings)
     source = config.model or f"preset {config.preset} (random init)"
-    console.print(f"training {escape(source)} for {config.steps} steps -> {escape(config.out)}")
-    result = run_training(config, progress=not quiet and console.is_terminal, echo=console.print)
+    console.print(f"training {escape(source)} for {config.steps} steps -> {escape(config.out)}", soft_wrap=True)
+    result = run_training(config, progress=not quiet and console.is_terminal, echo=_echo,
+                          log_lines=not quiet and not console.is_terminal)
     summary = f"done: step {result.steps}, loss {result.final_loss:.4f}"
     if result.eval_loss is not None:
         summary += f", held-out loss {result.eval_loss:.4f} (perplexity {math.exp(min(result.eval_loss, 700)):.2f})"
@@ -60,28 +93,37 @@ def train(
     console.print(f"metrics: {escape(str(result.run_dir / 'metrics.jsonl'))}", soft_wrap=True)
 
 
-@app.command("eval")
+def _echo(message: str) -> None:
+    console.print(escape(message), soft_wrap=True)
+
+
+@command("eval")
 def eval_command(
     source: Annotated[str, typer.Argument(help="A checkpoint folder, a Hub repo id, or a preset (random weights).")],
-    data: Annotated[Optional[str], typer.Option(help="Text file, .jsonl or folder (default: the embedded corpus).")] = None,  # noqa: UP045
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 256,
+    data: Annotated[Optional[str], typer.Option(help="Text file, .jsonl or folder (default: a run checkpoint's own data, else the embedded corpus).")] = None,  # noqa: UP045
+    split: Annotated[str, typer.Option("--split", help="held-out: the windows `gemmalab train` held out; all: every window; auto: held-out for a run's checkpoint on its own data, else all.")] = "auto",
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per window (default: the run's, else 256).")] = None,  # noqa: UP045
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per batch.")] = 8,
-    max_batches: Annotated[Optional[int], typer.Option("--max-batches", help="Stop after this many batches.")] = None,  # noqa: UP045
+    max_batches: Annotated[Optional[int], typer.Option("--max-batches", help="Stop after this many batches (default: all).")] = None,  # noqa: UP045
     backend: BackendOption = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
     device: DeviceOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
 ) -> None:
-    """Perplexity and tokens/s of a model on a data source."""
-    from ..train.evaluation import perplexity
+    """Loss, perplexity and tokens/s of a model on data: by default a training run's checkpoint is scored on
+    the run's held-out windows, anything else on all of the data."""
+    from ..train.evaluation import perplexity, plan_eval
 
-    model = open_model(source, backend, dtype, device)
-    result = perplexity(model, data, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
+    resolved = resolve_source(source)
+    plan = plan_eval(resolved.folder, data, seq_len, split, max_positions=resolved.config.max_position_embeddings)
+    model = open_model(resolved, backend, dtype, device)
+    result = perplexity(model, batch_size=batch_size, max_batches=max_batches, plan=plan,
                         progress=not as_json and console.is_terminal)
     if as_json:
         print(json.dumps({"source": source, "backend": model.backend, **result.as_dict()}))
         return
     console.print(
         f"{escape(source)} on {model.backend}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f} "
-        f"over {result.tokens:,} tokens ({result.tokens_per_s:,.0f} tokens/s)"
+        f"over {result.tokens:,} tokens of {escape(result.scored)} ({result.tokens_per_s:,.0f} tokens/s)",
+        soft_wrap=True,
     )

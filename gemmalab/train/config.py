@@ -1,13 +1,16 @@
 """A training run's configuration: one typed dataclass, read from YAML and overridden key by key.
 
 Every field is a flat key, the same in the YAML file, in ``--set key=value`` and (for the common ones) in a
-``gemmalab train`` flag. Precedence: defaults < a resumed run's saved settings < ``--config FILE.yaml`` <
-``--set`` < flags, so ``gemmalab train --out DIR --resume`` alone continues a run as it was configured.
+``gemmalab train`` flag; each carries its meaning (``gemmalab train --list-settings`` prints them all).
+Precedence: defaults < a resumed run's saved settings < ``--config FILE.yaml`` < ``--set`` < flags, so
+``gemmalab train --out DIR --resume`` alone continues a run as it was configured. Optional settings take
+``none`` (or ``null``) for "unset".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -21,61 +24,79 @@ from .schedules import SCHEDULES
 from .spec import LOSS_CHUNK_TOKENS, OptimizerSpec, TrainSpec
 
 
+def _setting(default: Any, meaning: str) -> Any:
+    """A field with its one-line meaning, shown by ``gemmalab train --list-settings`` and in ``--help``."""
+    return dataclasses.field(default=default, metadata={"help": meaning})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # what to train
-    preset: str | None = "tiny"  # random init from a preset (byte-level tokenizer) ...
-    model: str | None = None  # ... or a checkpoint folder / Hub repo id (its own tokenizer); wins over preset
-    data: str | None = None  # text file, .jsonl, folder; None = the embedded corpus (pydoc_data.topics)
-    backend: str | None = None  # mlx, torch, jax; None = $GEMMALAB_BACKEND, else auto
-    device: str | None = None
-    seed: int = 0
+    preset: str | None = _setting("tiny", "random init from this preset (byte-level tokenizer); ignored with model")
+    model: str | None = _setting(None, "fine-tune this checkpoint folder or Hub repo id (its own tokenizer)")
+    data: str | None = _setting(None, "text file, .jsonl (text, chat messages or prompt/completion) or folder; "
+                                      "none = the embedded corpus")
+    backend: str | None = _setting(None, "mlx, torch or jax; none = $GEMMALAB_BACKEND, else auto")
+    device: str | None = _setting(None, "cuda:0, mps, cpu, ...; none = the backend's best")
+    seed: int = _setting(0, "seed of the random init, the data order and the held-out split")
     # how long and how big
-    steps: int = 1000
-    batch_size: int = 8
-    grad_accum: int = 1  # micro-batches per optimizer step (each of batch_size sequences)
-    seq_len: int = 256
+    steps: int = _setting(1000, "optimizer steps of the run (changing it on --resume needs --extend)")
+    batch_size: int = _setting(8, "sequences per micro-batch")
+    grad_accum: int = _setting(1, "micro-batches per optimizer step")
+    seq_len: int = _setting(256, "tokens per training sequence")
     # optimizer and schedule
-    optimizer: str = "adamw"  # adamw | adafactor
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    schedule: str = "cosine"  # constant | linear | cosine
-    warmup_steps: int = 1000  # capped at a tenth of the run when the run is shorter (a note says so)
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    adafactor_decay_rate: float = 0.8
-    adafactor_clip_threshold: float = 1.0
-    adafactor_eps1: float = 1e-30
-    adafactor_eps2: float = 1e-3
-    max_grad_norm: float | None = 1.0
-    layer_lr_decay: float = 1.0
-    unfreeze_every: int = 0  # progressive unfreezing: 0 = off; else train top blocks first, add more every K steps
-    unfreeze_blocks: int = 1
+    optimizer: str = _setting("adamw", "adamw or adafactor")
+    lr: float = _setting(1e-4, "peak learning rate")
+    min_lr: float = _setting(0.0, "learning rate at the end of a linear or cosine schedule")
+    schedule: str = _setting("cosine", "constant, linear or cosine (after the warmup)")
+    warmup_steps: int = _setting(1000, "linear warmup steps (capped at a tenth of a run shorter than twice this)")
+    weight_decay: float = _setting(0.01, "decoupled weight decay (AdamW) or its Adafactor equivalent")
+    beta1: float = _setting(0.9, "AdamW first-moment decay")
+    beta2: float = _setting(0.999, "AdamW second-moment decay")
+    eps: float = _setting(1e-8, "AdamW epsilon")
+    adafactor_decay_rate: float = _setting(0.8, "Adafactor second-moment decay exponent")
+    adafactor_clip_threshold: float = _setting(1.0, "Adafactor update clipping threshold")
+    adafactor_eps1: float = _setting(1e-30, "Adafactor epsilon added to squared gradients")
+    adafactor_eps2: float = _setting(1e-3, "Adafactor floor of the parameter scale")
+    max_grad_norm: float | None = _setting(1.0, "clip the global gradient norm to this; none = no clipping")
+    layer_lr_decay: float = _setting(1.0, "block i of L trains at decay^(L-1-i) times lr (1 = off)")
+    unfreeze_every: int = _setting(0, "progressive unfreezing: add unfreeze_blocks blocks every this many steps "
+                                      "(0 = off)")
+    unfreeze_blocks: int = _setting(1, "blocks unfrozen at the start and at each unfreezing step")
     # loss, precision, memory
-    label_smoothing: float = 0.0
-    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    grad_checkpointing: bool = False
-    loss_scale: float = 2.0**15  # fp16 only: the initial dynamic loss scale
+    label_smoothing: float = _setting(0.0, "label smoothing of the cross-entropy, in [0, 1)")
+    loss_chunk_tokens: int = _setting(LOSS_CHUNK_TOKENS, "positions per chunk of the output head and loss")
+    precision: str = _setting("fp32", "fp32, bf16 (fp32 master weights) or fp16 (with loss scaling); --dtype sets it")
+    grad_checkpointing: bool = _setting(False, "recompute each block in the backward pass to save memory")
+    loss_scale: float = _setting(2.0**15, "fp16 only: the initial dynamic loss scale")
     # data split, evaluation, logging, checkpoints
-    eval_fraction: float = 0.02
-    eval_every: int = 0  # 0 = only at the end
-    eval_batches: int = 8
-    log_every: int = 1
-    out: str = "runs/train"
-    checkpoint_every: int = 0  # 0 = only at the end
-    keep_checkpoints: int = 3
-    resume: bool = False
-    tensorboard: bool = True
-    aim: bool = True  # used when the aim package is installed
+    eval_fraction: float = _setting(0.02, "seeded fraction of the packed windows held out for evaluation")
+    eval_every: int = _setting(0, "evaluate every this many steps (0 = only at the end)")
+    eval_batches: int = _setting(8, "held-out batches per evaluation")
+    log_every: int = _setting(10, "steps between metrics records and progress lines")
+    out: str = _setting("runs/train", "run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/")
+    checkpoint_every: int = _setting(0, "steps between checkpoints (0 = only at the end)")
+    keep_checkpoints: int = _setting(3, "newest checkpoints kept (0 = all)")
+    resume: bool = _setting(False, "continue the run in out from its last checkpoint")
+    extend: bool = _setting(False, "with resume: train to a larger steps, the extra steps as a new schedule cycle")
+    tensorboard: bool = _setting(True, "write TensorBoard event files to out/tensorboard")
+    aim: bool = _setting(True, "log to Aim when the aim package is installed")
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "seq_len", "loss_chunk_tokens", "log_every", "unfreeze_blocks")
+        positive = ("steps", "batch_size", "grad_accum", "seq_len", "loss_chunk_tokens", "log_every", "unfreeze_blocks",
+                    "eval_batches")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "keep_checkpoints", "unfreeze_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"max_grad_norm must be positive, or none for no clipping, got {self.max_grad_norm}")
+        if self.extend and not self.resume:
+            raise ConfigError("extend continues a run: use it with --resume (and a larger --steps)")
         if self.optimizer not in ("adamw", "adafactor"):
             raise ConfigError(f"optimizer {self.optimizer!r} is not one of adamw, adafactor")
         if self.schedule not in SCHEDULES:
@@ -111,6 +132,23 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def settings(cls) -> list[tuple[str, str, Any, str]]:
+        """(name, type, default, meaning) of every setting, in the order of the dataclass."""
+        hints = typing.get_type_hints(cls)
+        return [(f.name, _type_name(hints[f.name]), f.default, f.metadata["help"]) for f in fields(cls)]
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        return next(f.default for f in fields(cls) if f.name == name)
+
+    @classmethod
+    def meaning(cls, name: str) -> str:
+        """The setting's meaning and default, for a command-line flag's help."""
+        value = cls.default(name)
+        shown = "none" if value is None else str(value).lower() if isinstance(value, bool) else value
+        return f"{next(f.metadata['help'] for f in fields(cls) if f.name == name)} (default: {shown})"
+
     # -- reading and overriding ----------------------------------------------------------------------------
     @classmethod
     def from_sources(cls, file: str | Path | None = None, sets: list[str] | None = None,
@@ -133,7 +171,11 @@ class TrainConfig:
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ConfigError(f"unknown training setting(s) {', '.join(unknown)}: see `gemmalab train --help`")
+            close = [m for name in unknown for m in difflib.get_close_matches(name, known, n=1)]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(
+                f"unknown training setting(s) {', '.join(unknown)}{hint}: `gemmalab train --list-settings` lists them all"
+            )
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
 
@@ -150,13 +192,24 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
+NONE_WORDS = ("none", "null", "~")
+
+
+def _type_name(hint: Any) -> str:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    names = [getattr(o, "__name__", str(o)) for o in options if o is not type(None)]
+    return " or ".join(names) + (" or none" if type(None) in options else "")
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check (and gently convert: 1 -> 1.0, '3e-4' -> 3e-4) a value against its field's type."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if isinstance(value, str) and value.strip().lower() in NONE_WORDS and type(None) in options:
+        value = None  # `--set max_grad_norm=none`: YAML reads null and ~ as None, but not the word none
     if value is None:
         if type(None) in options:
             return None
-        raise ConfigError(f"{key} cannot be empty")
+        raise ConfigError(f"{key} needs a value: it cannot be none")
     for option in options:
         if option is bool and isinstance(value, bool):
             return value

@@ -6,8 +6,14 @@ Sources (``--data``):
 
 * nothing: the embedded default corpus, the documentation text that ships inside CPython
   (``pydoc_data.topics``, about 0.46 MB of English prose and code in 79 topics): no download, anywhere;
-* a ``.jsonl`` file: one JSON object per line, either ``{"text": ...}`` or a chat ``{"messages": [...]}``
-  whose loss falls on the assistant replies only (Gemma's turn format, gemmalab.tokenizer.chat_segments);
+* a ``.jsonl`` file: one JSON object per line, one of
+  - ``{"text": ...}``: the loss falls on every token;
+  - a chat ``{"messages": [...]}``: the loss falls on the assistant replies only (Gemma's turn format,
+    gemmalab.tokenizer.chat_segments);
+  - ``{"prompt": ..., "completion": ...}`` (the form TRL and mlx-lm take): the loss falls on the completion
+    (and the closing <eos>) only. Two strings are joined as they are, with no template (as TRL does for
+    plain text); two lists of messages (TRL's conversational form) are one chat in Gemma's turn format,
+    trained on the completion's replies only;
 * any other file: plain UTF-8 text, one document;
 * a folder: every ``.txt``, ``.md`` and ``.jsonl`` file under it, in sorted order.
 
@@ -39,6 +45,9 @@ class Document:
 
     text: str | None = None
     messages: list | None = None
+    prompt: str | None = None  # with completion: a prompt/completion pair of plain strings
+    completion: str | None = None
+    untrained_replies: int = 0  # leading assistant replies of `messages` that are prompt, not trained
 
 
 def embedded_corpus() -> list[Document]:
@@ -57,14 +66,30 @@ def _jsonl_documents(path: Path) -> Iterator[Document]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise InputError(f"{path}:{number} is not valid JSON ({err.msg}): fix or remove that line") from None
-            if isinstance(record, dict) and isinstance(record.get("text"), str):
-                yield Document(text=record["text"])
-            elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-                yield Document(messages=record["messages"])
-            else:
+            document = _record_document(record)
+            if document is None:
                 raise InputError(
-                    f'{path}:{number} has neither a "text" string nor a "messages" list: give each line one of them'
+                    f'{path}:{number} has no "text" string, "messages" list or "prompt"/"completion" pair: '
+                    "give each line one of them"
                 )
+            yield document
+
+
+def _record_document(record: object) -> Document | None:
+    """The document of one JSONL record, or None when it has none of the known forms."""
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("text"), str):
+        return Document(text=record["text"])
+    if isinstance(record.get("messages"), list):
+        return Document(messages=record["messages"])
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return Document(prompt=prompt, completion=completion)
+    if isinstance(prompt, list) and isinstance(completion, list):
+        replies_in_prompt = sum(isinstance(m, dict) and m.get("role") in ("assistant", "model") for m in prompt)
+        return Document(messages=prompt + completion, untrained_replies=replies_in_prompt)
+    return None
 
 
 def _file_documents(path: Path) -> Iterator[Document]:
@@ -99,12 +124,19 @@ def load_documents(source: str | Path | None) -> list[Document]:
 def tokenize(document: Document, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(ids, trained) of one document: ``<bos> ... <eos>`` ids and, per id, whether the loss predicts it."""
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    if document.messages is None:
+    if document.completion is not None:
+        prompt = tokenizer.encode(document.prompt or "", add_bos=True)
+        completion = tokenizer.encode(document.completion, add_bos=False) + eos
+        ids, trained = prompt + completion, [False] * len(prompt) + [True] * len(completion)
+    elif document.messages is None:
         ids = tokenizer.encode(document.text or "", add_bos=True) + eos
         trained = [False] + [True] * (len(ids) - 1)  # nothing predicts <bos>
     else:
         ids, trained = [], []
+        replies_left_untrained = document.untrained_replies
         for piece, is_reply in chat_segments(document.messages, bos=""):
+            if is_reply and replies_left_untrained > 0:  # a reply inside a prompt/completion pair's prompt
+                is_reply, replies_left_untrained = False, replies_left_untrained - 1
             piece_ids = tokenizer.encode(piece, add_bos=not ids)
             ids += piece_ids
             trained += [is_reply] * len(piece_ids)
@@ -115,7 +147,13 @@ def tokenize(document: Document, tokenizer: Tokenizer) -> tuple[np.ndarray, np.n
 
 
 def pack(documents: Iterable[Document], tokenizer: Tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(windows [n, seq_len + 1] int32, trained [n, seq_len + 1] bool) from the concatenated documents."""
+    """(windows [n, seq_len + 1] int32, trained [n, seq_len + 1] bool) from the concatenated documents.
+
+    Data with nothing to learn from is refused here, before any step runs: a run over it would report a
+    loss of 0 over 0 tokens and look like it succeeded."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
+        raise InputError(f"sequence length must be a positive integer, got {seq_len!r}: pass e.g. --seq-len 256")
+    documents = list(documents)
     pieces = [tokenize(doc, tokenizer) for doc in documents]
     ids = np.concatenate([p[0] for p in pieces])
     trained = np.concatenate([p[1] for p in pieces])
@@ -123,7 +161,13 @@ def pack(documents: Iterable[Document], tokenizer: Tokenizer, seq_len: int) -> t
     count = len(ids) // width
     if count == 0:
         raise InputError(f"the data has {len(ids)} tokens, fewer than one window of {width}: lower --seq-len or add data")
-    return ids[: count * width].reshape(count, width), trained[: count * width].reshape(count, width)
+    windows, trained = ids[: count * width].reshape(count, width), trained[: count * width].reshape(count, width)
+    if not trained[:, 1:].any():
+        chats = any(doc.messages is not None for doc in documents)
+        why = "no chat has an assistant reply" if chats else "every token is prompt"
+        raise InputError(f"the data has no tokens to train on or score ({why}): "
+                         "give each chat at least one assistant reply, or pass text records")
+    return windows, trained
 
 
 @dataclass
@@ -161,6 +205,9 @@ class DataStream:
         held_out, train = np.sort(order[:n_eval]), np.sort(order[n_eval:])
         self.train_windows, self.train_trained = windows[train], trained[train]
         self.eval_windows, self.eval_trained = windows[held_out], trained[held_out]
+        if len(self.train_windows) and not self.train_trained[:, 1:].any():
+            raise InputError("after the held-out split no training window has a token to train on: "
+                             "add data, or lower eval_fraction")
         self.seed = seed
         self.epoch = 0
         self.position = 0

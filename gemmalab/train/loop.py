@@ -10,30 +10,42 @@ the step, and the data order is a function of the seed and epoch.
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from .. import checkpoint as hf_checkpoint
 from ..api import preset_tokenizer
 from ..backend import get_backend, resolve_backend_name
 from ..bench import process_peak_rss
 from ..config import Gemma3Config, resolve_config
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
+from ..outputs import check_writable_folder, writing
 from ..params import init_weights
 from ..tokenizer import Tokenizer
 from . import checkpoints
 from .config import TrainConfig
 from .data import DataStream, load_documents, pack
 from .layers import lr_scales
-from .schedules import Schedule
+from .schedules import Cycles, warmup_steps_for
 from .tracking import Tracker
 
 # fp16 dynamic loss scaling (as torch.amp.GradScaler): halve on overflow, double after this many good steps.
 LOSS_SCALE_GROWTH_INTERVAL = 2000
-# Settings that may differ between a run and its resumption (the others must match the checkpoint).
-RESUMABLE_CHANGES = {"steps", "resume", "eval_every", "eval_batches", "log_every", "checkpoint_every",
-                     "keep_checkpoints", "tensorboard", "aim", "device", "out"}
+# Settings that may differ between a run and its resumption; every other one would change the schedule,
+# the data order or the model, and must match the run. (`steps` may grow with `extend`; the backend must
+# resolve to the one that wrote the run: both are checked on their own.)
+RESUMABLE_CHANGES = {"steps", "resume", "extend", "backend", "eval_every", "eval_batches", "log_every",
+                     "checkpoint_every", "keep_checkpoints", "tensorboard", "aim", "device", "out"}
+# Not carried over from a run's saved settings into its resumption: what the resuming command itself says.
+NOT_INHERITED = ("resume", "extend", "backend")
+RUN_SETTINGS_FILE = "config.yaml"  # the run's settings, written when it starts (before any checkpoint)
 
 
 @dataclass
@@ -48,10 +60,35 @@ class TrainResult:
 
 def warmup_for(config: TrainConfig) -> tuple[int, str | None]:
     """The warmup length actually used, and a note when the configured one does not fit the run."""
-    if config.warmup_steps < config.steps // 2 or config.warmup_steps == 0:
-        return config.warmup_steps, None
-    used = config.steps // 10
+    used = warmup_steps_for(config.warmup_steps, config.steps)
+    if used == config.warmup_steps:
+        return used, None
     return used, f"warmup_steps {config.warmup_steps} would take half the run or more; using {used} (a tenth of it)"
+
+
+def saved_settings(run_dir: Path) -> dict | None:
+    """The settings a run in ``run_dir`` was started with (its newest checkpoint's, else its config.yaml),
+    without the keys a resuming command decides for itself; None when the folder holds no run."""
+    last = checkpoints.latest(run_dir)
+    if last is not None:
+        settings = checkpoints.read_state(last)["config"]
+    elif (run_dir / RUN_SETTINGS_FILE).is_file():
+        try:
+            settings = yaml.safe_load((run_dir / RUN_SETTINGS_FILE).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise TrainingError(f"{run_dir / RUN_SETTINGS_FILE} is unreadable ({err}): fix it, or start a new run") from None
+    else:
+        return None
+    return {k: v for k, v in settings.items() if k not in NOT_INHERITED}
+
+
+def _write_settings(run_dir: Path, config: TrainConfig) -> None:
+    from ..checkpoint import atomic_write_bytes
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = "# The settings of this run (gemmalab train); `gemmalab train --out DIR --resume` reads them.\n"
+    text += yaml.safe_dump({k: v for k, v in config.to_dict().items() if k not in NOT_INHERITED}, sort_keys=False)
+    atomic_write_bytes(run_dir / RUN_SETTINGS_FILE, text.encode("utf-8"))
 
 
 def _model_source(config: TrainConfig) -> tuple[Gemma3Config, dict | None, Tokenizer | None]:
@@ -70,13 +107,87 @@ def _model_source(config: TrainConfig) -> tuple[Gemma3Config, dict | None, Token
     return model_config, None, tokenizer
 
 
-def _check_resumable(saved: dict, config: TrainConfig) -> None:
-    changed = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+def _check_resumable(saved: dict, config: TrainConfig, run_dir: Path) -> None:
+    changed = [k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]
     if changed:
+        what = ", ".join(f"{k} (the run has {saved[k]!r}, this command {getattr(config, k)!r})" for k in changed)
         raise TrainingError(
-            f"--resume with different settings ({', '.join(changed)}): resume with the run's own settings "
-            f"(they are in its checkpoints' trainer_state.json) or start a new run in another --out"
+            f"--resume cannot change {what}: they set the schedule, data order or model; resume with the run's "
+            f"own settings ({run_dir / RUN_SETTINGS_FILE}), or start a new run in another --out"
         )
+
+
+def _resume_backend(requested: str | None, writer: str, checkpoint: Path | None) -> str:
+    """The backend a resumption runs on: the one that wrote the run (its optimizer state is that
+    backend's), unless --backend or $GEMMALAB_BACKEND asks for another, which is refused."""
+    env = os.environ.get("GEMMALAB_BACKEND")
+    if not requested and not env:
+        return writer
+    chosen = resolve_backend_name(requested)
+    if chosen == writer:
+        return chosen
+    asked = f"--backend {requested}" if requested else f"GEMMALAB_BACKEND={env}"
+    if requested == "auto":
+        asked = "--backend auto"
+    start_new = (f"; to go on with {chosen}, start a new run from its checkpoint: gemmalab train --model {checkpoint} "
+                 f"--backend {chosen} --out NEW_DIR" if checkpoint is not None else "")
+    raise TrainingError(
+        f"this run was written by the {writer} backend, and {asked} resolves to {chosen}: resume with "
+        f"--backend {writer} (or unset the choice){start_new}"
+    )
+
+
+@dataclass
+class RunPlan:
+    """Where a run starts: the checkpoint it resumes from (None for step 0), that checkpoint's state, the
+    backend, and the schedule's cycles."""
+
+    resume_from: Path | None
+    state: dict | None
+    backend: str
+    cycles: Cycles
+
+
+def plan_run(run_dir: Path, config: TrainConfig, echo=print) -> RunPlan:
+    """Decide how ``config`` starts in ``run_dir``, refusing what would not be what it says."""
+    fresh = Cycles(config.schedule, config.lr, (0, config.steps), config.warmup_steps, config.min_lr)
+    if not config.resume:
+        if checkpoints.complete_checkpoints(run_dir):
+            raise TrainingError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+        return RunPlan(None, None, resolve_backend_name(config.backend), fresh)
+    settings = saved_settings(run_dir)
+    if settings is None:
+        raise TrainingError(
+            f"--resume: {run_dir} holds no run to resume (no checkpoint, no {RUN_SETTINGS_FILE}): check --out, "
+            "or leave out --resume to start a new run there"
+        )
+    _check_resumable(settings, config, run_dir)
+    resume_from = checkpoints.latest(run_dir)
+    state = checkpoints.read_state(resume_from) if resume_from is not None else None
+    if state is None:
+        # killed before its first checkpoint: no optimizer state yet, so any backend can start it
+        echo(f"no checkpoint in {run_dir} yet: starting from step 0 with the run's settings")
+        return RunPlan(None, None, resolve_backend_name(config.backend), fresh)
+    backend = _resume_backend(config.backend, state["backend"], resume_from)
+    bounds = tuple(state.get("schedule_bounds") or (0, state["config"]["steps"]))
+    cycles = Cycles(config.schedule, config.lr, bounds, config.warmup_steps, config.min_lr)
+    if config.steps != cycles.total:
+        if not config.extend:
+            raise TrainingError(
+                f"--steps {config.steps} is not the run's {cycles.total}, and changing it would redraw the learning-rate "
+                f"schedule: leave --steps out to finish the run, or add --extend to train to {config.steps} "
+                "with the extra steps as a new schedule cycle (warm restart)"
+            )
+        if config.steps < cycles.total:
+            raise TrainingError(f"--extend cannot shorten the run from {cycles.total} to {config.steps} steps: "
+                                f"give a larger --steps, or start a new run from {resume_from}")
+        cycles = cycles.extended(config.steps)
+        echo(f"extending the run from {bounds[-1]} to {config.steps} steps: a new {config.schedule} cycle "
+             f"(warmup {warmup_steps_for(config.warmup_steps, config.steps - bounds[-1])}) over the extra steps")
+    if state["step"] >= config.steps:
+        raise TrainingError(f"{resume_from} is already at step {state['step']} of {config.steps}: to train further, "
+                            f"add --extend --steps N with N > {config.steps}")
+    return RunPlan(resume_from, state, backend, cycles)
 
 
 class Progress:
@@ -120,38 +231,73 @@ def evaluate(backend, native, stream: DataStream, config: TrainConfig) -> float 
     return total / tokens if tokens else None
 
 
-def train(config: TrainConfig, *, progress: bool = True, echo=print) -> TrainResult:
-    """Run (or resume) the training ``config`` describes. Returns where it wrote and what it reached."""
-    run_dir = Path(config.out).expanduser()
-    resume_from = checkpoints.latest(run_dir) if config.resume else None
-    if not config.resume and checkpoints.complete_checkpoints(run_dir):
-        raise TrainingError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
-    saved_state = checkpoints.read_state(resume_from) if resume_from is not None else None
-    if saved_state is not None:
-        _check_resumable(saved_state["config"], config)
-        if saved_state["step"] >= config.steps:
-            raise TrainingError(f"{resume_from} is already at step {saved_state['step']} of {config.steps}: "
-                                "raise --steps to train further")
-    elif config.resume:
-        echo(f"no checkpoint in {run_dir} yet: starting from step 0")
+class _StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop after the step in progress (so the optimizer never holds half
+    an update); a second one stops at once. Only the main thread can take signals: elsewhere this does
+    nothing and Ctrl-C keeps Python's behaviour."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopOnCtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        sys.stderr.write("\nstopping after this step and keeping a checkpoint (Ctrl-C again to stop at once)\n")
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _progress_line(step: int, total: int, record: dict, started_step: int, elapsed: float) -> str:
+    """One plain progress line, for logs that are not a terminal (a file, nohup, a batch scheduler)."""
+    done = step - started_step
+    eta = elapsed / done * (total - step) if done > 0 else 0.0
+    minutes, seconds = divmod(int(round(eta)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (f"step {step}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"{record['tokens_per_s']:,.0f} tok/s  eta {hours}:{minutes:02d}:{seconds:02d}")
+
+
+def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: bool = False) -> TrainResult:
+    """Run (or resume) the training ``config`` describes. Returns where it wrote and what it reached.
+
+    ``progress`` shows a rich bar; ``log_lines`` prints a plain line every ``log_every`` steps instead
+    (for output that is not a terminal). Ctrl-C stops after the step in progress, writes a checkpoint and
+    raises RunInterrupted, whose message says how to resume."""
+    run_dir = check_writable_folder(config.out, what="run folder", fix="choose another --out")
+    plan = plan_run(run_dir, config, echo)
+    resume_from, saved_state = plan.resume_from, plan.state
 
     model_config, weights, tokenizer = _model_source(config)
+    if config.seq_len > model_config.max_position_embeddings:
+        raise ConfigError(f"seq_len {config.seq_len} is past the model's {model_config.max_position_embeddings} "
+                          f"positions: pass --seq-len {model_config.max_position_embeddings} or less")
+    windows, trained = pack(load_documents(config.data), tokenizer, config.seq_len)
+    stream = DataStream(windows, trained, seed=config.seed, eval_fraction=config.eval_fraction)
+    with writing(run_dir, "run settings"):
+        _write_settings(run_dir, config)  # from here on, `--resume` finds the run, even before a checkpoint
     if resume_from is not None:
         weights = hf_checkpoint.read_weights(resume_from, model_config)
     elif weights is None:
         weights = init_weights(model_config, seed=config.seed, dtype="float32")
-    backend_name = resolve_backend_name(config.backend)
+    backend_name = plan.backend
     backend = get_backend(backend_name)
     native = backend.build(model_config, weights, dtype="float32", device=config.device)
     del weights
     trainer = backend.trainer(native, config.train_spec())
 
-    windows, trained = pack(load_documents(config.data), tokenizer, config.seq_len)
-    stream = DataStream(windows, trained, seed=config.seed, eval_fraction=config.eval_fraction)
     warmup, note = warmup_for(config)
-    if note:
+    if note and saved_state is None:
         echo(note)
-    schedule = Schedule(config.schedule, config.lr, config.steps, warmup, config.min_lr)
+    schedule = plan.cycles
 
     step, loss_scale, good_steps = 0, (config.loss_scale if config.precision == "fp16" else 1.0), 0
     if saved_state is not None:
@@ -163,81 +309,102 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print) -> TrainRes
         step, loss_scale, good_steps = saved_state["step"], saved_state["loss_scale"], saved_state["good_steps"]
         echo(f"resuming from {resume_from} (step {step})")
 
-    tracker = Tracker(run_dir, resume_step=step if saved_state is not None else None,
-                      tensorboard=config.tensorboard, aim=config.aim, hparams=config.to_dict())
+    with writing(run_dir, "metrics"):
+        tracker = Tracker(run_dir, resume_step=step if saved_state is not None else None,
+                          tensorboard=config.tensorboard, aim=config.aim, hparams=config.to_dict())
     bar = Progress(config.steps, step, progress)
     result = TrainResult(run_dir, step, None, None, resume_from)
     scales_key = None
-    tokens_seen, started = 0, time.perf_counter()
+    tokens_seen, started, started_step = 0, time.perf_counter(), step
+    saved_at = step if resume_from is not None else None
 
     def save_checkpoint() -> Path:
+        nonlocal saved_at
         state = {"loss_scale": loss_scale, "good_steps": good_steps, "data": stream.state(),
-                 "backend": backend_name, "config": config.to_dict()}
-        return checkpoints.save(run_dir, step, config=model_config, weights=backend.weights(trainer.model),
-                                optimizer_state=trainer.optimizer_state(), state=state, tokenizer=tokenizer,
-                                keep_last=config.keep_checkpoints)
+                 "backend": backend_name, "config": config.to_dict(), "schedule_bounds": list(schedule.bounds)}
+        with writing(run_dir, "checkpoint"):
+            path = checkpoints.save(run_dir, step, config=model_config, weights=backend.weights(trainer.model),
+                                    optimizer_state=trainer.optimizer_state(), state=state, tokenizer=tokenizer,
+                                    keep_last=config.keep_checkpoints)
+        saved_at = step
+        return path
+
+    def interrupted(message: str) -> RunInterrupted:
+        return RunInterrupted(f"{message}; resume with: gemmalab train --out {run_dir} --resume")
 
     try:
-        while step < config.steps:
-            scales = lr_scales(model_config, step, layer_decay=config.layer_lr_decay,
-                               unfreeze_every=config.unfreeze_every, unfreeze_blocks=config.unfreeze_blocks)
-            key = tuple(sorted(scales.items()))
-            if key != scales_key:
-                trainer.set_lr_scales(scales)
-                scales_key = key
-            # The backend differentiates a loss *sum*, so its gradients are ~tokens times those of the mean
-            # loss that loss scales are usually chosen for: scale per position in a micro-batch instead.
-            factor = loss_scale / (config.batch_size * config.seq_len) if config.precision == "fp16" else 1.0
-            loss_sum, tokens = 0.0, 0
-            for _ in range(config.grad_accum):
-                batch = stream.next_batch(config.batch_size)
-                loss_sum += trainer.accumulate(batch.inputs, batch.targets, batch.weights, loss_scale=factor)
-                tokens += batch.tokens
-            lr = schedule(step)
-            update = trainer.apply(lr, max(tokens, 1) * factor)
-            loss = loss_sum / max(tokens, 1)
-            grad_norm = update["grad_norm"]  # of the unscaled gradient: the normalizer divided the scale out
-            overflow = not math.isfinite(grad_norm)
-            skipped = config.precision == "fp16" and overflow and math.isfinite(loss)
-            if skipped:
-                loss_scale, good_steps = loss_scale / 2, 0  # the backend updated nothing; try again smaller
-            elif not math.isfinite(loss) or overflow:
-                last = checkpoints.latest(run_dir)
-                kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-                raise TrainingError(
-                    f"loss became {loss} at step {step + 1} (gradient norm {grad_norm}): stopped; {kept}. "
-                    "Lower --lr, keep gradient clipping on, or use --set precision=fp32"
-                )
-            elif config.precision == "fp16":
-                good_steps += 1
-                if good_steps % LOSS_SCALE_GROWTH_INTERVAL == 0:
-                    loss_scale *= 2
-            step += 1
-            tokens_seen += tokens
-            elapsed = time.perf_counter() - started
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                      "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0}
-            if config.precision == "fp16":
-                record.update(loss_scale=loss_scale, skipped=skipped)
-            result.final_loss = loss
-            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                record.update(_eval_record(backend, trainer.model, stream, config))
-            if step % config.log_every == 0 or step == config.steps:
-                memory = backend.peak_memory(trainer.model) or process_peak_rss()
-                record["peak_memory_gb"] = memory / 1e9
-                tracker.log(record)
-                result.history.append(record)
-            bar.update(step, f"loss {loss:.4f}  {record['tokens_per_s']:,.0f} tok/s  lr {lr:.2e}  "
-                             f"mem {process_peak_rss() / 1e9:.2f} GB")
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-                result.checkpoint = save_checkpoint()
-        final = {"step": step, **_eval_record(backend, trainer.model, stream, config)}
-        if "eval_loss" in final:
-            tracker.log(final)
-            result.history.append(final)
-            result.eval_loss = final["eval_loss"]
-        result.checkpoint = save_checkpoint()
-        result.steps = step
+        with _StopOnCtrlC() as ctrl_c:
+            while step < config.steps:
+                if ctrl_c.requested:
+                    kept = checkpoints.latest(run_dir) if saved_at == step else save_checkpoint()
+                    raise interrupted(f"interrupted at step {step} of {config.steps}; checkpoint {kept}")
+                scales = lr_scales(model_config, step, layer_decay=config.layer_lr_decay,
+                                   unfreeze_every=config.unfreeze_every, unfreeze_blocks=config.unfreeze_blocks)
+                key = tuple(sorted(scales.items()))
+                if key != scales_key:
+                    trainer.set_lr_scales(scales)
+                    scales_key = key
+                # The backend differentiates a loss *sum*, so its gradients are ~tokens times those of the mean
+                # loss that loss scales are usually chosen for: scale per position in a micro-batch instead.
+                factor = loss_scale / (config.batch_size * config.seq_len) if config.precision == "fp16" else 1.0
+                loss_sum, tokens = 0.0, 0
+                for _ in range(config.grad_accum):
+                    batch = stream.next_batch(config.batch_size)
+                    loss_sum += trainer.accumulate(batch.inputs, batch.targets, batch.weights, loss_scale=factor)
+                    tokens += batch.tokens
+                lr = schedule(step)
+                update = trainer.apply(lr, max(tokens, 1) * factor)
+                loss = loss_sum / max(tokens, 1)
+                grad_norm = update["grad_norm"]  # of the unscaled gradient: the normalizer divided the scale out
+                overflow = not math.isfinite(grad_norm)
+                skipped = config.precision == "fp16" and overflow and math.isfinite(loss)
+                if skipped:
+                    loss_scale, good_steps = loss_scale / 2, 0  # the backend updated nothing; try again smaller
+                elif not math.isfinite(loss) or overflow:
+                    last = checkpoints.latest(run_dir)
+                    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+                    raise TrainingError(
+                        f"loss became {loss} at step {step + 1} (gradient norm {grad_norm}): stopped; {kept}. "
+                        "Lower --lr, keep gradient clipping on, or use --set precision=fp32"
+                    )
+                elif config.precision == "fp16":
+                    good_steps += 1
+                    if good_steps % LOSS_SCALE_GROWTH_INTERVAL == 0:
+                        loss_scale *= 2
+                step += 1
+                tokens_seen += tokens
+                elapsed = time.perf_counter() - started
+                record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                          "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0}
+                if config.precision == "fp16":
+                    record.update(loss_scale=loss_scale, skipped=skipped)
+                result.final_loss = loss
+                if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                    record.update(_eval_record(backend, trainer.model, stream, config))
+                if step % config.log_every == 0 or step == config.steps:
+                    memory = backend.peak_memory(trainer.model) or process_peak_rss()
+                    record["peak_memory_gb"] = memory / 1e9
+                    tracker.log(record)
+                    result.history.append(record)
+                    if log_lines:
+                        echo(_progress_line(step, config.steps, record, started_step, elapsed))
+                bar.update(step, f"loss {loss:.4f}  {record['tokens_per_s']:,.0f} tok/s  lr {lr:.2e}  "
+                                 f"mem {process_peak_rss() / 1e9:.2f} GB")
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                    result.checkpoint = save_checkpoint()
+            final = {"step": step, **_eval_record(backend, trainer.model, stream, config)}
+            if "eval_loss" in final:
+                tracker.log(final)
+                result.history.append(final)
+                result.eval_loss = final["eval_loss"]
+            result.checkpoint = save_checkpoint()
+            result.steps = step
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C: the step in progress is dropped, the last checkpoint stands
+        last = checkpoints.latest(run_dir)
+        kept = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise interrupted(f"stopped at once during step {step + 1}, which is dropped; {kept}") from None
     finally:
         bar.close()
         tracker.close()
@@ -251,4 +418,4 @@ def _eval_record(backend, native, stream: DataStream, config: TrainConfig) -> di
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
 
 
-__all__ = ["TrainResult", "evaluate", "train", "warmup_for"]
+__all__ = ["RunPlan", "TrainResult", "evaluate", "plan_run", "saved_settings", "train", "warmup_for"]

@@ -6,6 +6,12 @@ lr over the first ``warmup`` updates; then the schedule decays over the remainin
 * constant: lr;
 * linear:   from lr down to ``min_lr`` at the last update;
 * cosine:   ``min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2``, progress from 0 to 1.
+
+A run extended past its planned end (``gemmalab train --resume --extend --steps N``) keeps its schedule as it
+was, step for step, and trains the extra steps as a new cycle of the same schedule: warmup (by the same rule
+as a new run of that length) to the peak lr, then decay to ``min_lr`` at step N. This is a warm restart
+(SGDR, Loshchilov & Hutter 2017): a finished cosine run sits at min_lr, and continuing there would barely
+train. ``Cycles`` holds the boundaries, which the run saves, so every later resume computes the same rates.
 """
 
 from __future__ import annotations
@@ -49,4 +55,48 @@ class Schedule:
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-__all__ = ["SCHEDULES", "Schedule", "ScheduleName"]
+def warmup_steps_for(warmup_steps: int, length: int) -> int:
+    """The warmup used for a cycle of ``length`` updates: as configured, unless that would take half the
+    cycle or more; then a tenth of it."""
+    if warmup_steps < length // 2 or warmup_steps == 0:
+        return warmup_steps
+    return length // 10
+
+
+@dataclass(frozen=True)
+class Cycles:
+    """The schedule of a run in cycles: ``bounds`` [0, end_1, end_2, ...] (one cycle for a run never
+    extended), each cycle its own Schedule with the shared name, lr and min_lr."""
+
+    name: ScheduleName
+    lr: float
+    bounds: tuple[int, ...]
+    warmup_steps: int
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.bounds) < 2 or self.bounds[0] != 0 or any(b <= a for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True)):
+            raise ConfigError(f"schedule cycle bounds must rise from 0, got {list(self.bounds)}")
+
+    @property
+    def total(self) -> int:
+        return self.bounds[-1]
+
+    def extended(self, total: int) -> Cycles:
+        """These cycles plus one more, to ``total`` updates."""
+        if total <= self.total:
+            raise ConfigError(f"an extension must go past step {self.total}, got steps {total}")
+        return Cycles(self.name, self.lr, (*self.bounds, total), self.warmup_steps, self.min_lr)
+
+    def cycle(self, index: int) -> Schedule:
+        length = self.bounds[index + 1] - self.bounds[index]
+        return Schedule(self.name, self.lr, length, warmup_steps_for(self.warmup_steps, length), self.min_lr)
+
+    def __call__(self, step: int) -> float:
+        for index in range(len(self.bounds) - 1):
+            if step < self.bounds[index + 1] or index == len(self.bounds) - 2:
+                return self.cycle(index)(step - self.bounds[index])
+        raise AssertionError("unreachable: bounds has at least two entries")
+
+
+__all__ = ["SCHEDULES", "Cycles", "Schedule", "ScheduleName", "warmup_steps_for"]
