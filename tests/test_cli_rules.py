@@ -308,3 +308,36 @@ def test_prompt_completion_jsonl_trains_from_the_cli(tmp_path):
     data.write_text("\n".join(json.dumps({"prompt": f"Question {i}? ", "completion": f"Answer {i}."}) for i in range(60)))
     result = run_cli("train", "--data", str(data), "--steps", "2", "--out", str(tmp_path / "run"), "-q", *TINY_RUN)
     assert result.returncode == 0, result.stderr
+
+
+# -- the same rules through the Python API, and for every command to come ---------------------------------
+def test_the_api_refuses_what_the_cli_refuses(tmp_path):
+    from gemmalab.train import train
+
+    with read_only_folder(tmp_path / "ro") as ro:
+        with pytest.raises(OutputError, match="not writable"):
+            train(TrainConfig(out=str(ro / "run"), steps=1), progress=False)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join([json.dumps({"messages": [{"role": "user", "content": "q" * 40}]})] * 20))
+    with pytest.raises(InputError, match="no tokens to train on"):
+        train(TrainConfig(out=str(tmp_path / "chat"), data=str(chats), steps=1, seq_len=32), progress=False)
+    assert not (tmp_path / "chat").exists()
+    with pytest.raises(gemmalab.GemmalabError, match="max_grad_norm must be positive"):
+        TrainConfig(max_grad_norm=0.0)
+
+
+def test_every_command_registers_through_the_shared_failure_policy():
+    from gemmalab.cli import app
+
+    for info in app.registered_commands:
+        assert hasattr(info.callback, "__wrapped__"), f"{info.callback.__name__}: register it with cli.app.command()"
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130():
+    process = subprocess.Popen([sys.executable, "-m", "gemmalab", "generate", "tiny", "--prompt-ids", "5", "-n", "4000",
+                                "-b", DEFAULT_BACKEND], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.read(8)  # tokens are streaming: the command is running
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.decode().strip().splitlines() == ["error: interrupted (Ctrl-C)"]
