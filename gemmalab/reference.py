@@ -8,8 +8,8 @@ see every Gemma 3 detail in one place:
 2. per block: RMSNorm -> attention -> RMSNorm -> residual add -> RMSNorm -> gated GELU-tanh MLP -> RMSNorm
    -> residual add (four norms per block; RMSNorm multiplies by (1 + w));
 3. attention: q/k/v projections, RMSNorm per head on q and k (before RoPE), RoPE with the layer type's base
-   and linear scaling, scores scaled by query_pre_attn_scalar ** -0.5, causal mask, and on local layers a
-   sliding window (query i sees key j when i - window < j <= i), GQA by repeating k/v heads;
+   and linear scaling, scores scaled by query_pre_attn_scalar ** -0.5, causal mask (or an explicit one), and
+   on local layers a sliding window (query i sees key j when i - window < j <= i), GQA by repeating k/v heads;
 4. final RMSNorm, output head = the embedding matrix (tied), optional final logit soft-capping.
 """
 
@@ -19,6 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from . import masks
 from .config import Gemma3Config
 from .errors import InputError
 from .params import EMBED, FINAL_NORM, LM_HEAD, layer_prefix
@@ -46,12 +47,10 @@ def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np
 
 
 def causal_mask(positions: np.ndarray, window: int | None) -> np.ndarray:
-    """Boolean [batch, 1, seq, seq]: True where query i may attend to key j."""
-    q = positions[:, :, None]
-    k = positions[:, None, :]
-    allowed = k <= q
+    """Boolean [batch, 1, seq, seq]: True where query i may attend to key j (gemmalab.masks, per head)."""
+    allowed = masks.causal(positions, positions)
     if window is not None:
-        allowed &= k > q - window
+        allowed = allowed & masks.within_window(positions, positions, window)
     return allowed[:, None]
 
 
@@ -97,40 +96,44 @@ def forward(
     weights: Mapping[str, np.ndarray],
     ids: np.ndarray,
     *,
-    position_ids: np.ndarray | None = None,
+    positions: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
     capture: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, dict[str, list[np.ndarray]]]:
     """Logits [batch, seq, vocab] in float64 for token ids [batch, seq].
 
-    ``position_ids`` default to 0..seq-1. The mask is built from positions (causal, and windowed on local
-    layers). With ``capture=True`` also returns {"hidden_states": [embeddings, after block 0, ...],
-    "attentions": [probabilities of block 0, ...]}.
+    ``positions`` ([seq] or [batch, seq]) default to 0..seq-1. ``mask`` (boolean [seq, seq] or
+    [batch, seq, seq], True = may attend) replaces the causal rule; either way local layers add the sliding
+    window from the positions (gemmalab.masks). With ``capture=True`` also returns
+    {"hidden_states": [...], "attentions": [...]} in transformers' convention: the scaled embeddings, the
+    output of each block but the last, then the last block's output after the final norm (layers + 1
+    arrays); and each block's attention probabilities [batch, heads, query, key].
     """
     ids = np.asarray(ids)
     if ids.ndim != 2:
         raise InputError(f"token ids must have shape [batch, seq], got {ids.shape}")
     w = {name: np.asarray(value, dtype=np.float64) for name, value in weights.items()}
     batch, seq = ids.shape
-    positions = np.broadcast_to(np.arange(seq), (batch, seq)) if position_ids is None else np.asarray(position_ids)
+    positions = masks.as_positions(positions, batch, seq)
+    explicit = None if mask is None else masks.as_mask(mask, batch, seq, seq)
     eps = config.rms_norm_eps
 
     x = w[EMBED][ids] * np.sqrt(config.hidden_size)  # [batch, seq, hidden]
     hidden_states, attentions = [x], []
-    masks = {
-        "local": causal_mask(positions, config.sliding_window),
-        "global": causal_mask(positions, None),
-    }
+    per_type = {kind: allowed[:, None] for kind, allowed in masks.layer_masks(config, positions, explicit).items()}
     for layer in range(config.num_hidden_layers):
         p = layer_prefix(layer)
-        allowed = masks["local" if config.is_sliding(layer) else "global"]
+        allowed = per_type[config.layer_types[layer]]  # [batch, 1, seq, seq]: every head alike
         attn_out, probs = attention(config, w, layer, rms_norm(x, w[p + "input_layernorm.weight"], eps), positions, allowed)
         x = x + rms_norm(attn_out, w[p + "post_attention_layernorm.weight"], eps)
         mlp_out = mlp(config, w, layer, rms_norm(x, w[p + "pre_feedforward_layernorm.weight"], eps))
         x = x + rms_norm(mlp_out, w[p + "post_feedforward_layernorm.weight"], eps)
-        hidden_states.append(x)
+        if layer < config.num_hidden_layers - 1:
+            hidden_states.append(x)
         attentions.append(probs)
 
     x = rms_norm(x, w[FINAL_NORM], eps)
+    hidden_states.append(x)
     head = w[EMBED] if config.tie_word_embeddings else w[LM_HEAD]
     logits = x @ head.T
     if config.final_logit_softcapping is not None:
