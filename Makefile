@@ -25,8 +25,8 @@ demo: setup  ## the main job for now: platform and backend check with an exactne
 	$(GL) check
 	$(GL) info gemma-3-270m
 
-benchmark: setup  ## gemmalab bench on every installed backend: a random 270M-shaped model, prompt 512, generate 128
-	$(GL) bench --backend all
+benchmark: setup  ## quick gemmalab bench on every installed backend: a random 270M, prompt 128, generate 32 (full run: gemmalab bench --backend all)
+	$(GL) bench --backend all --quick
 
 clean:  ## remove caches and build artefacts (keeps .venv; `rm -rf .venv` for a full reset)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

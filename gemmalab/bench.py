@@ -4,6 +4,10 @@ Decoding one token reads every weight once (the tied 262k-row head included) plu
 limit is (memory read bandwidth) / (bytes read per token). The bandwidth is measured here, on this machine,
 with a streaming read of a buffer far larger than any cache (numpy, one thread per core: reductions release
 the GIL), and the result is reported next to the achieved tokens/s.
+
+A benchmark runs generation twice with the same shapes: a warm-up (first calls compile and allocate; JAX
+compiles one program per shape), timed apart as ``warmup_seconds``, then the measured run. Its phases are
+reported to an optional ``progress`` callback, so a caller can show where a long run is.
 """
 
 from __future__ import annotations
@@ -14,16 +18,31 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from .api import Model, init, load
-from .dtypes import BYTES_PER_ELEMENT
+from .backend import resolve_backend_name
+from .config import Gemma3Config
+from .dtypes import BYTES_PER_ELEMENT, canonical_dtype
+from .errors import InputError
 from .generation import GenerationStats, Generator, decode_steps
 from .sampling import SamplingParams
 
 BANDWIDTH_BUFFER_BYTES = 1 << 30  # 1 GiB: far beyond any CPU cache
+
+# The phases a benchmark reports, in order. The two decoding phases report every token (done of total);
+# the others report (0, 0) once, when they start.
+LOADING, WARMUP_PREFILL, WARMUP_DECODING, PREFILL, DECODING = (
+    "loading", "warm-up prefill", "warm-up decoding", "prefill", "decoding"
+)
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:  # noqa: ARG001
+    pass
 
 
 def measure_read_bandwidth(threads: int | None = None, repeats: int = 5) -> float:
@@ -104,12 +123,66 @@ class BenchResult:
         return asdict(self)
 
 
-def _timed_generation(model: Model, prompt: list[int], gen_tokens: int, prefill_chunk: int) -> tuple[GenerationStats, Generator]:
-    backend = model._backend
-    gen = Generator(backend, model.native, model.config, [prompt], params=SamplingParams(), prefill_chunk=prefill_chunk)
+def _is_count(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def check_bench_inputs(
+    backend: str,
+    source: str | None = None,
+    *,
+    preset: str | None = "gemma-3-270m",
+    dtype: str = "float32",
+    prompt_tokens: int = 512,
+    gen_tokens: int = 128,
+    prefill_chunk: int = 512,
+    bandwidth: float | None = None,
+) -> None:
+    """Refuse what ``bench`` cannot measure before any model is built: raises InputError, BackendError or
+    ConfigError, each one line with the fix. ``preset`` (unless None) is checked when there is no ``source``;
+    a checkpoint's positions are checked once its config is read (``check_fits``)."""
+    if not _is_count(prompt_tokens) or prompt_tokens < 1:
+        raise InputError(f"prompt_tokens (--prompt-tokens) must be a whole number >= 1, got {prompt_tokens!r}: give e.g. 512")
+    if not _is_count(gen_tokens) or gen_tokens < 2:
+        # The first new token comes out of prefill; decode speed is timed over the ones after it.
+        raise InputError(
+            f"gen_tokens (--gen-tokens) must be a whole number >= 2 (the first comes from prefill, decoding is timed on the "
+            f"rest), got {gen_tokens!r}: give e.g. 128"
+        )
+    if not _is_count(prefill_chunk) or prefill_chunk < 1:
+        raise InputError(f"prefill_chunk (--prefill-chunk) must be a whole number >= 1, got {prefill_chunk!r}: give e.g. 512")
+    if bandwidth is not None and not bandwidth > 0:
+        raise InputError(f"bandwidth must be a positive number of bytes/s, got {bandwidth!r} (or None to measure it)")
+    canonical_dtype(dtype)
+    resolve_backend_name(backend)
+    if not source and preset is not None:
+        check_fits(Gemma3Config.preset(preset), prompt_tokens, gen_tokens)
+
+
+def check_fits(config: Gemma3Config, prompt_tokens: int, gen_tokens: int) -> None:
+    """Prompt and generated tokens must fit in the model's positions (generation would be cut short)."""
+    limit = config.max_position_embeddings
+    if prompt_tokens + gen_tokens > limit:
+        raise InputError(
+            f"prompt_tokens + gen_tokens = {prompt_tokens + gen_tokens} is more than the {limit} positions of "
+            f"{config.name or 'this model'}: ask for fewer tokens"
+        )
+
+
+def _generation(
+    model: Model, prompt: list[int], gen_tokens: int, prefill_chunk: int, progress: Progress, *, warmup: bool
+) -> tuple[GenerationStats, Generator]:
+    """One greedy generation of exactly ``gen_tokens`` tokens (no stop ids), its phases told to ``progress``.
+
+    The callback runs between decoding steps, inside the timed interval of the next step (microseconds
+    against the milliseconds of a step of the smallest Gemma)."""
+    prefill_phase, decoding_phase = (WARMUP_PREFILL, WARMUP_DECODING) if warmup else (PREFILL, DECODING)
+    gen = Generator(model._backend, model.native, model.config, [prompt], params=SamplingParams(),
+                    prefill_chunk=prefill_chunk)
     stats = GenerationStats()
-    for _ in decode_steps(gen, gen_tokens, stats):  # greedy, no stop ids: exactly gen_tokens tokens
-        pass
+    progress(prefill_phase, 0, 0)
+    for step in decode_steps(gen, gen_tokens, stats):
+        progress(decoding_phase, step.index + 1, gen_tokens)
     return stats, gen
 
 
@@ -126,14 +199,25 @@ def bench(
     seed: int = 0,
     bandwidth: float | None = None,
     model: Model | None = None,
+    progress: Progress | None = None,
 ) -> BenchResult:
-    """Benchmark one backend on ``source`` (a checkpoint) or a randomly initialised ``preset``."""
+    """Benchmark one backend on ``source`` (a checkpoint) or a randomly initialised ``preset``.
+
+    ``progress(phase, done, total)`` is told each phase as it starts (LOADING, WARMUP_PREFILL,
+    WARMUP_DECODING, PREFILL, DECODING) and each decoded token. ``bandwidth`` (bytes/s) skips measuring it.
+    """
+    check_bench_inputs(backend, source, preset=preset if model is None else None, dtype=dtype,
+                       prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, prefill_chunk=prefill_chunk,
+                       bandwidth=bandwidth)
+    progress = progress or _no_progress
     start = time.perf_counter()
     if model is None:
+        progress(LOADING, 0, 0)
         model = load(source, backend=backend, dtype=dtype, device=device) if source else init(
             preset, backend=backend, dtype=dtype, device=device, seed=seed
         )
     load_seconds = time.perf_counter() - start
+    check_fits(model.config, prompt_tokens, gen_tokens)
     rng = np.random.default_rng(seed)
     vocab = model.config.vocab_size
     prompt = [int(t) for t in rng.integers(3, vocab, size=prompt_tokens)]
@@ -141,13 +225,13 @@ def bench(
     # Warm-up with the very shapes of the timed run: compilers (jax.jit, mx.compile, torch.compile) build
     # one program per shape, and that time belongs in warmup_seconds, not in the steady-state numbers.
     start = time.perf_counter()
-    _timed_generation(model, prompt, gen_tokens, prefill_chunk)
+    _generation(model, prompt, gen_tokens, prefill_chunk, progress, warmup=True)
     warmup_seconds = time.perf_counter() - start
 
     be = model._backend
     be.reset_peak_memory(model.native)
     reset_process_peak_rss()
-    stats, gen = _timed_generation(model, prompt, gen_tokens, prefill_chunk)
+    stats, gen = _generation(model, prompt, gen_tokens, prefill_chunk, progress, warmup=False)
     peak = be.peak_memory(model.native)
     peak_kind = "device"
     if peak is None:
