@@ -13,7 +13,10 @@ from .errors import (
     GemmalabError,
     InputError,
     ModelNotFoundError,
+    OutputError,
+    RunInterrupted,
     TokenizerError,
+    TrainingError,
 )
 from .tokenizer import Tokenizer, format_chat
 
@@ -29,9 +32,12 @@ __all__ = [
     "InputError",
     "Model",
     "ModelNotFoundError",
+    "OutputError",
     "RopeSpec",
+    "RunInterrupted",
     "Tokenizer",
     "TokenizerError",
+    "TrainingError",
     "backends",
     "format_chat",
     "init",

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint
-from .backend import Backend, get_backend, resolve_backend_name
+from .backend import Backend, ForwardOutput, get_backend, resolve_backend_name
 from .checks import check_token_ids
 from .config import Gemma3Config, resolve_config
 from .dtypes import canonical_dtype
@@ -59,6 +59,51 @@ class Model:
         if array.ndim == 1:
             array = array[None, :]
         return self._backend.logits(self.native, check_token_ids(array, self.config.vocab_size))
+
+    def forward(
+        self,
+        ids: Any,
+        *,
+        positions: Any = None,
+        mask: Any = None,
+        hidden_states: bool | Sequence[int] = False,
+        attentions: bool | Sequence[int] | None = None,
+    ) -> ForwardOutput:
+        """One pass over token ids [batch, seq] (a [seq] list is batch 1), with what the model computes
+        inside it, as numpy float32.
+
+        ``positions``: [seq] or [batch, seq] (default 0..seq-1); they drive RoPE and the masks. ``mask``:
+        boolean [seq, seq] or [batch, seq, seq], True where a query may attend to a key (the convention of
+        scaled_dot_product_attention); it replaces the causal rule, and local layers keep their sliding
+        window on top, from the positions (gemmalab.masks). ``hidden_states``: True for all or a list of
+        indices, in transformers' convention (0 = the scaled embeddings, i = the output of block i - 1, the
+        last = after the final norm). ``attentions``: True or a list of layer indices whose probabilities
+        [batch, heads, query, key] to return; every other layer keeps the fused attention kernel.
+        Returns a ForwardOutput: ``.logits`` [batch, seq, vocab], ``.hidden_states`` and ``.attentions``
+        as dicts by index."""
+        from . import masks as mask_rules
+        from .checks import check_selection
+
+        array = np.asarray(ids)
+        if array.ndim == 1:
+            array = array[None, :]
+        array = check_token_ids(array, self.config.vocab_size)
+        batch, seq = array.shape
+        at = mask_rules.as_positions(positions, batch, seq)
+        explicit = None if mask is None else mask_rules.as_mask(mask, batch, seq, seq)
+        per_type = mask_rules.layer_masks(self.config, at, explicit)
+        for kind, allowed in per_type.items():
+            empty = np.argwhere(~allowed.any(axis=-1))
+            if len(empty):
+                row, query = empty[0]
+                raise InputError(f"the mask lets query {query} of row {row} attend to no key on {kind} layers "
+                                 "(the window applies on top of it): allow each query at least one key")
+        layers = self.config.num_hidden_layers
+        return self._backend.forward(
+            self.native, array, positions=np.ascontiguousarray(at), masks=per_type,
+            hidden_states=check_selection(hidden_states, layers + 1, "hidden_states"),
+            attentions=check_selection(attentions, layers, "attentions"),
+        )
 
     def weights(self) -> dict[str, np.ndarray]:
         """Every parameter under its HF name, as numpy in the model's dtype."""

@@ -29,6 +29,20 @@ BUILTIN = {"mlx": "gemmalab_mlx", "torch": "gemmalab_torch", "jax": "gemmalab_ja
 ENV_VAR = "GEMMALAB_BACKEND"
 
 
+@dataclass
+class ForwardOutput:
+    """What ``Backend.forward`` returns, in numpy float32.
+
+    ``hidden_states`` follows transformers' ``output_hidden_states``: index 0 is the scaled embeddings, index
+    i (1 <= i < layers) the output of block i - 1, index ``layers`` the last block's output after the final
+    norm. ``attentions`` maps a layer index to its probabilities [batch, heads, query, key]. Each holds only
+    the indices that were asked for."""
+
+    logits: np.ndarray  # [batch, seq, vocab]
+    hidden_states: dict[int, np.ndarray]
+    attentions: dict[int, np.ndarray]
+
+
 @runtime_checkable
 class Backend(Protocol):
     """The tensor work gemmalab asks of an array framework."""
@@ -56,6 +70,22 @@ class Backend(Protocol):
 
     def logits(self, model: Any, ids: np.ndarray) -> np.ndarray:
         """float32 logits [batch, seq, vocab] for int token ids [batch, seq], every position."""
+
+    def forward(
+        self,
+        model: Any,
+        ids: np.ndarray,
+        *,
+        positions: np.ndarray,
+        masks: Mapping[str, np.ndarray],
+        hidden_states: tuple[int, ...] = (),
+        attentions: tuple[int, ...] = (),
+    ) -> ForwardOutput:
+        """One uncached pass over int ids [batch, seq] at int ``positions`` [batch, seq] (they drive RoPE),
+        with one boolean mask [batch, seq, seq] per layer type (True = may attend), as the core builds them
+        (gemmalab.masks.layer_masks: the window of local layers is already in theirs). Returns the logits
+        of every position and the captures asked for by index (see ForwardOutput); only the layers in
+        ``attentions`` leave the fused attention kernel."""
 
     def weights(self, model: Any) -> dict[str, np.ndarray]:
         """Every parameter under its canonical name, as numpy in the model's dtype (bf16 via ml_dtypes).

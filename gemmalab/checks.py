@@ -43,3 +43,22 @@ def check_cache_request(batch: object, pad_lengths: Sequence[int] | None) -> tup
     if any(isinstance(p, bool) or not isinstance(p, int | np.integer) or p < 0 for p in pads):
         raise InputError(f"pad_lengths must be non-negative integers, got {pads}")
     return int(batch), [int(p) for p in pads]
+
+
+def check_selection(value: object, count: int, name: str) -> tuple[int, ...]:
+    """Which of ``count`` indexed things a capture asks for: True = all, False/None = none, or a collection
+    of indices (negative ones count from the end), as a sorted tuple without repeats."""
+    if value is None or value is False:
+        return ()
+    if value is True:
+        return tuple(range(count))
+    try:
+        items = list(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise InputError(f"{name} must be True, False or a list of indices, got {value!r}") from None
+    picked = set()
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int | np.integer) or not -count <= item < count:
+            raise InputError(f"{name} index {item!r} is not an integer in [0, {count}): there are {count}")
+        picked.add(int(item) % count)
+    return tuple(sorted(picked))

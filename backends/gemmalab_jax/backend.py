@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from gemmalab.backend import ForwardOutput
 from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids
 from gemmalab.config import SLIDING, Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
@@ -54,9 +55,22 @@ def _full_logits(params: Params, ids: jax.Array, rope: Any, *, config: Gemma3Con
     return head(params, config, out.hidden, plan.hint).astype(jnp.float32)
 
 
+def _captured_forward(params: Params, ids: jax.Array, rope: Any, masks: Any, *, config: Gemma3Config, plan: Plan,
+                      hidden_states: tuple[int, ...], attentions: tuple[int, ...]) -> tuple[Any, ...]:
+    """float32 (logits, {index: hidden state}, {layer: probabilities}) of one uncached pass with explicit
+    RoPE tables and masks per layer type; hidden states in transformers' convention (ForwardOutput)."""
+    out = forward(params, config, ids, rope, masks, hint=plan.hint, output_hidden_states=bool(hidden_states),
+                  output_attentions=frozenset(attentions))
+    states = [*(out.hidden_states or [])[:-1], out.hidden]  # the last entry is the final norm's output
+    logits = head(params, config, out.hidden, plan.hint).astype(jnp.float32)
+    return (logits, {i: states[i].astype(jnp.float32) for i in hidden_states},
+            {i: out.attentions[i] for i in attentions})
+
+
 # Module-level, with the config and plan static: models of the same config on the same mesh share compiled
 # functions (the cache key also holds every input's shape, dtype and sharding).
 _jit_full_logits = jax.jit(_full_logits, static_argnames=("config", "plan"))
+_jit_captured_forward = jax.jit(_captured_forward, static_argnames=("config", "plan", "hidden_states", "attentions"))
 _jit_step = jax.jit(extend_step, static_argnames=("config", "plan", "mode"), donate_argnums=1)
 
 
@@ -204,6 +218,27 @@ class JaxBackend:
         positions = np.arange(ids.shape[1])[None]  # [1, seq]
         out = model.full_logits(self._place_ids(model, ids), model.rope(positions))
         return self._checked(model, np.asarray(out))
+
+    def forward(
+        self,
+        model: JaxModel,
+        ids: np.ndarray,
+        *,
+        positions: np.ndarray,
+        masks: Mapping[str, np.ndarray],
+        hidden_states: tuple[int, ...] = (),
+        attentions: tuple[int, ...] = (),
+    ) -> ForwardOutput:
+        ids = self._token_ids(model, ids)
+        layer_masks = {kind: jax.device_put(np.ascontiguousarray(m[:, None]), model.plan.batch_sharding(m[:, None].shape))
+                       for kind, m in masks.items()}  # [batch, 1, seq, seq]
+        with model._precision():
+            logits, picked, probs = _jit_captured_forward(
+                model.params, self._place_ids(model, ids), model.rope(np.asarray(positions)), layer_masks,
+                config=model.config, plan=model.plan, hidden_states=tuple(hidden_states), attentions=tuple(attentions),
+            )
+        return ForwardOutput(self._checked(model, np.asarray(logits)), {i: np.asarray(a) for i, a in picked.items()},
+                             {i: np.asarray(a) for i, a in probs.items()})
 
     def weights(self, model: JaxModel) -> dict[str, np.ndarray]:
         """Every parameter under its canonical name, in the model's dtype (gathered from its shards); the

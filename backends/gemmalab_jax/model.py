@@ -51,7 +51,7 @@ sharding plan (sharding.py) turns them into layout constraints, and without one 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from functools import partial
 from typing import Any, NamedTuple, Protocol
 
@@ -320,7 +320,7 @@ class Output(NamedTuple):
 
     hidden: jax.Array  # after the final norm, [batch, seq, hidden], matmul dtype
     hidden_states: list[jax.Array] | None = None  # residual stream: embeddings, then after each block
-    attentions: list[jax.Array] | None = None  # per block, probabilities [batch, heads, seq, keys], fp32
+    attentions: list[jax.Array | None] | None = None  # per block, probabilities [batch, heads, seq, keys], fp32
 
 
 def forward(
@@ -333,7 +333,7 @@ def forward(
     cache: LayerCache | None = None,
     hint: Hint = no_hint,
     output_hidden_states: bool = False,
-    output_attentions: bool = False,
+    output_attentions: bool | Collection[int] = False,
     remat: bool = False,
 ) -> Output:
     """Embeddings, decoder blocks and the final norm (no output head: see ``head``).
@@ -342,7 +342,8 @@ def forward(
     masks: layer type -> boolean [batch or 1, 1, seq, keys] (``default_masks`` for a plain sequence; a
     cache supplies its own). With a cache, keys and values are stored there and attention reads what it
     returns. The output_* flags also return the residual stream and attention probabilities
-    (non-fused attention path); the normal path pays nothing for them. ``remat`` (training, no cache)
+    (``output_attentions``: True = every layer, or a collection of layer indices: only those take the
+    non-fused path, and the list holds None for the others); the normal path pays nothing for them. ``remat`` (training, no cache)
     rematerialises each decoder block: its backward pass reruns the block from its input instead of reading
     stored activations, so activation memory holds one block's worth plus each block's input.
     """
@@ -352,14 +353,17 @@ def forward(
     x = jnp.take(embed, ids, axis=0).astype(residual_dtype)  # [batch, seq, hidden]
     x = hint(x * config.embed_scale(dtype_name(dtype)), ("batch", None, None))
     hidden_states = [x] if output_hidden_states else None
-    attentions = [] if output_attentions else None
-    block = partial(decoder_layer, dtype=dtype, cache=cache, hint=hint, with_probs=output_attentions)
-    if remat:
+    layers = params["model"]["layers"]
+    wanted = set(range(len(layers))) if output_attentions is True else set(output_attentions or ())
+    attentions = [] if wanted else None
+    blocks = {}
+    for with_probs in (False, True):
+        block = partial(decoder_layer, dtype=dtype, cache=cache, hint=hint, with_probs=with_probs)
         # jax.checkpoint traces its arguments as arrays: the config and the layer index stay Python values.
-        block = jax.checkpoint(block, static_argnums=(1, 2))
-    for i, p in enumerate(params["model"]["layers"]):
+        blocks[with_probs] = jax.checkpoint(block, static_argnums=(1, 2)) if remat else block
+    for i, p in enumerate(layers):
         layer_type = config.layer_types[i]
-        x, probs = block(p, config, i, x, rope[layer_type], masks[layer_type])
+        x, probs = blocks[i in wanted](p, config, i, x, rope[layer_type], masks[layer_type])
         if hidden_states is not None:
             hidden_states.append(x)
         if attentions is not None:

@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from gemmalab.backend import ForwardOutput
 from gemmalab.checkpoint import Weights
 from gemmalab.checks import check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
@@ -26,7 +27,7 @@ from gemmalab.params import parameter_shapes
 from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
 
 from .cache import KVCache
-from .model import MX_DTYPES, Gemma3ForCausalLM
+from .model import MX_DTYPES, Capture, Gemma3ForCausalLM
 from .training import MLXTrainer, batch_arrays, chunked_loss_sum
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -109,6 +110,32 @@ class MLXBackend:
             out = model(ids).astype(mx.float32)
             mx.eval(out)
         return np.array(out)
+
+    def forward(
+        self,
+        model: Gemma3ForCausalLM,
+        ids: np.ndarray,
+        *,
+        positions: np.ndarray,
+        masks: Mapping[str, np.ndarray],
+        hidden_states: tuple[int, ...] = (),
+        attentions: tuple[int, ...] = (),
+    ) -> ForwardOutput:
+        _require_weights(model)
+        ids = _token_ids(model, ids)
+        capture = Capture(attention=frozenset(attentions))
+        with mx.stream(model.device or mx.default_device()):
+            layer_masks = {kind: mx.array(np.ascontiguousarray(m[:, None])) for kind, m in masks.items()}
+            hidden = model.model(ids, positions=mx.array(positions.astype(np.int32)), mask=layer_masks,
+                                 capture=capture)  # [batch, seq, hidden], after the final norm
+            logits = model.logits_from_hidden(hidden).astype(mx.float32)
+            # transformers' convention: the last entry is the final norm's output, not the last block's
+            states = [*capture.hidden_states[:-1], hidden]
+            picked = {i: states[i].astype(mx.float32) for i in hidden_states}
+            probs = {i: capture.attentions[i] for i in attentions}
+            mx.eval(logits, picked, probs)
+        return ForwardOutput(np.array(logits), {i: np.array(a) for i, a in picked.items()},
+                             {i: np.array(a) for i, a in probs.items()})
 
     # -- generation --------------------------------------------------------------------------------------
     def new_cache(

@@ -34,7 +34,7 @@ block: only the last n positions get queries, attention output and MLP there, an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -67,15 +67,18 @@ class Capture:
     """Ask a forward pass to record intermediate values (pass one as ``capture=``, read it afterwards).
 
     ``hidden_states`` gets the residual stream: the scaled embeddings, then the output of every block
-    (before the final norm), as in ``gemmalab.reference.forward``. With ``attention=True`` every layer
-    also records its attention probabilities [batch, heads, queries, keys] in float32; that takes the
-    non-fused attention path, so it is slower and holds every attention matrix. The normal path (no
-    Capture) pays nothing for this.
+    (before the final norm). ``attention`` names the layers whose attention probabilities
+    [batch, heads, queries, keys] (float32) go into ``attentions``, by layer index (True = every layer):
+    only those take the non-fused attention path; every other layer keeps the fused kernel. The normal
+    path (no Capture) pays nothing for this.
     """
 
-    attention: bool = False
+    attention: bool | Collection[int] = False
     hidden_states: list[mx.array] = field(default_factory=list)
-    attentions: list[mx.array] = field(default_factory=list)
+    attentions: dict[int, mx.array] = field(default_factory=dict)
+
+    def wants_attention(self, layer: int) -> bool:
+        return self.attention is True or (not isinstance(self.attention, bool) and layer in self.attention)
 
 
 # --- masks ------------------------------------------------------------------------------------------------
@@ -175,6 +178,7 @@ class Attention(nn.Module):
     def __init__(self, config: Gemma3Config, layer: int):
         super().__init__()
         hidden, d = config.hidden_size, config.head_dim
+        self.layer = layer  # its index, for captures that name layers
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = d
@@ -219,9 +223,9 @@ class Attention(nn.Module):
             k = self.rope(k, offset=cache.offset)
             k, v = cache.update_and_fetch(k, v)  # [batch, kv_heads, keys, d]
 
-        if capture is not None and capture.attention:
+        if capture is not None and capture.wants_attention(self.layer):
             out, probs = self._attend_explicit(q, k, v, mask)
-            capture.attentions.append(probs)
+            capture.attentions[self.layer] = probs
         else:
             # Fused kernel; takes GQA directly (k/v are not repeated to the query heads).
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gemmalab.backend import ForwardOutput
 from gemmalab.checkpoint import Weights
 from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
@@ -156,6 +157,33 @@ class TorchBackend:
                 "float16 overflowed inside a layer (non-finite logits): run this model in bfloat16 or float32"
             )
         return logits
+
+    def forward(
+        self,
+        model: Gemma3ForCausalLM,
+        ids: np.ndarray,
+        *,
+        positions: np.ndarray,
+        masks: Mapping[str, np.ndarray],
+        hidden_states: tuple[int, ...] = (),
+        attentions: tuple[int, ...] = (),
+    ) -> ForwardOutput:
+        ids = check_token_ids(ids, model.config.vocab_size)
+        self._require_weights(model)
+        device = model.device
+        with torch.inference_mode():
+            layer_masks = {kind: torch.as_tensor(np.ascontiguousarray(m[:, None]), device=device)
+                           for kind, m in masks.items()}  # [batch, 1, seq, seq]
+            out = model(torch.as_tensor(ids, dtype=torch.long, device=device),
+                        position_ids=torch.as_tensor(np.ascontiguousarray(positions), dtype=torch.long, device=device),
+                        attention_mask=layer_masks, output_hidden_states=bool(hidden_states),
+                        output_attentions=frozenset(attentions))
+            # transformers' convention: the last entry is the final norm's output, not the last block's
+            states = [*(out.hidden_states or [])[:-1], out.last_hidden_state]
+            picked = {i: states[i].float().cpu().numpy() for i in hidden_states}
+            probs = {i: out.attentions[i].float().cpu().numpy() for i in attentions}
+            logits = out.logits.float().cpu().numpy()
+        return ForwardOutput(logits, picked, probs)
 
     def weights(self, model: Gemma3ForCausalLM) -> dict[str, np.ndarray]:
         """Every parameter under its canonical name, in the model's dtype; the tied head once, as

@@ -52,7 +52,7 @@ window size on local layers); positions, RoPE tables and masks then come from th
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -306,7 +306,7 @@ class Gemma3Output:
     logits: Tensor | None  # [batch, n, vocab] in the compute dtype; n = seq unless logits_at selects
     last_hidden_state: Tensor  # after the final norm, [batch, seq, hidden], compute dtype
     hidden_states: list[Tensor] | None = None  # residual stream: embeddings, then after each block
-    attentions: list[Tensor] | None = None  # per block, probabilities [batch, heads, seq, seq], fp32
+    attentions: list[Tensor | None] | None = None  # per block, probabilities [batch, heads, seq, seq], fp32 (None where not asked)
 
 
 class Gemma3TextModel(nn.Module):
@@ -330,7 +330,7 @@ class Gemma3TextModel(nn.Module):
         attention_mask: MaskArg = None,
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
-        output_attentions: bool = False,
+        output_attentions: bool | Collection[int] = False,
     ) -> Gemma3Output:
         """input_ids: [batch, seq]. See Gemma3ForCausalLM.forward for the arguments."""
         config = self.config
@@ -366,13 +366,17 @@ class Gemma3TextModel(nn.Module):
         )
         x = self.embed_tokens(input_ids).to(residual_dtype) * scale  # [batch, seq, hidden]
         hidden_states = [x] if output_hidden_states else None
-        attentions: list[Tensor] | None = [] if output_attentions else None
+        # True = every layer's probabilities; a collection of layer indices = those layers' only (the
+        # others keep the fused kernel). The list has one entry per layer, None where not captured.
+        wanted = set(range(len(self.layers))) if output_attentions is True else set(output_attentions or ())
+        attentions: list[Tensor | None] | None = [] if wanted else None
         remat = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
+            with_probs = i in wanted
             if remat:  # keep only the block's input; rerun the block when its gradient is needed
                 x, probs = checkpoint(
                     layer, x, ropes[config.rope(i)], masks[layer.layer_type], dtype=dtype,
-                    output_attentions=output_attentions, use_reentrant=False,
+                    output_attentions=with_probs, use_reentrant=False,
                 )
             else:
                 x, probs = layer(
@@ -381,7 +385,7 @@ class Gemma3TextModel(nn.Module):
                     masks[layer.layer_type],
                     dtype=dtype,
                     kv=None if cache is None else cache.layers[i],
-                    output_attentions=output_attentions,
+                    output_attentions=with_probs,
                 )
             if hidden_states is not None:
                 hidden_states.append(x)
@@ -468,7 +472,7 @@ class Gemma3ForCausalLM(nn.Module):
         cache: KVCache | None = None,
         logits_at: PositionsArg = None,
         output_hidden_states: bool = False,
-        output_attentions: bool = False,
+        output_attentions: bool | Collection[int] = False,
     ) -> Gemma3Output:
         """Run the model on token ids [batch, seq].
 
@@ -484,7 +488,8 @@ class Gemma3ForCausalLM(nn.Module):
             a 1-D index tensor = those positions in every row; a 2-D [batch, n] index tensor = per-row
             positions (e.g. the last real token of right-padded prompts).
         output_hidden_states: also return the residual stream after the embeddings and after every block.
-        output_attentions: also return every block's attention probabilities (non-fused, slower path).
+        output_attentions: also return attention probabilities: True = every block's, a collection of
+            layer indices = those blocks' only (they take a non-fused, slower path; the others do not).
         """
         out = self.model(
             input_ids,

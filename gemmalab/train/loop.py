@@ -127,8 +127,6 @@ def _resume_backend(requested: str | None, writer: str, checkpoint: Path | None)
     if chosen == writer:
         return chosen
     asked = f"--backend {requested}" if requested else f"GEMMALAB_BACKEND={env}"
-    if requested == "auto":
-        asked = "--backend auto"
     start_new = (f"; to go on with {chosen}, start a new run from its checkpoint: gemmalab train --model {checkpoint} "
                  f"--backend {chosen} --out NEW_DIR" if checkpoint is not None else "")
     raise TrainingError(
