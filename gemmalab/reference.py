@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import masks
+from .cache_plan import CachePlanner
 from .config import Gemma3Config
 from .errors import InputError
 from .params import EMBED, FINAL_NORM, LM_HEAD, layer_prefix
@@ -59,6 +60,15 @@ def attention(
     positions: np.ndarray, allowed: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One attention sub-layer. Returns (output [batch, seq, hidden], probabilities [batch, heads, seq, seq])."""
+    q, k, v = project_qkv(config, weights, layer, x, positions)
+    return attend(config, weights, layer, q, k, v, allowed)
+
+
+def project_qkv(
+    config: Gemma3Config, weights: Mapping[str, np.ndarray], layer: int, x: np.ndarray, positions: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q [batch, heads, seq, d], and k, v [batch, kv_heads, seq, d]: projected, q/k normed per head and
+    rotated at ``positions`` (keys are cached in this form)."""
     p = layer_prefix(layer) + "self_attn."
     batch, seq, _ = x.shape
     d, heads, kv_heads = config.head_dim, config.num_attention_heads, config.num_key_value_heads
@@ -71,17 +81,25 @@ def attention(
     q = rms_norm(q, weights[p + "q_norm.weight"], config.rms_norm_eps)
     k = rms_norm(k, weights[p + "k_norm.weight"], config.rms_norm_eps)
     inv_freq = config.rope(layer).inv_freq(d)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+def attend(
+    config: Gemma3Config, weights: Mapping[str, np.ndarray], layer: int, q: np.ndarray, k: np.ndarray,
+    v: np.ndarray, allowed: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Queries [batch, heads, n, d] over keys and values [batch, kv_heads, keys, d] where ``allowed``
+    [batch, 1, n, keys]; returns (output [batch, n, hidden], probabilities [batch, heads, n, keys])."""
+    batch, heads, n, d = q.shape
     k = np.repeat(k, config.num_kv_groups, axis=1)  # GQA: each kv head serves num_kv_groups query heads
     v = np.repeat(v, config.num_kv_groups, axis=1)
-
-    scores = (q @ k.transpose(0, 1, 3, 2)) * config.attention_scale  # [batch, heads, seq, seq]
+    scores = (q @ k.transpose(0, 1, 3, 2)) * config.attention_scale  # [batch, heads, n, keys]
     scores = np.where(allowed, scores, -np.inf)
     scores = scores - scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores)
     probs = probs / probs.sum(axis=-1, keepdims=True)
-    out = (probs @ v).transpose(0, 2, 1, 3).reshape(batch, seq, heads * d)
-    return out @ weights[p + "o_proj.weight"].T, probs
+    out = (probs @ v).transpose(0, 2, 1, 3).reshape(batch, n, heads * d)
+    return out @ weights[layer_prefix(layer) + "self_attn.o_proj.weight"].T, probs
 
 
 def mlp(config: Gemma3Config, weights: Mapping[str, np.ndarray], layer: int, x: np.ndarray) -> np.ndarray:
@@ -134,11 +152,65 @@ def forward(
 
     x = rms_norm(x, w[FINAL_NORM], eps)
     hidden_states.append(x)
+    logits = output_head(config, w, x)
+    if capture:
+        return logits, {"hidden_states": hidden_states, "attentions": attentions}
+    return logits
+
+
+def output_head(config: Gemma3Config, w: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Logits of final-normed hidden states [..., hidden]: the tied embedding, soft-capped when asked."""
     head = w[EMBED] if config.tie_word_embeddings else w[LM_HEAD]
     logits = x @ head.T
     if config.final_logit_softcapping is not None:
         cap = config.final_logit_softcapping
         logits = np.tanh(logits / cap) * cap
-    if capture:
-        return logits, {"hidden_states": hidden_states, "attentions": attentions}
     return logits
+
+
+class CachedReference:
+    """The reference forward pass through a KV cache that follows gemmalab.cache_plan exactly: the oracle
+    every backend's cache is tested against. Keys are stored after q/k norm and RoPE, float64."""
+
+    def __init__(self, config: Gemma3Config, weights: Mapping[str, np.ndarray], batch: int,
+                 pad_lengths: list[int] | None = None):
+        self.config = config
+        self.weights = {name: np.asarray(value, dtype=np.float64) for name, value in weights.items()}
+        self.planner = CachePlanner(config, batch, pad_lengths)
+        shape = (batch, config.num_key_value_heads, 0, config.head_dim)
+        self.keys = [np.zeros(shape) for _ in range(config.num_hidden_layers)]
+        self.values = [np.zeros(shape) for _ in range(config.num_hidden_layers)]
+
+    def extend(self, ids: np.ndarray, *, positions: np.ndarray | None = None, mask: np.ndarray | None = None,
+               write: int | None = None) -> np.ndarray:
+        """Logits [batch, n, vocab] of n new tokens after the cached ones (see gemmalab.cache_plan)."""
+        ids = np.asarray(ids)
+        plan = self.planner.plan(ids.shape[1], positions=positions, mask=mask, write=write)
+        w, eps, config = self.weights, self.config.rms_norm_eps, self.config
+        x = w[EMBED][ids] * np.sqrt(config.hidden_size)  # [batch, n, hidden]
+        for layer in range(config.num_hidden_layers):
+            p = layer_prefix(layer)
+            layer_plan = plan.layers[config.layer_types[layer]]
+            q, k, v = project_qkv(config, w, layer, rms_norm(x, w[p + "input_layernorm.weight"], eps), plan.positions)
+            keys = np.concatenate([self.keys[layer][:, :, layer_plan.read_slots], k], axis=2)
+            values = np.concatenate([self.values[layer][:, :, layer_plan.read_slots], v], axis=2)
+            attn_out, _ = attend(config, w, layer, q, keys, values, layer_plan.mask[:, None])
+            x = x + rms_norm(attn_out, w[p + "post_attention_layernorm.weight"], eps)
+            mlp_out = mlp(config, w, layer, rms_norm(x, w[p + "pre_feedforward_layernorm.weight"], eps))
+            x = x + rms_norm(mlp_out, w[p + "post_feedforward_layernorm.weight"], eps)
+            self._store(layer, layer_plan, k, v)
+        self.planner.commit(plan)
+        return output_head(config, w, rms_norm(x, w[FINAL_NORM], eps))
+
+    def _store(self, layer: int, plan, k: np.ndarray, v: np.ndarray) -> None:
+        if len(plan.write_slots) == 0:
+            return
+        needed = int(plan.write_slots.max()) + 1
+        for buffers, new in ((self.keys, k), (self.values, v)):
+            buffer = buffers[layer]
+            if buffer.shape[2] < needed:
+                grown = np.zeros((*buffer.shape[:2], needed, buffer.shape[3]))
+                grown[:, :, : buffer.shape[2]] = buffer
+                buffer = grown
+            buffer[:, :, plan.write_slots] = new[:, :, plan.write_tokens]
+            buffers[layer] = buffer
