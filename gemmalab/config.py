@@ -469,4 +469,7 @@ def resolve_config(source: str | Path | Mapping[str, Any] | Gemma3Config) -> Gem
     key = preset_key(text)
     if key in PRESETS and not Path(text).exists():
         return PRESETS[key]
+    if not Path(text).exists() and "/" not in text and not text.endswith(".json"):
+        raise ConfigError(f"{text!r} is neither a preset nor a folder: choose a preset ({', '.join(PRESETS)}) "
+                          "or pass a checkpoint folder")
     return Gemma3Config.from_file(text)

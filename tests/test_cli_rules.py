@@ -341,3 +341,10 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130():
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130
     assert err.decode().strip().splitlines() == ["error: interrupted (Ctrl-C)"]
+
+
+def test_an_unknown_preset_or_a_missing_checkpoint_fails_before_any_work(tmp_path):
+    assert_clean_failure(run_cli("train", "--preset", "gemma-9", "--out", str(tmp_path / "r")), "'gemma-9'", "tiny")
+    assert not (tmp_path / "r").exists()
+    # bench finds the checkpoint before its bandwidth measurement: one line, not progress lines then one
+    assert_clean_failure(run_cli("bench", str(tmp_path / "absent")), "not a folder with a config.json")

@@ -75,6 +75,11 @@ def bench(
     for name in names:
         check_bench_inputs(name, source, preset=preset, dtype=dtype, prompt_tokens=prompt_tokens,
                            gen_tokens=gen_tokens, prefill_chunk=prefill_chunk)
+    if source is not None:  # a checkpoint: find it and read its config now, not after the bandwidth test
+        from ..bench import check_fits
+        from .common import resolve_source
+
+        check_fits(resolve_source(source).config, prompt_tokens, gen_tokens)
     model_name = source or f"{preset} (random weights)"
     shortened = _shortened_note(prompt_tokens, gen_tokens, full_command) if quick else None
     if shortened:
