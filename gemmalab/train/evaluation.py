@@ -44,6 +44,13 @@ class EvalPlan:
         return f"the held-out {self.eval_fraction:.0%} of {where} (seed {self.seed}, as `gemmalab train` splits it)"
 
 
+def _same_path(a: str | None, b: str | None) -> bool:
+    """Whether two data sources are the same (None = the embedded corpus; paths compared resolved)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def plan_eval(folder: Path | None, data: str | None = None, seq_len: int | None = None, split: str = "auto",
               max_positions: int | None = None) -> EvalPlan:
     """The windows to score for the checkpoint in ``folder`` (None for a preset), given what the user asked
@@ -57,7 +64,7 @@ def plan_eval(folder: Path | None, data: str | None = None, seq_len: int | None 
     if run is None:
         chosen = "all" if split == "auto" else split
         return EvalPlan(data, DEFAULT_SEQ_LEN if seq_len is None else seq_len, chosen)
-    same_data = data is None or str(data) == str(run.get("data"))
+    same_data = data is None or _same_path(data, run.get("data"))
     data = run.get("data") if data is None else data
     chosen = ("held-out" if same_data else "all") if split == "auto" else split
     run_seq_len = int(run.get("seq_len", DEFAULT_SEQ_LEN))
