@@ -39,6 +39,14 @@ def test_the_window_applies_on_top_of_an_explicit_mask():
     np.testing.assert_array_equal(masks.layer_masks(config, positions, everything)["full_attention"][0], everything[0])
 
 
+def assert_captures_match(captured: dict, expected) -> None:
+    """The reference's hidden states and attention probabilities equal transformers' output_* ones."""
+    for ours, theirs in zip(captured["hidden_states"], expected.hidden_states, strict=True):
+        assert relative_error(ours, theirs.numpy()) < 3e-6
+    for ours, theirs in zip(captured["attentions"], expected.attentions, strict=True):
+        np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-6)
+
+
 def _transformers(model, ids, positions, per_type):
     """transformers' logits and captures with one additive float mask per layer type."""
     additive = {kind: torch.as_tensor(np.where(m[:, None], 0.0, -1e30)) for kind, m in per_type.items()}
@@ -60,10 +68,7 @@ def test_reference_with_set_block_masks_equals_transformers(shape):
                              masks.layer_masks(config, batch_positions, np.broadcast_to(mask, (2, *mask.shape))))
     logits, captured = reference.forward(config, hf_weights(model), ids, positions=positions, mask=mask, capture=True)
     assert relative_error(logits, expected.logits.numpy()) < 3e-6
-    for ours, theirs in zip(captured["hidden_states"], expected.hidden_states, strict=True):
-        assert relative_error(ours, theirs.numpy()) < 3e-6
-    for ours, theirs in zip(captured["attentions"], expected.attentions, strict=True):
-        np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-6)
+    assert_captures_match(captured, expected)
 
 
 def test_reference_captures_follow_transformers_conventions():
@@ -76,10 +81,7 @@ def test_reference_captures_follow_transformers_conventions():
     _, captured = reference.forward(config, hf_weights(model), ids, capture=True)
     # embeddings, each block's output, and the last block's output after the final norm
     assert len(captured["hidden_states"]) == config.num_hidden_layers + 1
-    for ours, theirs in zip(captured["hidden_states"], expected.hidden_states, strict=True):
-        assert relative_error(ours, theirs.numpy()) < 3e-6
-    for ours, theirs in zip(captured["attentions"], expected.attentions, strict=True):
-        np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-6)
+    assert_captures_match(captured, expected)
 
 
 def test_an_explicit_causal_mask_changes_nothing():
