@@ -104,14 +104,22 @@ class Backend(Protocol):
         of row r (batched generation with left padding): those slots are fed like other tokens but never
         attended to, and row r's positions count from its first real token (position = index - pad)."""
 
-    def extend(self, model: Any, cache: Any, ids: np.ndarray, *, logits: str = "last") -> np.ndarray | None:
+    def extend(
+        self, model: Any, cache: Any, ids: np.ndarray, *, logits: str = "last",
+        positions: np.ndarray | None = None, mask: np.ndarray | None = None, write: int | None = None,
+    ) -> np.ndarray | None:
         """Feed int ids [batch, n] (n >= 1) after everything already in ``cache``, updating it in place.
 
         Each new token attends to the cached tokens and to the new ones before it, with the sliding window
         on local layers, exactly as a full forward pass over the whole sequence would. Returns float32
         logits: ``"last"`` -> [batch, vocab] for the last new position only (the output head runs on that
         position alone: prefill never computes logits nobody reads), ``"all"`` -> [batch, n, vocab],
-        ``"none"`` -> None (earlier chunks of a chunked prefill)."""
+        ``"none"`` -> None (earlier chunks of a chunked prefill).
+
+        ``positions`` ([n] or [batch, n]), ``mask`` (boolean over the new tokens, [n, n] or [batch, n, n])
+        and ``write`` (store only the first ``write`` new tokens; 0 = look without storing) follow the
+        core's plan, gemmalab.cache_plan, exactly (reference.CachedReference is the oracle). A backend that
+        does not take them yet raises BackendError naming one that does."""
 
     def cache_nbytes(self, cache: Any) -> dict[str, int]:
         """Bytes held by the cache's key/value buffers, per layer type:

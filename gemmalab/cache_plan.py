@@ -122,20 +122,32 @@ class CachePlanner:
 
     def commit(self, plan: ExtendPlan) -> None:
         """Record that the backend stored the plan's written tokens."""
-        new_length = self.length + plan.written
-        real = (self.length + np.arange(plan.written))[None, :] >= self.pad[:, None]  # [batch, written]
-        stored = np.where(real, plan.positions[:, : plan.written], NO_POSITION)  # padding holds no position
-        for kind, layer in plan.layers.items():
-            slots = self.slot_positions[kind]
+        self._record(plan.positions[:, : plan.written])
+
+    def commit_default(self, n: int) -> None:
+        """Record ``n`` tokens written at their default positions, for a backend that took its own
+        equivalent fast path (no explicit positions, mask or write) and needed no plan."""
+        index = self.length + np.arange(n)
+        self._record(np.maximum(index[None, :] - self.pad[:, None], 0))
+
+    def _record(self, positions: np.ndarray) -> None:
+        """Store the positions [batch, written] of the tokens written at indices length .. (padding: none)."""
+        written = positions.shape[1]
+        index = self.length + np.arange(written)
+        stored = np.where(index[None, :] >= self.pad[:, None], positions, NO_POSITION)
+        for kind, slots in self.slot_positions.items():
             window = self.window(kind)
+            new_length = self.length + written
             size = new_length if window is None else min(new_length, window)
             if slots.shape[1] < size:
                 grown = np.full((self.batch, size), NO_POSITION, dtype=np.int64)
                 grown[:, : slots.shape[1]] = slots
                 slots = grown
-            slots[:, layer.write_slots] = stored[:, layer.write_tokens]
+            kept = np.arange(written) if window is None else np.arange(max(0, written - window), written)
+            target = index[kept] if window is None else index[kept] % window
+            slots[:, target] = stored[:, kept]
             self.slot_positions[kind] = slots
-        self.length = new_length
+        self.length += written
 
 
 __all__ = ["NO_POSITION", "CachePlanner", "ExtendPlan", "LayerPlan"]

@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gemmalab.backend import ForwardOutput
-from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids
+from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids, refuse_planned_extend
 from gemmalab.config import SLIDING, Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
@@ -261,11 +261,13 @@ class JaxBackend:
         return KVCache(model.config, batch=batch, pad_lengths=pad_lengths, dtype=model.dtype, plan=model.plan)
 
     def extend(
-        self, model: JaxModel, cache: KVCache, ids: np.ndarray, *, logits: str = "last"
+        self, model: JaxModel, cache: KVCache, ids: np.ndarray, *, logits: str = "last",
+        positions: np.ndarray | None = None, mask: np.ndarray | None = None, write: int | None = None,
     ) -> np.ndarray | None:
         """Feed int ids [batch, n] after everything in ``cache`` (updated in place). float32 logits:
         "last" -> [batch, vocab] (the head runs on the last position only), "all" -> [batch, n, vocab],
-        "none" -> None."""
+        "none" -> None. Explicit positions, masks and partial writes are not taken here yet."""
+        refuse_planned_extend(self.name, positions, mask, write)
         check_logits_mode(logits)
         if not isinstance(cache, KVCache):
             raise InputError(f"cache must come from the jax backend's new_cache, got {type(cache).__name__}")

@@ -210,11 +210,13 @@ class TorchBackend:
         )
 
     def extend(
-        self, model: Gemma3ForCausalLM, cache: KVCache, ids: np.ndarray, *, logits: str = "last"
+        self, model: Gemma3ForCausalLM, cache: KVCache, ids: np.ndarray, *, logits: str = "last",
+        positions: np.ndarray | None = None, mask: np.ndarray | None = None, write: int | None = None,
     ) -> np.ndarray | None:
         """Feed int ids [batch, n] after everything in ``cache`` (updated in place). float32 logits:
         "last" -> [batch, vocab] (the head runs on the last position only), "all" -> [batch, n, vocab],
-        "none" -> None."""
+        "none" -> None. ``positions``, ``mask`` (over the new tokens) and ``write`` follow the core's cache
+        plan (gemmalab.cache_plan)."""
         check_logits_mode(logits)
         if not isinstance(cache, KVCache):
             raise InputError(
@@ -224,6 +226,7 @@ class TorchBackend:
         if ids.shape[0] != cache.batch:
             raise InputError(f"this cache holds {cache.batch} rows but ids have {ids.shape[0]}")
         self._require_weights(model)
+        cache.request(positions=positions, mask=mask, write=write)
         with torch.inference_mode():
             tokens = torch.as_tensor(ids, dtype=torch.long).to(model.device)  # no copy for int64 on CPU
             hidden = model.model(tokens, cache=cache).last_hidden_state  # [batch, n, hidden]

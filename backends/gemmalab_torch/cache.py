@@ -26,6 +26,12 @@ the same way for every layer of a type so that one mask per layer type serves al
 
 Attention never reads a slot that was not written: slices stop at the filled part. A forward pass that
 fails half-way leaves some layers updated and others not; the cache then refuses further use.
+
+An extend with explicit positions, a mask over the new tokens, or a limit on how many of them are written
+(``request``: Set Block Decoding's block steps) follows the core's plan instead (gemmalab.cache_plan): keys
+are [the plan's cached slots, then the new tokens], the mask is the plan's, and only the plan's slots are
+written. The slots are the same as above (slot = index, or index % window), and the core's planner records
+every extend either way, so the two paths mix freely.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gemmalab.cache_plan import CachePlanner, ExtendPlan
 from gemmalab.config import SLIDING, Gemma3Config, RopeSpec
 from gemmalab.errors import BackendError
 
@@ -60,9 +67,10 @@ class LayerCache:
     """One layer's keys and values. ``Attention`` calls ``update`` with the new keys and values and attends
     over what it returns; the shared state (how many tokens came before) lives in the owning KVCache."""
 
-    def __init__(self, owner: KVCache, window: int | None) -> None:
+    def __init__(self, owner: KVCache, window: int | None, layer_type: str) -> None:
         self.owner = owner
         self.window = window  # None on global layers
+        self.layer_type = layer_type
         self.keys: Tensor | None = None  # [batch, kv_heads, capacity, head_dim]
         self.values: Tensor | None = None
 
@@ -76,6 +84,9 @@ class LayerCache:
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store new k, v [batch, kv_heads, n, head_dim]; return the keys and values to attend over,
         [batch, kv_heads, keys, head_dim], in the order the owner's mask for this layer type expects."""
+        plan = self.owner.plan
+        if plan is not None:
+            return self._update_by_plan(plan.layers[self.layer_type], k, v)
         start, n, window = self.owner.length, k.shape[2], self.window
         mode = layout(start, n, window)
         if mode == APPEND:
@@ -98,6 +109,23 @@ class LayerCache:
         slots = self.owner.ring_write_slots[window]  # [kept] slots of indices start+n-kept .. start+n-1
         self.keys.index_copy_(2, slots, k[:, :, n - kept :])
         self.values.index_copy_(2, slots, v[:, :, n - kept :])
+        return keys, values
+
+    def _update_by_plan(self, plan, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The plan's layout (gemmalab.cache_plan): attend over [its cached slots, the new tokens], then
+        write the new tokens it names into its slots (reads come first: a ring may reuse a read slot)."""
+        read = torch.as_tensor(plan.read_slots, device=k.device)
+        if self.keys is None or len(read) == 0:
+            keys, values = k, v
+        else:
+            keys = torch.cat([self.keys.index_select(2, read), k], dim=2)  # [batch, kv_heads, cached + n, d]
+            values = torch.cat([self.values.index_select(2, read), v], dim=2)
+        if len(plan.write_slots):
+            self._reserve(int(plan.write_slots.max()) + 1, k)
+            slots = torch.as_tensor(plan.write_slots, device=k.device)
+            tokens = torch.as_tensor(plan.write_tokens, device=k.device)
+            self.keys.index_copy_(2, slots, k.index_select(2, tokens))
+            self.values.index_copy_(2, slots, v.index_select(2, tokens))
         return keys, values
 
     def _reserve(self, needed: int, like: Tensor) -> None:
@@ -140,7 +168,10 @@ class KVCache:
         self.padded = any(pads)
         self.pad = torch.tensor(pads, dtype=torch.long, device=device)  # [batch]
         self.windows = {t: (config.sliding_window if t == SLIDING else None) for t in set(config.layer_types)}
-        self.layers = [LayerCache(self, self.windows[t]) for t in config.layer_types]
+        self.layers = [LayerCache(self, self.windows[t], t) for t in config.layer_types]
+        self.planner = CachePlanner(config, batch, pads)  # the core's record of what every slot holds
+        self.plan: ExtendPlan | None = None  # the plan of the extend under way, when it needs one
+        self._request: dict | None = None
         self.ring_write_slots: dict[int, Tensor] = {}  # window -> slots a CONCAT update writes
         self.rope_specs = {config.rope(i) for i in range(config.num_hidden_layers)}
         self._in_update = False
@@ -151,13 +182,24 @@ class KVCache:
             out[layer_type] += layer.nbytes()
         return out
 
-    # -- one extend: prepare (before the layers run), advance (after) ------------------------------------
+    # -- one extend: request (optional), prepare (before the layers run), advance (after) ----------------
+    def request(self, *, positions=None, mask=None, write: int | None = None) -> None:
+        """Ask the next extend for explicit positions [batch, n], a boolean mask over its new tokens
+        [batch, n, n] (numpy) and/or to write only its first ``write`` tokens (gemmalab.cache_plan)."""
+        given = {k: v for k, v in {"positions": positions, "mask": mask, "write": write}.items() if v is not None}
+        self._request = given or None
+
     def prepare(self, n: int) -> tuple[dict[RopeSpec, tuple[Tensor, Tensor]], dict[str, Tensor | None]]:
         """RoPE tables per spec (cos, sin [batch or 1, n, 1, head_dim]) and folded masks per layer type
         ([batch or 1, 1, n * groups, keys], or None when every key returned by ``update`` is allowed) for
         n new tokens."""
         if self._in_update:
             raise BackendError("this KV cache was left mid-update by a failed call: start a new cache")
+        request, self._request = self._request, None
+        if request is not None:
+            self.plan = self.planner.plan(n, **request)  # raises InputError before anything changes
+            self._in_update = True
+            return self._prepare_by_plan(self.plan)
         self._in_update = True
         start, device = self.length, self.device
         q_index = torch.arange(start, start + n, device=device)  # [n]
@@ -192,9 +234,25 @@ class KVCache:
             masks[layer_type] = self._mask(q_index, k_index, window)
         return ropes, masks
 
+    def _prepare_by_plan(self, plan: ExtendPlan) -> tuple[dict[RopeSpec, tuple[Tensor, Tensor]], dict[str, Tensor]]:
+        positions = torch.as_tensor(plan.positions, device=self.device)  # [batch, n]
+        table_dtype = _at_least_fp32(self.dtype)
+        ropes = {spec: rope_tables(positions, spec, self.config.head_dim, table_dtype) for spec in self.rope_specs}
+        masks = {
+            kind: fold_mask(torch.as_tensor(layer.mask[:, None], device=self.device), self.config.num_kv_groups)
+            for kind, layer in plan.layers.items()
+        }  # [batch, 1, n * groups, cached + n]
+        return ropes, masks
+
     def advance(self, n: int) -> None:
-        """Every layer has stored its n new keys and values."""
-        self.length += n
+        """Every layer has stored its new keys and values (all n, or what the plan wrote)."""
+        if self.plan is not None:
+            self.planner.commit(self.plan)
+            self.length += self.plan.written
+            self.plan = None
+        else:
+            self.planner.commit_default(n)
+            self.length += n
         self._in_update = False
 
     def _mask(self, q_index: Tensor, k_index: Tensor, window: int | None) -> Tensor:

@@ -1,0 +1,62 @@
+"""Cached extends with explicit positions, masks over the new tokens and partial writes (the core's cache
+plan, gemmalab.cache_plan), on every backend that takes them, against the float64 reference run through the
+same plan (reference.CachedReference) and the uncached reference. Backends that do not take them yet must
+refuse them in one line, never ignore them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SHAPES, hf_weights, make_hf_model, relative_error, token_ids
+
+from gemmalab import reference
+from gemmalab.backend import get_backend
+from gemmalab.errors import BackendError
+
+CONFIG = SHAPES["tiny"]  # window 8, GQA 4 over 2
+PLANNED = {"torch"}  # backends whose caches follow the plan so far (issue 11 brings the others)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return hf_weights(make_hf_model(CONFIG))
+
+
+def _build(backend, weights):
+    return get_backend(backend).build(CONFIG, weights, dtype="float32")
+
+
+@pytest.mark.parametrize("accepted", [5, 13])  # before and after the local layers' ring (8) wrapped
+def test_a_set_block_step_equals_the_reference(backend, weights, accepted):
+    if backend not in PLANNED:
+        pytest.skip(f"the {backend} cache does not follow the core's plan yet (checked by the refusal test)")
+    be = get_backend(backend)
+    native = _build(backend, weights)
+    k = 4
+    ids = token_ids(CONFIG, batch=2, seq=accepted + k + 1, seed=accepted)
+    cache, oracle = be.new_cache(native, batch=2), reference.CachedReference(CONFIG, weights, batch=2)
+    be.extend(native, cache, ids[:, :accepted], logits="none")
+    oracle.extend(ids[:, :accepted])
+    block, positions, inside = ids[:, accepted : accepted + k], accepted + np.arange(k), np.ones((k, k), dtype=bool)
+    got = be.extend(native, cache, block, logits="all", positions=positions, mask=inside, write=0)
+    expected = oracle.extend(block, positions=positions, mask=inside, write=0)
+    assert relative_error(got, expected) < 1e-5
+    # and the uncached reference: causal over the accepted tokens, the block bidirectional after them
+    full = np.tril(np.ones((accepted + k, accepted + k), dtype=bool))
+    full[accepted:, accepted:] = True
+    assert relative_error(got, reference.forward(CONFIG, weights, ids[:, : accepted + k], mask=full)[:, accepted:]) < 1e-5
+    # accept the first two of the block: write them (plain causal), then the cache goes on as if fed only those
+    be.extend(native, cache, block, logits="none", write=2)
+    nxt = ids[:, -1:]
+    truth = reference.forward(CONFIG, weights, np.concatenate([ids[:, :accepted], block[:, :2], nxt], axis=1))
+    assert relative_error(be.extend(native, cache, nxt, logits="last"), truth[:, -1]) < 1e-5
+
+
+def test_backends_without_the_plan_refuse_its_arguments(backend, weights):
+    if backend in PLANNED:
+        pytest.skip(f"the {backend} cache follows the plan (tested above)")
+    be = get_backend(backend)
+    native = _build(backend, weights)
+    cache = be.new_cache(native, batch=1)
+    with pytest.raises(BackendError, match="does not take write yet: use backend='torch'"):
+        be.extend(native, cache, token_ids(CONFIG, batch=1, seq=3), write=0)
