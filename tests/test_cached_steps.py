@@ -14,7 +14,7 @@ from gemmalab.backend import get_backend
 from gemmalab.errors import BackendError
 
 CONFIG = SHAPES["tiny"]  # window 8, GQA 4 over 2
-PLANNED = {"torch"}  # backends whose caches follow the plan so far (issue 11 brings the others)
+PLANNED = {"torch", "mlx"}  # backends whose caches follow the plan so far (issue 11 brings JAX)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 
 from gemmalab.backend import ForwardOutput
 from gemmalab.checkpoint import Weights
-from gemmalab.checks import check_logits_mode, check_token_ids, refuse_planned_extend
+from gemmalab.checks import check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
@@ -148,10 +148,10 @@ class MLXBackend:
         self, model: Gemma3ForCausalLM, cache: KVCache, ids: np.ndarray, *, logits: str = "last",
         positions: np.ndarray | None = None, mask: np.ndarray | None = None, write: int | None = None,
     ) -> np.ndarray | None:
-        refuse_planned_extend(self.name, positions, mask, write)
         _require_weights(model)
         check_logits_mode(logits)
         ids = _ids_for_cache(model, cache, ids, "extend")
+        cache.request(positions=positions, mask=mask, write=write)  # gemmalab.cache_plan, when given
         with mx.stream(model.device or mx.default_device()):
             if logits == "none":
                 # Only the cache is evaluated: the head (and the last layer's MLP) are never computed.

@@ -27,6 +27,12 @@ type hold the same tokens), and simplified to ``None`` (nothing hidden) or ``"ca
 lower-right causal mask) whenever the explicit mask would say exactly that. A padding slot is never
 attended to, except by itself: a padding query must see some key, or its softmax would be 0/0 = NaN, and
 NaN values in a masked-out slot would still poison the ``probabilities @ values`` product (0 * NaN).
+
+A step with explicit positions, a mask over its new tokens, or a limit on how many of them are written
+(``request``: Set Block Decoding's block steps) follows the core's plan instead (gemmalab.cache_plan): the
+layer attends to [the plan's cached slots, then the new tokens] under the plan's mask, RoPE takes the
+plan's positions, and only the plan's tokens are written, into the same slots as above. The core's planner
+records every step either way, so the two paths mix freely.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from gemmalab.cache_plan import CachePlanner, ExtendPlan
 from gemmalab.config import FULL, SLIDING, Gemma3Config
 from gemmalab.errors import InputError
 
@@ -49,9 +56,10 @@ class LayerKV:
     ``window=None``: a global layer (slot i = token i). ``window=W``: a local layer's ring (slot i % W).
     """
 
-    def __init__(self, owner: KVCache, window: int | None):
+    def __init__(self, owner: KVCache, window: int | None, layer_type: str):
         self.owner = owner
         self.window = window
+        self.layer_type = layer_type
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
 
@@ -61,12 +69,19 @@ class LayerKV:
         return self.owner.rope_offset
 
     @property
+    def positions(self) -> mx.array | None:
+        """Explicit RoPE positions [batch, n] of this step's tokens (a planned step), else None."""
+        return self.owner.plan_positions
+
+    @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Store this step's keys/values [batch, kv_heads, n, head_dim]; return the keys/values to attend to,
         laid out as ``owner.key_indices`` says (the mask of this step is built from the same layout)."""
+        if self.owner.plan is not None:
+            return self._update_by_plan(self.owner.plan.layers[self.layer_type], k, v)
         start, n = self.owner.start, k.shape[2]
         end = start + n
         if _wraps(self.window, start, n):
@@ -83,6 +98,20 @@ class LayerKV:
         self._write(k, v, start)
         used = end if self.window is None else min(end, self.window)
         return self.keys[:, :, :used], self.values[:, :, :used]  # [b, kv, used, d]
+
+    def _update_by_plan(self, plan, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """The plan's layout: [its cached slots, the new tokens]; then write the new tokens it names (a
+        contiguous run of indices, so ``_write`` puts them in their slots). Reads come first."""
+        if self.keys is None or len(plan.read_slots) == 0:
+            keys, values = k, v
+        else:
+            read = mx.array(plan.read_slots.astype(np.int32))
+            keys = mx.concatenate([mx.take(self.keys, read, axis=2), k], axis=2)  # [b, kv, cached + n, d]
+            values = mx.concatenate([mx.take(self.values, read, axis=2), v], axis=2)
+        if len(plan.write_tokens):
+            first, last = int(plan.write_tokens[0]), int(plan.write_tokens[-1]) + 1
+            self._write(k[:, :, first:last], v[:, :, first:last], self.owner.start + first)
+        return keys, values
 
     def _write(self, k: mx.array, v: mx.array, first: int) -> None:
         """Write the keys/values of tokens first.. into their slots (at most one wrap of the ring)."""
@@ -135,15 +164,34 @@ class KVCache:
         self.start = 0  # index of the first token of the current step
         self.rope_offset: int | mx.array = 0
         self.layers = [
-            LayerKV(self, config.sliding_window if layer_type == SLIDING else None)
+            LayerKV(self, config.sliding_window if layer_type == SLIDING else None, layer_type)
             for layer_type in config.layer_types
         ]
+        self.planner = CachePlanner(config, batch, [int(p) for p in pads])  # the core's record of every slot
+        self.plan: ExtendPlan | None = None  # the plan of the step under way, when it needs one
+        self.plan_positions: mx.array | None = None
+        self._request: dict | None = None
+
+    def request(self, *, positions=None, mask=None, write: int | None = None) -> None:
+        """Ask the next step for explicit positions [batch, n], a boolean mask over its new tokens
+        [batch, n, n] (numpy) and/or to write only its first ``write`` tokens (gemmalab.cache_plan)."""
+        given = {k: v for k, v in {"positions": positions, "mask": mask, "write": write}.items() if v is not None}
+        self._request = given or None
 
     def feed(self, n: int) -> dict[str, Mask]:
         """Start a step of ``n`` tokens: advance the length and return its mask per layer type.
 
         Call it once per forward pass, before the layers' ``update_and_fetch``.
         """
+        request, self._request = self._request, None
+        if request is not None:
+            plan = self.planner.plan(n, **request)  # raises InputError before anything changes
+            self.planner.commit(plan)
+            self.plan, self.plan_positions = plan, mx.array(plan.positions.astype(np.int32))
+            self.start, self.length = self.length, self.length + plan.written
+            return {kind: mx.array(layer.mask[:, None]) for kind, layer in plan.layers.items()}
+        self.plan, self.plan_positions = None, None
+        self.planner.commit_default(n)
         self.start, self.length = self.length, self.length + n
         padded = bool(self.pad.any())
         # Positions of the step's first token per row; the layers' RoPE counts on from there.

@@ -217,10 +217,15 @@ class Attention(nn.Module):
             q = self.rope(q, None if positions is None else positions[:, first:], offset=first)
             k = self.rope(k, positions)
         else:
-            # Incremental: positions count on from the cache's offset (one per row when left-padded); then
-            # attend to the cached keys and the new ones, laid out as the cache says (its mask matches).
-            q = self.rope(q, offset=cache.offset + first)
-            k = self.rope(k, offset=cache.offset)
+            # Incremental: positions count on from the cache's offset (one per row when left-padded), or are
+            # the ones a planned step gives; then attend to the cached keys and the new ones, laid out as the
+            # cache says (its mask matches).
+            if cache.positions is not None:
+                q = self.rope(q, cache.positions[:, first:])
+                k = self.rope(k, cache.positions)
+            else:
+                q = self.rope(q, offset=cache.offset + first)
+                k = self.rope(k, offset=cache.offset)
             k, v = cache.update_and_fetch(k, v)  # [batch, kv_heads, keys, d]
 
         if capture is not None and capture.wants_attention(self.layer):
