@@ -118,8 +118,7 @@ class Backend(Protocol):
 
         ``positions`` ([n] or [batch, n]), ``mask`` (boolean over the new tokens, [n, n] or [batch, n, n])
         and ``write`` (store only the first ``write`` new tokens; 0 = look without storing) follow the
-        core's plan, gemmalab.cache_plan, exactly (reference.CachedReference is the oracle). A backend that
-        does not take them yet raises BackendError naming one that does."""
+        core's plan, gemmalab.cache_plan, exactly (reference.CachedReference is the oracle)."""
 
     def cache_nbytes(self, cache: Any) -> dict[str, int]:
         """Bytes held by the cache's key/value buffers, per layer type:

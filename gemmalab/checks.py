@@ -63,15 +63,3 @@ def check_selection(value: object, count: int, name: str) -> tuple[int, ...]:
         picked.add(int(item) % count)
     return tuple(sorted(picked))
 
-
-def refuse_planned_extend(backend: str, positions: object, mask: object, write: object) -> None:
-    """For a backend whose cache does not follow gemmalab.cache_plan yet: refuse its arguments, naming what
-    does (rather than silently ignoring them)."""
-    given = [name for name, value in (("positions", positions), ("mask", mask), ("write", write)) if value is not None]
-    if given:
-        from .errors import BackendError
-
-        raise BackendError(
-            f"the {backend} backend's KV cache does not take {', '.join(given)} yet: use backend='torch' for "
-            "cached steps with them, or Model.forward (uncached) on any backend"
-        )

@@ -1,7 +1,6 @@
 """Cached extends with explicit positions, masks over the new tokens and partial writes (the core's cache
-plan, gemmalab.cache_plan), on every backend that takes them, against the float64 reference run through the
-same plan (reference.CachedReference) and the uncached reference. Backends that do not take them yet must
-refuse them in one line, never ignore them."""
+plan, gemmalab.cache_plan), on every backend, against the float64 reference run through the same plan
+(reference.CachedReference) and the uncached reference."""
 
 from __future__ import annotations
 
@@ -11,10 +10,8 @@ from conftest import SHAPES, hf_weights, make_hf_model, relative_error, token_id
 
 from gemmalab import reference
 from gemmalab.backend import get_backend
-from gemmalab.errors import BackendError
 
 CONFIG = SHAPES["tiny"]  # window 8, GQA 4 over 2
-PLANNED = {"torch", "mlx"}  # backends whose caches follow the plan so far (issue 11 brings JAX)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +25,6 @@ def _build(backend, weights):
 
 @pytest.mark.parametrize("accepted", [5, 13])  # before and after the local layers' ring (8) wrapped
 def test_a_set_block_step_equals_the_reference(backend, weights, accepted):
-    if backend not in PLANNED:
-        pytest.skip(f"the {backend} cache does not follow the core's plan yet (checked by the refusal test)")
     be = get_backend(backend)
     native = _build(backend, weights)
     k = 4
@@ -52,11 +47,20 @@ def test_a_set_block_step_equals_the_reference(backend, weights, accepted):
     assert relative_error(be.extend(native, cache, nxt, logits="last"), truth[:, -1]) < 1e-5
 
 
-def test_backends_without_the_plan_refuse_its_arguments(backend, weights):
-    if backend in PLANNED:
-        pytest.skip(f"the {backend} cache follows the plan (tested above)")
+
+def test_a_planned_step_on_left_padded_rows_equals_the_planned_reference(backend, weights):
     be = get_backend(backend)
     native = _build(backend, weights)
-    cache = be.new_cache(native, batch=1)
-    with pytest.raises(BackendError, match="does not take write yet: use backend='torch'"):
-        be.extend(native, cache, token_ids(CONFIG, batch=1, seq=3), write=0)
+    ids = token_ids(CONFIG, batch=2, seq=14, seed=9)
+    ids[0, :2] = 0  # row 0 is left-padded by two
+    cache = be.new_cache(native, batch=2, pad_lengths=[2, 0])
+    oracle = reference.CachedReference(CONFIG, weights, batch=2, pad_lengths=[2, 0])
+    be.extend(native, cache, ids[:, :10], logits="none")
+    oracle.extend(ids[:, :10])
+    positions = np.array([[8, 8, 9, 9], [10, 10, 11, 11]])  # each row's next positions, each one repeated
+    block_mask = np.tril(np.ones((4, 4), dtype=bool))
+    got = be.extend(native, cache, ids[:, 10:], logits="all", positions=positions, mask=block_mask, write=1)
+    expected = oracle.extend(ids[:, 10:], positions=positions, mask=block_mask, write=1)
+    assert relative_error(got, expected) < 1e-5
+    follow = ids[:, 11:12]
+    assert relative_error(be.extend(native, cache, follow, logits="last"), oracle.extend(follow)[:, -1]) < 1e-5

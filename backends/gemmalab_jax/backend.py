@@ -33,14 +33,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gemmalab.backend import ForwardOutput
-from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids, refuse_planned_extend
+from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids
 from gemmalab.config import SLIDING, Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
 from gemmalab.params import parameter_shapes
 from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
 
-from .cache import KVCache, extend_step
+from .cache import KVCache, extend_step, planned_step
 from .model import Params, abstract_params, default_masks, flatten, forward, head, rope_tables, unflatten
 from .sharding import Plan, make_mesh
 from .training import JaxTrainer, loss_sum
@@ -72,6 +72,7 @@ def _captured_forward(params: Params, ids: jax.Array, rope: Any, masks: Any, *, 
 _jit_full_logits = jax.jit(_full_logits, static_argnames=("config", "plan"))
 _jit_captured_forward = jax.jit(_captured_forward, static_argnames=("config", "plan", "hidden_states", "attentions"))
 _jit_step = jax.jit(extend_step, static_argnames=("config", "plan", "mode"), donate_argnums=1)
+_jit_planned_step = jax.jit(planned_step, static_argnames=("config", "plan", "mode"), donate_argnums=1)
 
 
 @dataclass
@@ -90,6 +91,13 @@ class JaxModel:
         """float32 logits [batch, seq, vocab] of token ids [batch, seq] at positions 0 .. seq-1."""
         with self._precision():
             return _jit_full_logits(self.params, ids, rope, config=self.config, plan=self.plan)
+
+    def planned_step(self, buffers: Any, ids: jax.Array, rope: Any, masks: Any, writes: Any, *, mode: str) -> Any:
+        """cache.planned_step on this model's parameters: (logits or None, updated buffers)."""
+        with self._precision():
+            return _jit_planned_step(
+                self.params, buffers, ids, rope, masks, writes, config=self.config, plan=self.plan, mode=mode
+            )
 
     def step(self, buffers: Any, ids: jax.Array, rope: Any, start: Any, pad: Any, *, mode: str) -> Any:
         """cache.extend_step on this model's parameters: (logits or None, updated buffers)."""
@@ -266,8 +274,8 @@ class JaxBackend:
     ) -> np.ndarray | None:
         """Feed int ids [batch, n] after everything in ``cache`` (updated in place). float32 logits:
         "last" -> [batch, vocab] (the head runs on the last position only), "all" -> [batch, n, vocab],
-        "none" -> None. Explicit positions, masks and partial writes are not taken here yet."""
-        refuse_planned_extend(self.name, positions, mask, write)
+        "none" -> None. ``positions``, ``mask`` (over the new tokens) and ``write`` follow the core's cache
+        plan (gemmalab.cache_plan) through a step compiled per shape (``planned_step``)."""
         check_logits_mode(logits)
         if not isinstance(cache, KVCache):
             raise InputError(f"cache must come from the jax backend's new_cache, got {type(cache).__name__}")
@@ -277,19 +285,30 @@ class JaxBackend:
         if cache.plan != model.plan or cache.dtype != model.dtype:
             raise InputError("this cache was made for another model: make one with new_cache for this model")
         n = ids.shape[1]
-        cache.reserve(cache.length + n)
-        rope = model.rope(cache.positions(n))
-        start = np.int32(cache.length)
+        if positions is None and mask is None and write is None:
+            cache.reserve(cache.length + n)
+            rope, extend_plan = model.rope(cache.positions(n)), None
+            start = np.int32(cache.length)
+
+            def run(buffers):
+                return model.step(buffers, self._place_ids(model, ids), rope, start, cache.pad, mode=logits)
+        else:
+            extend_plan = cache.planner.plan(n, positions=positions, mask=mask, write=write)
+            cache.reserve(cache.length + max(extend_plan.written, 1))
+            rope = model.rope(extend_plan.positions)
+            masks, writes = cache.planned_inputs(extend_plan)
+            placed = {kind: jax.device_put(m, model.plan.batch_sharding(m.shape)) for kind, m in masks.items()}
+
+            def run(buffers):
+                return model.planned_step(buffers, self._place_ids(model, ids), rope, placed, writes, mode=logits)
         buffers = cache.take()
         try:
-            out, updated = model.step(
-                buffers, self._place_ids(model, ids), rope, start, cache.pad, mode=logits
-            )
+            out, updated = run(buffers)
         except BaseException:
             if not any(b.is_deleted() for pair in buffers for b in pair):  # failed before donating them
                 cache.put(buffers, 0)
             raise
-        cache.put(updated, n)
+        cache.put(updated, n if extend_plan is None else extend_plan.written, extend_plan)
         model.pending = updated
         if out is None:
             return None

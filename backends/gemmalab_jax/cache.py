@@ -27,6 +27,12 @@ Buffers are [batch, slots, kv_heads, head_dim] in the model's matmul dtype, plac
 
 ``start`` (tokens already cached) is a traced scalar, so one compiled step serves every decoding step of
 a given batch, chunk length and global capacity.
+
+A step with explicit positions, a mask over its new tokens, or a limit on how many of them are written
+(Set Block Decoding's block steps) follows the core's plan instead (gemmalab.cache_plan, ``planned_step``):
+attention reads [every buffer slot, then the new tokens] under the plan's mask, laid onto the whole buffer
+(slots the plan does not read are masked, so shapes stay static), and only the plan's tokens are written,
+into the same slots as above. The core's planner records every step either way.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemmalab.cache_plan import CachePlanner, ExtendPlan
 from gemmalab.config import SLIDING, Gemma3Config
 from gemmalab.errors import InputError
 
@@ -108,11 +115,15 @@ class CacheView:
         return (keys, values) if n == 1 else read  # one token: attend over the ring it was written to
 
     def _pin(self, buffer: jax.Array) -> jax.Array:
-        """Keep the updated buffer where the input one was (so donation reuses it and the next step hits
-        the same compiled function)."""
-        if self.plan.size == 1:
-            return buffer
-        return jax.lax.with_sharding_constraint(buffer, self.plan.cache_sharding(buffer.shape))
+        return pin_buffer(self.plan, buffer)
+
+
+def pin_buffer(plan: Plan, buffer: jax.Array) -> jax.Array:
+    """Keep an updated buffer where the input one was (so donation reuses it and the next step hits the
+    same compiled function)."""
+    if plan.size == 1:
+        return buffer
+    return jax.lax.with_sharding_constraint(buffer, plan.cache_sharding(buffer.shape))
 
 
 def extend_step(
@@ -140,6 +151,49 @@ def extend_step(
     return head(params, config, hidden, plan.hint).astype(jnp.float32), view.updated
 
 
+class PlannedView:
+    """The cache inside one jitted planned step: attention reads [the whole buffer, the new tokens] under
+    the host's masks; the new keys and values named by the plan are scattered into their slots."""
+
+    def __init__(self, config: Gemma3Config, buffers: Buffers, writes: dict[str, tuple[jax.Array, jax.Array]],
+                 plan: Plan):
+        self.config, self.buffers, self.writes, self.plan = config, buffers, writes, plan
+        self.updated: Buffers = list(buffers)
+
+    def update(self, layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        keys, values = self.buffers[layer]
+        read = jnp.concatenate([keys, k], axis=1), jnp.concatenate([values, v], axis=1)  # [b, slots + n, kv, d]
+        slots, tokens = self.writes[self.config.layer_types[layer]]
+        keys = keys.at[:, slots].set(k[:, tokens])
+        values = values.at[:, slots].set(v[:, tokens])
+        self.updated[layer] = pin_buffer(self.plan, keys), pin_buffer(self.plan, values)
+        return read
+
+
+def planned_step(
+    params: Params,
+    buffers: Buffers,
+    ids: jax.Array,
+    rope: Rope,
+    masks: dict[str, jax.Array],
+    writes: dict[str, tuple[jax.Array, jax.Array]],
+    *,
+    config: Gemma3Config,
+    plan: Plan,
+    mode: str,
+) -> tuple[jax.Array | None, Buffers]:
+    """One incremental pass that follows a host plan (gemmalab.cache_plan), jitted by the backend with
+    ``buffers`` donated: masks [batch, 1, n, slots + n] per layer type, writes (slots, tokens) per layer type.
+    Returns what ``extend_step`` returns."""
+    view = PlannedView(config, buffers, writes, plan)
+    hidden = forward(params, config, ids, rope, masks, cache=view, hint=plan.hint).hidden
+    if mode == "none":
+        return None, view.updated
+    if mode == "last":
+        hidden = hidden[:, -1]  # [batch, hidden]
+    return head(params, config, hidden, plan.hint).astype(jnp.float32), view.updated
+
+
 class KVCache:
     """The host-side cache handle: the buffers, how many tokens they hold, each row's left padding."""
 
@@ -153,6 +207,7 @@ class KVCache:
         )
         self.pad = jax.device_put(self.pad_lengths, plan.batch_sharding((batch,)))
         self.capacity = 0  # slots of each global buffer
+        self.planner = CachePlanner(config, batch, [int(p) for p in self.pad_lengths])  # the core's record
         self._buffers: Buffers | None = [
             self._zeros(config.sliding_window if t == SLIDING else 0) for t in config.layer_types
         ]
@@ -176,9 +231,29 @@ class KVCache:
         buffers, self._buffers = self.buffers, None
         return buffers
 
-    def put(self, buffers: Buffers, n: int) -> None:
+    def put(self, buffers: Buffers, n: int, extend_plan: ExtendPlan | None = None) -> None:
+        """The buffers back from a step that stored ``n`` tokens (by ``extend_plan`` when it had one)."""
         self._buffers = buffers
+        if extend_plan is not None:
+            self.planner.commit(extend_plan)
+        else:
+            self.planner.commit_default(n)
         self.length += n
+
+    def planned_inputs(self, extend_plan: ExtendPlan) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
+        """The plan laid onto whole buffers: masks [batch, 1, n, slots + n] (unread slots masked) and the
+        (slots, tokens) each layer type writes."""
+        masks, writes = {}, {}
+        for layer_type, layer in extend_plan.layers.items():
+            slots = self.config.sliding_window if layer_type == SLIDING else self.capacity
+            batch, n, _ = layer.mask.shape
+            cached = len(layer.read_slots)
+            full = np.zeros((batch, n, slots + n), dtype=bool)
+            full[:, :, layer.read_slots] = layer.mask[:, :, :cached]
+            full[:, :, slots:] = layer.mask[:, :, cached:]
+            masks[layer_type] = full[:, None]
+            writes[layer_type] = (layer.write_slots.astype(np.int32), layer.write_tokens.astype(np.int32))
+        return masks, writes
 
     def reserve(self, needed: int) -> None:
         """Grow the global buffers to hold ``needed`` indices (copying what they hold)."""
