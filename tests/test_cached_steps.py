@@ -64,3 +64,18 @@ def test_a_planned_step_on_left_padded_rows_equals_the_planned_reference(backend
     assert relative_error(got, expected) < 1e-5
     follow = ids[:, 11:12]
     assert relative_error(be.extend(native, cache, follow, logits="last"), oracle.extend(follow)[:, -1]) < 1e-5
+
+
+def test_one_padding_rule_the_fast_path_and_the_plan_agree_on_padding_rows_too(backend, weights):
+    # The fast path of plain steps and the plan must give the same outputs everywhere, padding queries
+    # included (their outputs are unused, but one rule for every backend means the same numbers).
+    be = get_backend(backend)
+    native = _build(backend, weights)
+    # row 0's three padding tokens hold different ids: a padding query that mixed them would differ
+    ids = token_ids(CONFIG, batch=2, seq=12, seed=11)
+    fast, planned = be.new_cache(native, batch=2, pad_lengths=[3, 0]), be.new_cache(native, batch=2, pad_lengths=[3, 0])
+    for chunk in (slice(0, 5), slice(5, 6), slice(6, 12)):
+        a = be.extend(native, fast, ids[:, chunk], logits="all")
+        n = chunk.stop - chunk.start
+        b = be.extend(native, planned, ids[:, chunk], logits="all", write=n)  # write=n: the same step, by the plan
+        assert relative_error(a, b) < 1e-5, chunk

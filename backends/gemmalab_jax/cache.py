@@ -4,8 +4,8 @@ A ``KVCache`` serves ``batch`` sequences fed in lock-step. Every token fed gets 
 the same for every row); row r's first ``pad[r]`` indices are left padding, and its RoPE position is
 ``index - pad[r]``, so a left-padded row computes what the same row alone would. Masks compare indices:
 the per-row offset cancels in ``k <= q`` and ``k > q - window``, and padding is masked separately (a real
-token never attends to padding; a padding token attends to earlier padding, so its unused output stays
-finite).
+token never attends to padding; a padding token attends to itself only, so its unused output stays finite:
+the core's rule, gemmalab.cache_plan).
 
 Buffers are [batch, slots, kv_heads, head_dim] in the model's matmul dtype, placed by the sharding plan
 (batch over "data", kv heads over "model"), and donated to the jitted step, which returns them updated:
@@ -91,11 +91,13 @@ class CacheView:
     @staticmethod
     def _mask(q_index: jax.Array, k_index: jax.Array, window: int | None, pad: jax.Array) -> jax.Array:
         """Boolean [batch, 1, n, keys]: causal and windowed by index, written slots only, no padding read by
-        a real token."""
+        a real token, and a padding token attending to itself only: the core's padding rule
+        (gemmalab.cache_plan)."""
         allowed = causal_mask(q_index[None], k_index[None], window) & (k_index >= 0)  # [1, 1, n, keys]
-        real_k = k_index[None, :] >= pad[:, None]  # [batch, keys]
-        real_q = q_index[None, :] >= pad[:, None]  # [batch, n]
-        return allowed & (real_k[:, None, None, :] | ~real_q[:, None, :, None])  # [batch, 1, n, keys]
+        real_k = (k_index[None, :] >= pad[:, None])[:, None, None, :]  # [batch, 1, 1, keys]
+        real_q = (q_index[None, :] >= pad[:, None])[:, None, :, None]  # [batch, 1, n, 1]
+        itself = (k_index[None, :] == q_index[:, None])[None, None]  # [1, 1, n, keys]
+        return (allowed & real_k & real_q) | (itself & ~real_q)  # [batch, 1, n, keys]
 
     def update(self, layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
         keys, values = self.buffers[layer]

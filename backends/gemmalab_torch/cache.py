@@ -256,12 +256,13 @@ class KVCache:
         self._in_update = False
 
     def _mask(self, q_index: Tensor, k_index: Tensor, window: int | None) -> Tensor:
-        """Folded boolean mask [batch or 1, 1, n * groups, keys]: causal and windowed by index, and padding
-        never attended to by a real token (a padding token attends to earlier padding, so that its own,
-        unused, output stays finite)."""
+        """Folded boolean mask [batch or 1, 1, n * groups, keys]: causal and windowed by index, padding never
+        attended to by a real token, and a padding token attending to itself only (so its own, unused,
+        output stays finite): the core's padding rule (gemmalab.cache_plan)."""
         allowed = causal_mask(q_index[None], k_index[None], window)  # [1, 1, n, keys]
         if self.padded:
-            real_k = k_index[None, :] >= self.pad[:, None]  # [batch, keys]
-            real_q = q_index[None, :] >= self.pad[:, None]  # [batch, n]
-            allowed = allowed & (real_k[:, None, None, :] | ~real_q[:, None, :, None])  # [batch, 1, n, keys]
+            real_k = (k_index[None, :] >= self.pad[:, None])[:, None, None, :]  # [batch, 1, 1, keys]
+            real_q = (q_index[None, :] >= self.pad[:, None])[:, None, :, None]  # [batch, 1, n, 1]
+            itself = (k_index[None, :] == q_index[:, None])[None, None]  # [1, 1, n, keys]
+            allowed = (allowed & real_k & real_q) | (itself & ~real_q)  # [batch, 1, n, keys]
         return fold_mask(allowed, self.config.num_kv_groups)
