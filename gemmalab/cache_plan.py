@@ -57,13 +57,18 @@ class ExtendPlan:
 @dataclass
 class CachePlanner:
     """The host-side state of one KV cache: how many tokens it holds, its padding, and the position each
-    slot holds per row. ``plan`` decides an extend; ``commit`` records it once the backend has done it."""
+    slot holds per row. ``plan`` decides an extend; ``commit`` records it once the backend has done it.
+
+    A backend hands an extend's explicit arguments over with ``request`` and reads them back as a plan with
+    ``take_plan`` (None when nothing was asked: the backend may then take its own equivalent fast path and
+    ``commit_default``)."""
 
     config: Gemma3Config
     batch: int
     pad_lengths: list[int] | None = None
     length: int = 0
     slot_positions: dict[str, np.ndarray] = field(default_factory=dict)  # [batch, slots]: NO_POSITION = empty
+    _request: dict | None = None  # the next extend's explicit arguments (request / take_plan)
 
     def __post_init__(self) -> None:
         pads = [0] * self.batch if self.pad_lengths is None else list(self.pad_lengths)
@@ -76,10 +81,28 @@ class CachePlanner:
     def window(self, kind: str) -> int | None:
         return self.config.sliding_window if kind == SLIDING else None
 
-    def capacity(self, kind: str) -> int:
-        """Slots a buffer of this layer type needs once every index written so far is stored."""
-        window = self.window(kind)
-        return self.length if window is None else min(self.length, window)
+    def request(self, *, positions: object = None, mask: object = None, write: int | None = None) -> None:
+        """Keep the next extend's explicit arguments (any may be None) until ``take_plan``."""
+        given = {"positions": positions, "mask": mask, "write": write}
+        self._request = {k: v for k, v in given.items() if v is not None} or None
+
+    def take_plan(self, n: int) -> ExtendPlan | None:
+        """The plan for the requested arguments and ``n`` new tokens, once; None when none were requested."""
+        request, self._request = self._request, None
+        return None if request is None else self.plan(n, **request)
+
+    def _default_positions(self, index: np.ndarray) -> np.ndarray:
+        """[batch, len(index)]: index - pad, and 0 for padding."""
+        return np.maximum(index[None, :] - self.pad[:, None], 0)
+
+    def _written(self, kind: str, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(which of the written tokens are stored, their slots) for tokens written at ``index``: every one
+        on a global layer; on a ring only the last ``window`` (earlier ones would be overwritten at once)."""
+        window, written = self.window(kind), len(index)
+        if window is None:
+            return np.arange(written), index
+        kept = np.arange(max(0, written - window), written)
+        return kept, index[kept] % window
 
     def plan(self, n: int, *, positions: object = None, mask: object = None, write: int | None = None) -> ExtendPlan:
         """The plan for ``n`` new tokens after the ``length`` cached ones (see the module docstring)."""
@@ -91,7 +114,7 @@ class CachePlanner:
         index = self.length + np.arange(n)  # [n]
         real_q = index[None, :] >= self.pad[:, None]  # [batch, n]
         if positions is None:
-            at = np.maximum(index[None, :] - self.pad[:, None], 0)  # [batch, n]
+            at = self._default_positions(index)  # [batch, n]
         else:
             at = as_positions(positions, self.batch, n).copy()
         explicit = None if mask is None else as_mask(mask, self.batch, n, n)
@@ -116,8 +139,7 @@ class CachePlanner:
         own = np.zeros((n, len(read) + n), dtype=bool)
         own[np.arange(n), len(read) + np.arange(n)] = True
         allowed = allowed | (own[None] & ~real_q[:, :, None])
-        kept = np.arange(written) if window is None else np.arange(max(0, written - window), written)
-        write_slots = index[kept] if window is None else index[kept] % window
+        kept, write_slots = self._written(kind, index[:written])
         return LayerPlan(read, allowed, write_slots.astype(np.int64), kept.astype(np.int64))
 
     def commit(self, plan: ExtendPlan) -> None:
@@ -127,8 +149,7 @@ class CachePlanner:
     def commit_default(self, n: int) -> None:
         """Record ``n`` tokens written at their default positions, for a backend that took its own
         equivalent fast path (no explicit positions, mask or write) and needed no plan."""
-        index = self.length + np.arange(n)
-        self._record(np.maximum(index[None, :] - self.pad[:, None], 0))
+        self._record(self._default_positions(self.length + np.arange(n)))
 
     def _record(self, positions: np.ndarray) -> None:
         """Store the positions [batch, written] of the tokens written at indices length .. (padding: none)."""
@@ -143,8 +164,7 @@ class CachePlanner:
                 grown = np.full((self.batch, size), NO_POSITION, dtype=np.int64)
                 grown[:, : slots.shape[1]] = slots
                 slots = grown
-            kept = np.arange(written) if window is None else np.arange(max(0, written - window), written)
-            target = index[kept] if window is None else index[kept] % window
+            kept, target = self._written(kind, index)
             slots[:, target] = stored[:, kept]
             self.slot_positions[kind] = slots
         self.length += written

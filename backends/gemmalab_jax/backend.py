@@ -285,15 +285,16 @@ class JaxBackend:
         if cache.plan != model.plan or cache.dtype != model.dtype:
             raise InputError("this cache was made for another model: make one with new_cache for this model")
         n = ids.shape[1]
-        if positions is None and mask is None and write is None:
+        cache.planner.request(positions=positions, mask=mask, write=write)
+        extend_plan = cache.planner.take_plan(n)  # None: nothing explicit asked, the plain step serves
+        if extend_plan is None:
             cache.reserve(cache.length + n)
-            rope, extend_plan = model.rope(cache.positions(n)), None
+            rope = model.rope(cache.positions(n))
             start = np.int32(cache.length)
 
             def run(buffers):
                 return model.step(buffers, self._place_ids(model, ids), rope, start, cache.pad, mode=logits)
         else:
-            extend_plan = cache.planner.plan(n, positions=positions, mask=mask, write=write)
             cache.reserve(cache.length + max(extend_plan.written, 1))
             rope = model.rope(extend_plan.positions)
             masks, writes = cache.planned_inputs(extend_plan)

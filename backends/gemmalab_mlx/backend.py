@@ -151,7 +151,7 @@ class MLXBackend:
         _require_weights(model)
         check_logits_mode(logits)
         ids = _ids_for_cache(model, cache, ids, "extend")
-        cache.request(positions=positions, mask=mask, write=write)  # gemmalab.cache_plan, when given
+        cache.planner.request(positions=positions, mask=mask, write=write)  # gemmalab.cache_plan, when given
         with mx.stream(model.device or mx.default_device()):
             if logits == "none":
                 # Only the cache is evaluated: the head (and the last layer's MLP) are never computed.

@@ -29,7 +29,7 @@ attended to, except by itself: a padding query must see some key, or its softmax
 NaN values in a masked-out slot would still poison the ``probabilities @ values`` product (0 * NaN).
 
 A step with explicit positions, a mask over its new tokens, or a limit on how many of them are written
-(``request``: Set Block Decoding's block steps) follows the core's plan instead (gemmalab.cache_plan): the
+(``planner.request``: Set Block Decoding's block steps) follows the core's plan instead (gemmalab.cache_plan): the
 layer attends to [the plan's cached slots, then the new tokens] under the plan's mask, RoPE takes the
 plan's positions, and only the plan's tokens are written, into the same slots as above. The core's planner
 records every step either way, so the two paths mix freely.
@@ -170,22 +170,14 @@ class KVCache:
         self.planner = CachePlanner(config, batch, [int(p) for p in pads])  # the core's record of every slot
         self.plan: ExtendPlan | None = None  # the plan of the step under way, when it needs one
         self.plan_positions: mx.array | None = None
-        self._request: dict | None = None
-
-    def request(self, *, positions=None, mask=None, write: int | None = None) -> None:
-        """Ask the next step for explicit positions [batch, n], a boolean mask over its new tokens
-        [batch, n, n] (numpy) and/or to write only its first ``write`` tokens (gemmalab.cache_plan)."""
-        given = {k: v for k, v in {"positions": positions, "mask": mask, "write": write}.items() if v is not None}
-        self._request = given or None
 
     def feed(self, n: int) -> dict[str, Mask]:
         """Start a step of ``n`` tokens: advance the length and return its mask per layer type.
 
         Call it once per forward pass, before the layers' ``update_and_fetch``.
         """
-        request, self._request = self._request, None
-        if request is not None:
-            plan = self.planner.plan(n, **request)  # raises InputError before anything changes
+        plan = self.planner.take_plan(n)  # what the backend requested, if anything; raises before any change
+        if plan is not None:
             self.planner.commit(plan)
             self.plan, self.plan_positions = plan, mx.array(plan.positions.astype(np.int32))
             self.start, self.length = self.length, self.length + plan.written

@@ -226,7 +226,7 @@ class TorchBackend:
         if ids.shape[0] != cache.batch:
             raise InputError(f"this cache holds {cache.batch} rows but ids have {ids.shape[0]}")
         self._require_weights(model)
-        cache.request(positions=positions, mask=mask, write=write)
+        cache.planner.request(positions=positions, mask=mask, write=write)
         with torch.inference_mode():
             tokens = torch.as_tensor(ids, dtype=torch.long).to(model.device)  # no copy for int64 on CPU
             hidden = model.model(tokens, cache=cache).last_hidden_state  # [batch, n, hidden]

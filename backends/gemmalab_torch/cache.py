@@ -28,7 +28,7 @@ Attention never reads a slot that was not written: slices stop at the filled par
 fails half-way leaves some layers updated and others not; the cache then refuses further use.
 
 An extend with explicit positions, a mask over the new tokens, or a limit on how many of them are written
-(``request``: Set Block Decoding's block steps) follows the core's plan instead (gemmalab.cache_plan): keys
+(``planner.request``: Set Block Decoding's block steps) follows the core's plan instead (gemmalab.cache_plan): keys
 are [the plan's cached slots, then the new tokens], the mask is the plan's, and only the plan's slots are
 written. The slots are the same as above (slot = index, or index % window), and the core's planner records
 every extend either way, so the two paths mix freely.
@@ -171,7 +171,6 @@ class KVCache:
         self.layers = [LayerCache(self, self.windows[t], t) for t in config.layer_types]
         self.planner = CachePlanner(config, batch, pads)  # the core's record of what every slot holds
         self.plan: ExtendPlan | None = None  # the plan of the extend under way, when it needs one
-        self._request: dict | None = None
         self.ring_write_slots: dict[int, Tensor] = {}  # window -> slots a CONCAT update writes
         self.rope_specs = {config.rope(i) for i in range(config.num_hidden_layers)}
         self._in_update = False
@@ -182,25 +181,17 @@ class KVCache:
             out[layer_type] += layer.nbytes()
         return out
 
-    # -- one extend: request (optional), prepare (before the layers run), advance (after) ----------------
-    def request(self, *, positions=None, mask=None, write: int | None = None) -> None:
-        """Ask the next extend for explicit positions [batch, n], a boolean mask over its new tokens
-        [batch, n, n] (numpy) and/or to write only its first ``write`` tokens (gemmalab.cache_plan)."""
-        given = {k: v for k, v in {"positions": positions, "mask": mask, "write": write}.items() if v is not None}
-        self._request = given or None
-
+    # -- one extend: planner.request (optional), prepare (before the layers run), advance (after) --------
     def prepare(self, n: int) -> tuple[dict[RopeSpec, tuple[Tensor, Tensor]], dict[str, Tensor | None]]:
         """RoPE tables per spec (cos, sin [batch or 1, n, 1, head_dim]) and folded masks per layer type
         ([batch or 1, 1, n * groups, keys], or None when every key returned by ``update`` is allowed) for
         n new tokens."""
         if self._in_update:
             raise BackendError("this KV cache was left mid-update by a failed call: start a new cache")
-        request, self._request = self._request, None
-        if request is not None:
-            self.plan = self.planner.plan(n, **request)  # raises InputError before anything changes
-            self._in_update = True
-            return self._prepare_by_plan(self.plan)
+        self.plan = self.planner.take_plan(n)  # raises InputError before anything changes
         self._in_update = True
+        if self.plan is not None:
+            return self._prepare_by_plan(self.plan)
         start, device = self.length, self.device
         q_index = torch.arange(start, start + n, device=device)  # [n]
 
