@@ -25,6 +25,7 @@ import numpy as np
 
 from .api import Model, init, load
 from .backend import resolve_backend_name
+from .checks import is_count
 from .config import Gemma3Config
 from .dtypes import BYTES_PER_ELEMENT, canonical_dtype
 from .errors import InputError
@@ -123,10 +124,6 @@ class BenchResult:
         return asdict(self)
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
 def check_bench_inputs(
     backend: str,
     source: str | None = None,
@@ -141,15 +138,15 @@ def check_bench_inputs(
     """Refuse what ``bench`` cannot measure before any model is built: raises InputError, BackendError or
     ConfigError, each one line with the fix. ``preset`` (unless None) is checked when there is no ``source``;
     a checkpoint's positions are checked once its config is read (``check_fits``)."""
-    if not _is_count(prompt_tokens) or prompt_tokens < 1:
+    if not is_count(prompt_tokens) or prompt_tokens < 1:
         raise InputError(f"prompt_tokens (--prompt-tokens) must be a whole number >= 1, got {prompt_tokens!r}: give e.g. 512")
-    if not _is_count(gen_tokens) or gen_tokens < 2:
+    if not is_count(gen_tokens) or gen_tokens < 2:
         # The first new token comes out of prefill; decode speed is timed over the ones after it.
         raise InputError(
             f"gen_tokens (--gen-tokens) must be a whole number >= 2 (the first comes from prefill, decoding is timed on the "
             f"rest), got {gen_tokens!r}: give e.g. 128"
         )
-    if not _is_count(prefill_chunk) or prefill_chunk < 1:
+    if not is_count(prefill_chunk) or prefill_chunk < 1:
         raise InputError(f"prefill_chunk (--prefill-chunk) must be a whole number >= 1, got {prefill_chunk!r}: give e.g. 512")
     if bandwidth is not None and not bandwidth > 0:
         raise InputError(f"bandwidth must be a positive number of bytes/s, got {bandwidth!r} (or None to measure it)")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .checks import is_count
 from .config import SLIDING, Gemma3Config
 from .errors import InputError
 from .masks import as_mask, as_positions
@@ -106,10 +107,10 @@ class CachePlanner:
 
     def plan(self, n: int, *, positions: object = None, mask: object = None, write: int | None = None) -> ExtendPlan:
         """The plan for ``n`` new tokens after the ``length`` cached ones (see the module docstring)."""
-        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        if not is_count(n) or n < 1:
             raise InputError(f"an extend feeds at least one token, got {n!r}")
         written = n if write is None else write
-        if isinstance(written, bool) or not isinstance(written, int | np.integer) or not 0 <= written <= n:
+        if not is_count(written) or not 0 <= written <= n:
             raise InputError(f"write must be between 0 and the {n} new tokens, got {write!r}")
         index = self.length + np.arange(n)  # [n]
         real_q = index[None, :] >= self.pad[:, None]  # [batch, n]

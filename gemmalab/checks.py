@@ -14,6 +14,11 @@ from .errors import InputError
 LOGITS_MODES = ("last", "all", "none")
 
 
+def is_count(value: object) -> bool:
+    """An integer (Python or numpy) and not a bool: what a count, an index or a size must be."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
 def check_token_ids(ids: object, vocab_size: int) -> np.ndarray:
     """``ids`` as an int64 array [batch, n >= 1] with every id in [0, vocab_size)."""
     array = np.asarray(ids)
@@ -33,14 +38,14 @@ def check_logits_mode(mode: str) -> str:
 
 def check_cache_request(batch: object, pad_lengths: Sequence[int] | None) -> tuple[int, list[int] | None]:
     """(batch, pad lengths) for a new KV cache: a positive batch and one non-negative pad count per row."""
-    if isinstance(batch, bool) or not isinstance(batch, int | np.integer) or batch < 1:
+    if not is_count(batch) or batch < 1:
         raise InputError(f"batch must be a positive integer, got {batch!r}")
     if pad_lengths is None:
         return int(batch), None
     pads = list(pad_lengths)
     if len(pads) != batch:
         raise InputError(f"pad_lengths has {len(pads)} entries but batch is {batch}: give one per row")
-    if any(isinstance(p, bool) or not isinstance(p, int | np.integer) or p < 0 for p in pads):
+    if any(not is_count(p) or p < 0 for p in pads):
         raise InputError(f"pad_lengths must be non-negative integers, got {pads}")
     return int(batch), [int(p) for p in pads]
 
@@ -58,7 +63,7 @@ def check_selection(value: object, count: int, name: str) -> tuple[int, ...]:
         raise InputError(f"{name} must be True, False or a list of indices, got {value!r}") from None
     picked = set()
     for item in items:
-        if isinstance(item, bool) or not isinstance(item, int | np.integer) or not -count <= item < count:
+        if not is_count(item) or not -count <= item < count:
             raise InputError(f"{name} index {item!r} is not an integer in [0, {count}): there are {count}")
         picked.add(int(item) % count)
     return tuple(sorted(picked))

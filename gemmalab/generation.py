@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .backend import Backend, GreedyAhead
+from .checks import is_count
 from .config import Gemma3Config
 from .errors import InputError
 from .sampling import SamplingParams, make_sampler
@@ -210,7 +211,7 @@ def decode_steps(gen: Generator, max_tokens: int, stats: GenerationStats | None 
 
 def _fit_positions(gen: Generator, max_tokens: int) -> int:
     """``max_tokens``, cut (with a warning) so no row runs past the model's last position."""
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int | np.integer) or max_tokens < 1:
+    if not is_count(max_tokens) or max_tokens < 1:
         raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     room = gen.config.max_position_embeddings - max(len(p) for p in gen.prompts)
     if max_tokens > room:
@@ -342,7 +343,7 @@ def split_stops(stop: Sequence[int | str] | int | str | None) -> tuple[list[int]
             if not item:
                 raise InputError("an empty stop string would stop at once: drop it")
             strings.append(item)
-        elif isinstance(item, int | np.integer) and not isinstance(item, bool):
+        elif is_count(item):
             ids.append(int(item))
         else:
             raise InputError(f"stop entries are token ids (int) or stop strings (str), got {item!r}")

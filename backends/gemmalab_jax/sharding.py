@@ -43,6 +43,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gemmalab.checks import is_count
 from gemmalab.config import Gemma3Config
 from gemmalab.errors import BackendError
 
@@ -74,7 +75,7 @@ def make_mesh(spec: Mapping[str, int] | Mesh | None, devices: list[Any]) -> Mesh
         if not isinstance(spec, Mapping) or set(spec) - set(AXES):
             raise BackendError(f"mesh must be a mapping like {{'data': 2, 'model': 4}}, got {spec!r}")
         for axis, size in spec.items():
-            if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+            if not is_count(size) or size < 1:
                 raise BackendError(f"mesh axis {axis!r} must be a positive integer, got {size!r}")
             sizes[axis] = int(size)
     needed = sizes["data"] * sizes["model"]

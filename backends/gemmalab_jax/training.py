@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gemmalab.checks import check_token_ids
+from gemmalab.checks import check_token_ids, is_count
 from gemmalab.config import Gemma3Config
 from gemmalab.errors import BackendError, CheckpointError, InputError
 from gemmalab.train.spec import OptimizerSpec, TrainSpec, optimizer_state_by_parameter
@@ -375,7 +375,7 @@ def loss_sum(
 
 
 def _check_chunk(chunk_tokens: int) -> None:
-    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int | np.integer) or chunk_tokens < 1:
+    if not is_count(chunk_tokens) or chunk_tokens < 1:
         raise InputError(f"chunk_tokens must be a positive number of positions, got {chunk_tokens!r}")
 
 

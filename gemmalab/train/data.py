@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import is_count
 from ..errors import InputError
 from ..tokenizer import Tokenizer, chat_segments
 
@@ -151,7 +152,7 @@ def pack(documents: Iterable[Document], tokenizer: Tokenizer, seq_len: int) -> t
 
     Data with nothing to learn from is refused here, before any step runs: a run over it would report a
     loss of 0 over 0 tokens and look like it succeeded."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
+    if not is_count(seq_len) or seq_len < 1:
         raise InputError(f"sequence length must be a positive integer, got {seq_len!r}: pass e.g. --seq-len 256")
     documents = list(documents)
     pieces = [tokenize(doc, tokenizer) for doc in documents]

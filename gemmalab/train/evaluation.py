@@ -14,9 +14,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..backend import get_backend
+from ..checks import is_count
 from ..errors import InputError
 from ..tokenizer import Tokenizer
 from . import checkpoints
@@ -100,7 +99,7 @@ class EvalResult:
 def _check_count(name: str, value: object, flag: str, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+    if not is_count(value) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}: pass e.g. {flag}")
 
 
