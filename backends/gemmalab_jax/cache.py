@@ -146,11 +146,16 @@ def extend_step(
     the updated buffers."""
     view = CacheView(config, buffers, start, pad, ids.shape[1], plan)
     hidden = forward(params, config, ids, rope, view.masks, cache=view, hint=plan.hint).hidden
+    return _step_logits(params, config, plan, hidden, mode), view.updated
+
+
+def _step_logits(params: Params, config: Gemma3Config, plan: Plan, hidden: jax.Array, mode: str) -> jax.Array | None:
+    """A step's float32 logits for ``mode`` (see extend_step): the head runs only on what is read."""
     if mode == "none":
-        return None, view.updated
+        return None
     if mode == "last":
         hidden = hidden[:, -1]  # [batch, hidden]
-    return head(params, config, hidden, plan.hint).astype(jnp.float32), view.updated
+    return head(params, config, hidden, plan.hint).astype(jnp.float32)
 
 
 class PlannedView:
@@ -189,11 +194,7 @@ def planned_step(
     Returns what ``extend_step`` returns."""
     view = PlannedView(config, buffers, writes, plan)
     hidden = forward(params, config, ids, rope, masks, cache=view, hint=plan.hint).hidden
-    if mode == "none":
-        return None, view.updated
-    if mode == "last":
-        hidden = hidden[:, -1]  # [batch, hidden]
-    return head(params, config, hidden, plan.hint).astype(jnp.float32), view.updated
+    return _step_logits(params, config, plan, hidden, mode), view.updated
 
 
 class KVCache:
