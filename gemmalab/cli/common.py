@@ -40,9 +40,6 @@ class Source:
     tokenizer: Any
     folder: Path | None
 
-    def describe(self) -> str:
-        return f"preset {self.config.name} (random weights)" if self.folder is None else str(self.folder)
-
 
 def resolve_source(source: str) -> Source:
     """Config and tokenizer of a preset, a checkpoint folder or a Hub repo id, before any weights are read,

@@ -24,6 +24,7 @@ from .. import checkpoint as hf_checkpoint
 from ..api import preset_tokenizer
 from ..backend import get_backend, resolve_backend_name
 from ..bench import process_peak_rss
+from ..checkpoint import atomic_write_bytes
 from ..config import Gemma3Config, resolve_config
 from ..errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
 from ..outputs import check_writable_folder, writing
@@ -70,8 +71,13 @@ def saved_settings(run_dir: Path) -> dict | None:
     """The settings a run in ``run_dir`` was started with (its newest checkpoint's, else its config.yaml),
     without the keys a resuming command decides for itself; None when the folder holds no run."""
     last = checkpoints.latest(run_dir)
-    if last is not None:
-        settings = checkpoints.read_state(last)["config"]
+    return _settings(run_dir, checkpoints.read_state(last) if last is not None else None)
+
+
+def _settings(run_dir: Path, state: dict | None) -> dict | None:
+    """saved_settings, given the newest checkpoint's state (None: there is none, read config.yaml)."""
+    if state is not None:
+        settings = state["config"]
     elif (run_dir / RUN_SETTINGS_FILE).is_file():
         try:
             settings = yaml.safe_load((run_dir / RUN_SETTINGS_FILE).read_text(encoding="utf-8")) or {}
@@ -83,8 +89,6 @@ def saved_settings(run_dir: Path) -> dict | None:
 
 
 def _write_settings(run_dir: Path, config: TrainConfig) -> None:
-    from ..checkpoint import atomic_write_bytes
-
     run_dir.mkdir(parents=True, exist_ok=True)
     text = "# The settings of this run (gemmalab train); `gemmalab train --out DIR --resume` reads them.\n"
     text += yaml.safe_dump({k: v for k, v in config.to_dict().items() if k not in NOT_INHERITED}, sort_keys=False)
@@ -153,15 +157,15 @@ def plan_run(run_dir: Path, config: TrainConfig, echo=print) -> RunPlan:
         if checkpoints.complete_checkpoints(run_dir):
             raise TrainingError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
         return RunPlan(None, None, resolve_backend_name(config.backend), fresh)
-    settings = saved_settings(run_dir)
+    resume_from = checkpoints.latest(run_dir)
+    state = checkpoints.read_state(resume_from) if resume_from is not None else None
+    settings = _settings(run_dir, state)
     if settings is None:
         raise TrainingError(
             f"--resume: {run_dir} holds no run to resume (no checkpoint, no {RUN_SETTINGS_FILE}): check --out, "
             "or leave out --resume to start a new run there"
         )
     _check_resumable(settings, config, run_dir)
-    resume_from = checkpoints.latest(run_dir)
-    state = checkpoints.read_state(resume_from) if resume_from is not None else None
     if state is None:
         # killed before its first checkpoint: no optimizer state yet, so any backend can start it
         echo(f"no checkpoint in {run_dir} yet: starting from step 0 with the run's settings")
