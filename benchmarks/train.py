@@ -135,6 +135,7 @@ def run_loss_memory(kind: str, tokens: int) -> dict:
     from gemmalab_torch.training import chunked_head_loss
 
     from gemmalab.bench import process_peak_rss, reset_process_peak_rss
+    from gemmalab.train.losses import CrossEntropy
     from gemmalab.train.spec import LOSS_CHUNK_TOKENS
 
     gen = torch.Generator().manual_seed(0)
@@ -149,7 +150,8 @@ def run_loss_memory(kind: str, tokens: int) -> dict:
     if kind == "naive":
         loss = F.cross_entropy(hidden @ head.T, targets, reduction="sum")
     else:
-        loss = chunked_head_loss(head, hidden, targets, weights, chunk_tokens=LOSS_CHUNK_TOKENS, smoothing=0.0)
+        loss = chunked_head_loss(head, hidden, targets, weights, terms=(CrossEntropy(),),
+                                 chunk_tokens=LOSS_CHUNK_TOKENS)
     loss.backward()
     return {"loss_extra_peak_bytes": process_peak_rss() - baseline, "loss": float(loss)}
 

@@ -92,12 +92,7 @@ class Model:
         at = mask_rules.as_positions(positions, batch, seq)
         explicit = None if mask is None else mask_rules.as_mask(mask, batch, seq, seq)
         per_type = mask_rules.layer_masks(self.config, at, explicit)
-        for kind, allowed in per_type.items():
-            empty = np.argwhere(~allowed.any(axis=-1))
-            if len(empty):
-                row, query = empty[0]
-                raise InputError(f"the mask lets query {query} of row {row} attend to no key on {kind} layers "
-                                 "(the window applies on top of it): allow each query at least one key")
+        mask_rules.check_every_query_sees_a_key(per_type)
         layers = self.config.num_hidden_layers
         return self._backend.forward(
             self.native, array, positions=np.ascontiguousarray(at), masks=per_type,

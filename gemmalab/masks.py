@@ -60,6 +60,16 @@ def layer_masks(config: Gemma3Config, positions: np.ndarray, mask: np.ndarray | 
     return {FULL: base, SLIDING: base & within_window(positions, positions, config.sliding_window)}
 
 
+def check_every_query_sees_a_key(per_type: dict[str, np.ndarray]) -> None:
+    """Refuse masks under which some query may attend to no key: its softmax would be 0/0."""
+    for kind, allowed in per_type.items():
+        empty = np.argwhere(~allowed.any(axis=-1))
+        if len(empty):
+            row, query = empty[0]
+            raise InputError(f"the mask lets query {query} of row {row} attend to no key on {kind} layers "
+                             "(the window applies on top of it): allow each query at least one key")
+
+
 def set_block_training(length: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Set Block Decoding's training input layout (Gat, Ben-Hamu et al., arXiv 2509.04185, eq. 13-14, Fig. 8):
     a clean copy of ``length`` tokens, then a masked copy of the same length.
@@ -79,4 +89,4 @@ def set_block_training(length: int, block: int) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate([index, index]), mask
 
 
-__all__ = ["FULL", "as_mask", "as_positions", "causal", "layer_masks", "set_block_training", "within_window"]
+__all__ = ["FULL", "as_mask", "as_positions", "causal", "check_every_query_sees_a_key", "layer_masks", "set_block_training", "within_window"]

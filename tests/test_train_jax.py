@@ -38,6 +38,7 @@ from gemmalab import reference  # noqa: E402
 from gemmalab.backend import get_backend  # noqa: E402
 from gemmalab.checkpoint import atomic_save_safetensors  # noqa: E402
 from gemmalab.errors import CheckpointError, InputError  # noqa: E402
+from gemmalab.train.losses import CrossEntropy, LossSpec  # noqa: E402
 from gemmalab.train.spec import OptimizerSpec, TrainSpec  # noqa: E402
 
 BACKEND = get_backend("jax")
@@ -56,8 +57,9 @@ SPECS = {
         optimizer=OptimizerSpec(name="adafactor", weight_decay=0.1), max_grad_norm=0.05, loss_chunk_tokens=16
     ),
 }
+SMOOTHED = LossSpec(head=(CrossEntropy(label_smoothing=0.1),))
 # Chunks of 7 over the 40 positions of a tiny_setup batch: 6 chunks, the last one padded.
-CHUNKED = TrainSpec(max_grad_norm=None, loss_chunk_tokens=7, label_smoothing=0.1)
+CHUNKED = TrainSpec(max_grad_norm=None, loss_chunk_tokens=7, loss=SMOOTHED)
 UNTIED_SOFTCAP = {"tie_word_embeddings": False, "final_logit_softcapping": 3.0}
 
 
@@ -275,7 +277,7 @@ def test_chunked_loss_with_an_untied_soft_capped_head():
 
     def chunked(params, hidden):
         return head_loss_sum(
-            params, config, hidden, flat_targets, flat_weights, chunk_tokens=7, label_smoothing=0.1
+            params, config, hidden, flat_targets, flat_weights, chunk_tokens=7, terms=SMOOTHED.head
         )
 
     def naive(params, hidden):
@@ -308,7 +310,7 @@ def test_full_logits_never_exist():
 
     def loss(params):
         return chunked_loss_sum(
-            params, config, inputs, targets, loss_weights, rope, chunk_tokens=8, label_smoothing=0.1
+            params, config, inputs, targets, loss_weights, rope, chunk_tokens=8, loss=SMOOTHED
         )
 
     residuals = saved_residuals(loss, model.params)
@@ -321,7 +323,7 @@ def test_full_logits_never_exist():
 
     def head_loss(hidden, matrix, targets, weights):
         params = {"model": {"embed_tokens": {"weight": matrix}}}
-        return head_loss_sum(params, big, hidden, targets, weights, chunk_tokens=32, label_smoothing=0.1)
+        return head_loss_sum(params, big, hidden, targets, weights, chunk_tokens=32, terms=SMOOTHED.head)
 
     args = (jnp.zeros((n, dim)), jnp.zeros((vocab, dim)), jnp.zeros(n, jnp.int32), jnp.ones(n))
     compiled = jax.jit(jax.value_and_grad(head_loss, argnums=(0, 1))).lower(*args).compile()
@@ -393,7 +395,6 @@ def test_gradient_checkpointing_and_reduced_precision():
                 loss_weights,
                 rope,
                 chunk_tokens=16,
-                label_smoothing=0.0,
                 remat=remat,
             ),
             model.params,

@@ -24,6 +24,7 @@ from train_oracles import (
 
 from gemmalab import reference
 from gemmalab.errors import CheckpointError
+from gemmalab.train.losses import CrossEntropy, LossSpec
 from gemmalab.train.spec import OptimizerSpec, TrainSpec
 
 mx = pytest.importorskip("mlx.core")
@@ -39,6 +40,8 @@ NORM = "model.layers.2.post_attention_layernorm.weight"
 Q_GLOBAL = "model.layers.5.self_attn.q_proj.weight"
 FINAL_NORM = "model.norm.weight"
 UNTIED = {"tie_word_embeddings": False, "final_logit_softcapping": 3.0}
+
+SMOOTHED = LossSpec(head=(CrossEntropy(label_smoothing=0.1),))
 
 
 def make(spec: TrainSpec, seed: int = 0, **setup):
@@ -122,7 +125,7 @@ def test_non_finite_gradients_update_nothing_and_empty_the_accumulator():
 
 # --- gradients and the chunked loss ---------------------------------------------------------------------------
 def test_gradients_match_finite_differences_of_the_float64_reference():
-    spec = TrainSpec(max_grad_norm=None, loss_chunk_tokens=5, label_smoothing=0.1)
+    spec = TrainSpec(max_grad_norm=None, loss_chunk_tokens=5, loss=SMOOTHED)
     trainer, weights, config, (inputs, targets, loss_weights) = make(spec, batch=1, seq=12)
     trainer.accumulate(inputs, targets, loss_weights)
     grads = trainer.gradients()
@@ -169,7 +172,7 @@ def naive_mlx_loss_and_grads(config, weights, inputs, targets, loss_weights, eps
 
 @pytest.mark.parametrize("overrides", [{}, UNTIED], ids=["tied", "untied-softcap"])
 def test_chunked_loss_equals_the_naive_loss_in_value_and_gradient(overrides):
-    spec = TrainSpec(loss_chunk_tokens=7, label_smoothing=0.1)  # 40 positions: 5 full chunks and a short one
+    spec = TrainSpec(loss_chunk_tokens=7, loss=SMOOTHED)  # 40 positions: 5 full chunks and a short one
     trainer, weights, config, (inputs, targets, loss_weights) = make(spec, **overrides)
     loss_weights[1, 10:14] = 0.0
     full_logits = reference.forward(config, weights, inputs)  # float64 [batch, seq, vocab]

@@ -11,6 +11,7 @@ import pytest
 from train_oracles import naive_loss_sum, reference_loss_sum, tiny_setup
 
 from gemmalab.errors import InputError
+from gemmalab.train.losses import CrossEntropy, LossSpec
 from gemmalab.train.spec import OptimizerSpec, TrainSpec
 
 torch = pytest.importorskip("torch")
@@ -19,6 +20,8 @@ from gemmalab_torch.training import chunked_head_loss  # noqa: E402
 
 UP = "model.layers.0.mlp.up_proj.weight"
 NORM = "model.layers.2.post_attention_layernorm.weight"
+
+SMOOTHED = LossSpec(head=(CrossEntropy(label_smoothing=0.1),))
 
 
 def make(spec: TrainSpec, seed: int = 0, **setup):
@@ -55,7 +58,7 @@ def test_fused_head_loss_and_gradient_equal_the_naive_loss(softcap):
     hidden, matrix = leaves()
     targets, weights = torch.tensor(targets_np), torch.tensor(weights_np)
     loss = chunked_head_loss(
-        matrix, hidden, targets, weights, chunk_tokens=chunk, smoothing=0.1, softcap=softcap
+        matrix, hidden, targets, weights, terms=SMOOTHED.head, chunk_tokens=chunk, softcap=softcap
     )
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
     (2.5 * loss).backward()  # an upstream factor (the loss scale) must reach both gradients
@@ -73,7 +76,7 @@ def test_fused_head_loss_and_gradient_equal_the_naive_loss(softcap):
 @pytest.mark.parametrize("tied", [True, False])
 def test_trainer_gradients_equal_autograd_through_full_logits(tied):
     overrides = {} if tied else {"tie_word_embeddings": False, "final_logit_softcapping": 3.0}
-    spec = TrainSpec(loss_chunk_tokens=7, label_smoothing=0.1)
+    spec = TrainSpec(loss_chunk_tokens=7, loss=SMOOTHED)
     trainer, config, weights, (inputs, targets, loss_weights) = make(spec, **overrides)
     loss = trainer.accumulate(inputs, targets, loss_weights)
     expected = reference_loss_sum(config, weights, inputs, targets, loss_weights, label_smoothing=0.1)
@@ -190,3 +193,19 @@ def test_bad_batches_and_dtypes_raise_input_errors():
         trainer.accumulate(inputs.astype(np.float32), targets, loss_weights)
     with pytest.raises(InputError, match="float32"):
         BACKEND.trainer(BACKEND.build(config, weights, dtype="bfloat16"), TrainSpec())
+
+
+@pytest.mark.parametrize("head_trains", [True, False])
+def test_a_frozen_head_gets_no_gradient_matmul(head_trains):
+    # The head loss does its backward matmuls in its forward pass; the [vocab, dim] one must be skipped when
+    # the head is frozen. Counted by hand: logits 2nVd, d(hidden) 2nVd, d(matrix) 2nVd.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, dim, vocab = 24, 16, 64
+    hidden = torch.randn(n, dim, requires_grad=True)
+    matrix = torch.randn(vocab, dim, requires_grad=head_trains)
+    targets, weights = torch.randint(0, vocab, (n,)), torch.ones(n)
+    with FlopCounterMode(display=False) as counter:
+        chunked_head_loss(matrix, hidden, targets, weights, terms=SMOOTHED.head, chunk_tokens=8).backward()
+    assert counter.get_total_flops() == (6 if head_trains else 4) * n * vocab * dim
+    assert (matrix.grad is not None) == head_trains and hidden.grad is not None

@@ -43,7 +43,7 @@ from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
 from .cache import KVCache, extend_step, planned_step
 from .model import Params, abstract_params, default_masks, flatten, forward, head, rope_tables, unflatten
 from .sharding import Plan, make_mesh
-from .training import JaxTrainer, loss_sum
+from .training import JaxTrainer, hidden_state, loss_sum
 
 _ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
@@ -61,9 +61,8 @@ def _captured_forward(params: Params, ids: jax.Array, rope: Any, masks: Any, *, 
     RoPE tables and masks per layer type; hidden states in transformers' convention (ForwardOutput)."""
     out = forward(params, config, ids, rope, masks, hint=plan.hint, output_hidden_states=bool(hidden_states),
                   output_attentions=frozenset(attentions))
-    states = [*(out.hidden_states or [])[:-1], out.hidden]  # the last entry is the final norm's output
     logits = head(params, config, out.hidden, plan.hint).astype(jnp.float32)
-    return (logits, {i: states[i].astype(jnp.float32) for i in hidden_states},
+    return (logits, {i: hidden_state(out, i).astype(jnp.float32) for i in hidden_states},
             {i: out.attentions[i] for i in attentions})
 
 

@@ -46,21 +46,25 @@ import contextlib
 import math
 from collections.abc import Mapping
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gemmalab.checks import check_token_ids, is_count
+from gemmalab.checks import is_count
 from gemmalab.config import Gemma3Config
 from gemmalab.errors import BackendError, CheckpointError, InputError
+from gemmalab.train.inputs import StepInputs, prepare
+from gemmalab.train.losses import LOG_FLOOR, AuxTerm, CrossEntropy, HeadTerm, HiddenStateMSE, LossSpec
 from gemmalab.train.spec import OptimizerSpec, TrainSpec, optimizer_state_by_parameter
 
 from .model import (
     JNP_DTYPES,
     Hint,
+    Masks,
+    Output,
     Params,
     Rope,
     default_masks,
@@ -79,7 +83,28 @@ if TYPE_CHECKING:
 COMPUTE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-# --- the loss -----------------------------------------------------------------------------------------------
+# --- the loss terms (gemmalab/train/losses.py has their definitions) --------------------------------------------
+def head_term(term: HeadTerm, logits: jax.Array, targets: jax.Array, extras: Mapping[str, jax.Array]) -> jax.Array:
+    """One head term's per-position loss [chunk] of float32 logits [chunk, vocab] (its weight not applied)."""
+    if isinstance(term, CrossEntropy):
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [chunk]
+        nll = lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]  # -log p(target)
+        if term.label_smoothing:
+            # mean_v -log p(v) = lse - mean_v logits
+            nll = (1 - term.label_smoothing) * nll + term.label_smoothing * (lse - logits.mean(axis=-1))
+        return nll
+    t = term.temperature
+    return t**2 * -(extras[term.targets] * jax.nn.log_softmax(logits / t, axis=-1)).sum(axis=-1)
+
+
+def aux_term(term: AuxTerm, captured: jax.Array, target: jax.Array) -> jax.Array:
+    """One auxiliary term's per-position loss [batch, seq] (its weight not applied)."""
+    if isinstance(term, HiddenStateMSE):
+        return jnp.square(captured.astype(jnp.float32) - target).mean(axis=-1)
+    log_p = jnp.log(jnp.maximum(captured.astype(jnp.float32), LOG_FLOOR))  # [batch, heads, seq, keys]
+    return (target * (jnp.log(jnp.maximum(target, LOG_FLOOR)) - log_p)).sum(axis=-1).mean(axis=1)
+
+
 def head_loss_sum(
     params: Params,
     config: Gemma3Config,
@@ -88,42 +113,49 @@ def head_loss_sum(
     weights: jax.Array,
     *,
     chunk_tokens: int,
-    label_smoothing: float,
+    terms: tuple[HeadTerm, ...] = (CrossEntropy(),),
+    extras: Mapping[str, jax.Array] | None = None,
     hint: Hint = no_hint,
 ) -> jax.Array:
-    """sum(weights * token loss), float32, of final-normed hidden states [n, hidden] against int targets
-    [n], with the output head (``model.head``: tied or not, soft-capped or not) and the loss run on at
-    most ``chunk_tokens`` positions at a time.
+    """sum over positions of weights * the head ``terms`` (each times its weight), float32, of final-normed
+    hidden states [n, hidden] against int targets [n], with the output head (``model.head``: tied or not,
+    soft-capped or not) run on at most ``chunk_tokens`` positions at a time; ``extras`` are the terms'
+    per-position inputs [n, ...].
 
     The chunks go through ``lax.scan`` with a checkpointed body: the backward pass recomputes each
     chunk's [chunk, vocab] logits from its hidden states instead of reading them from the forward pass,
     so [n, vocab] logits never exist (at Gemma's 262k vocabulary they would be 1 MB per position). The
-    last chunk is padded with weight-0 positions: zero hidden states give finite logits, so they add 0.
+    last chunk is padded with weight-0 positions: zero hidden states (and extras) give finite logits and
+    losses, so they add 0.
     """
     n, dim = hidden.shape
     chunk = min(chunk_tokens, n)
     count = -(-n // chunk)
     pad = count * chunk - n
-    hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(count, chunk, dim)  # [chunks, chunk, hidden]
-    targets = jnp.pad(targets, (0, pad)).reshape(count, chunk)  # [chunks, chunk]
-    weights = jnp.pad(weights.astype(jnp.float32), (0, pad)).reshape(count, chunk)
+
+    def chunked(x: jax.Array) -> jax.Array:  # [n, ...] -> [chunks, chunk, ...], padded with zeros
+        return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(count, chunk, *x.shape[1:])
+
+    extras = {name: chunked(value.astype(jnp.float32)) for name, value in (extras or {}).items()}
 
     # scan already keeps the chunks apart, so CSE cannot undo the recomputation (jax.checkpoint docs)
     @partial(jax.checkpoint, prevent_cse=False)
-    def chunk_loss(h: jax.Array, t: jax.Array, w: jax.Array) -> jax.Array:
+    def chunk_loss(h: jax.Array, t: jax.Array, w: jax.Array, ex: dict[str, jax.Array]) -> jax.Array:
         logits = head(params, config, h, hint).astype(jnp.float32)  # [chunk, vocab]
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [chunk]
-        nll = lse - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]  # -log p(target)
-        if label_smoothing:
-            # mean_v -log p(v) = lse - mean_v logits
-            nll = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(axis=-1))
-        return jnp.sum(nll * w)
+        return sum(term.weight * jnp.sum(head_term(term, logits, t, ex) * w) for term in terms)
 
-    def body(total: jax.Array, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+    def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
         return total + chunk_loss(*xs), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, weights))
+    xs = (chunked(hidden), chunked(targets), chunked(weights.astype(jnp.float32)), extras)
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
     return total
+
+
+def hidden_state(out: Output, index: int) -> jax.Array:
+    """Hidden state ``index`` in transformers' convention: the residual stream after ``index`` blocks, the
+    last one after the final norm."""
+    return out.hidden if index == len(out.hidden_states) - 1 else out.hidden_states[index]
 
 
 def chunked_loss_sum(
@@ -135,54 +167,58 @@ def chunked_loss_sum(
     rope: Rope,
     *,
     chunk_tokens: int,
-    label_smoothing: float,
+    loss: LossSpec = LossSpec(),
+    masks: Masks | None = None,
+    extras: Mapping[str, jax.Array] | None = None,
     remat: bool = False,
     hint: Hint = no_hint,
     head_params: Params | None = None,
 ) -> jax.Array:
-    """The backbone once on ids [batch, seq] (positions 0 .. seq-1, built-in masks), then
-    ``head_loss_sum`` over the flattened positions. ``remat`` rematerialises each decoder block;
-    ``head_params`` (default ``params``) are the parameters the output head reads, in their dtype."""
-    positions = jnp.arange(ids.shape[1])[None]  # [1, seq]: one mask for every row
-    hidden = forward(
-        params, config, ids, rope, default_masks(config, positions), hint=hint, remat=remat
-    ).hidden
+    """The whole loss sum of ``loss``: the backbone once on ids [batch, seq] (with ``masks``, else the
+    built-in causal ones for positions 0 .. seq-1; capturing what the aux terms read), then
+    ``head_loss_sum`` over the flattened positions, plus the weighted aux terms. ``remat``
+    rematerialises each decoder block; ``head_params`` (default ``params``) are the parameters the output
+    head reads, in their dtype."""
+    if masks is None:
+        masks = default_masks(config, jnp.arange(ids.shape[1])[None])  # [1, seq]: one mask for every row
+    extras = dict(extras or {})
+    hidden_layers, attention_layers = loss.hidden_layers(), loss.attention_layers()
+    out = forward(
+        params, config, ids, rope, masks, hint=hint, remat=remat,
+        output_hidden_states=bool(hidden_layers), output_attentions=frozenset(attention_layers),
+    )
     head_params = params if head_params is None else head_params
-    hidden = hidden.astype(output_weight(head_params).dtype)
-    return head_loss_sum(
+    hidden = out.hidden.astype(output_weight(head_params).dtype)
+    rows = ids.shape[0] * ids.shape[1]
+    total = head_loss_sum(
         head_params,
         config,
-        hidden.reshape(-1, hidden.shape[-1]),  # [batch * seq, hidden]
+        hidden.reshape(rows, hidden.shape[-1]),  # [batch * seq, hidden]
         targets.reshape(-1),
         weights.reshape(-1),
         chunk_tokens=chunk_tokens,
-        label_smoothing=label_smoothing,
+        terms=loss.head,
+        extras={name: extras[name].reshape(rows, -1) for name in loss.head_extras},
         hint=hint,
     )
+    for term in loss.aux:
+        captured = hidden_state(out, term.layer) if isinstance(term, HiddenStateMSE) else out.attentions[term.layer]
+        total = total + term.weight * jnp.sum(aux_term(term, captured, extras[term.targets]) * weights)
+    return total
 
 
 def _loss_sum(
     params: Params,
-    ids: jax.Array,
-    targets: jax.Array,
-    weights: jax.Array,
-    rope: Rope,
+    batch: JaxBatch,
     *,
     config: Gemma3Config,
     plan: Plan,
     chunk_tokens: int,
-    label_smoothing: float,
+    loss: LossSpec,
 ) -> jax.Array:
     return chunked_loss_sum(
-        params,
-        config,
-        ids,
-        targets,
-        weights,
-        rope,
-        chunk_tokens=chunk_tokens,
-        label_smoothing=label_smoothing,
-        hint=plan.hint,
+        params, config, batch.ids, batch.targets, batch.weights, batch.rope,
+        chunk_tokens=chunk_tokens, loss=loss, masks=batch.masks, extras=batch.extras, hint=plan.hint,
     )
 
 
@@ -190,16 +226,13 @@ def _accumulate(
     trainable: dict[str, jax.Array],
     frozen: dict[str, jax.Array],
     accumulator: dict[str, jax.Array],
-    ids: jax.Array,
-    targets: jax.Array,
-    weights: jax.Array,
-    rope: Rope,
+    batch: JaxBatch,
     loss_scale: jax.Array,
     *,
     config: Gemma3Config,
     plan: Plan,
     chunk_tokens: int,
-    label_smoothing: float,
+    loss: LossSpec,
     compute: str,
     remat: bool,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -209,15 +242,17 @@ def _accumulate(
         # The cast is inside the differentiated function: gradients flow back through it to float32.
         master = unflatten({**trainable, **frozen})
         params = jax.tree.map(lambda p: p.astype(JNP_DTYPES[compute]), master)
-        loss = chunked_loss_sum(
+        value = chunked_loss_sum(
             params,
             config,
-            ids,
-            targets,
-            weights,
-            rope,
+            batch.ids,
+            batch.targets,
+            batch.weights,
+            batch.rope,
             chunk_tokens=chunk_tokens,
-            label_smoothing=label_smoothing,
+            loss=loss,
+            masks=batch.masks,
+            extras=batch.extras,
             remat=remat,
             hint=plan.hint,
             # fp16: the head and its gradient matmuls in float32 on the masters, as the fp16 policy keeps
@@ -225,10 +260,10 @@ def _accumulate(
             # scale of 16) would be float16 subnormals, rounded to a few bits.
             head_params=master if compute == "float16" else None,
         )
-        return loss * loss_scale, loss
+        return value * loss_scale, value
 
-    (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(trainable)
-    return loss, jax.tree.map(jnp.add, accumulator, grads)
+    (_, value), grads = jax.value_and_grad(scaled_loss, has_aux=True)(trainable)
+    return value, jax.tree.map(jnp.add, accumulator, grads)
 
 
 def _apply(
@@ -270,10 +305,10 @@ def _apply(
 
 # Module-level, with everything that shapes the computation static: trainers of the same config and spec
 # share compiled functions (the cache key also holds the trainable names, as the keys of their dicts).
-_jit_loss_sum = jax.jit(_loss_sum, static_argnames=("config", "plan", "chunk_tokens", "label_smoothing"))
+_jit_loss_sum = jax.jit(_loss_sum, static_argnames=("config", "plan", "chunk_tokens", "loss"))
 _jit_accumulate = jax.jit(
     _accumulate,
-    static_argnames=("config", "plan", "chunk_tokens", "label_smoothing", "compute", "remat"),
+    static_argnames=("config", "plan", "chunk_tokens", "loss", "compute", "remat"),
     donate_argnames=("accumulator",),
 )
 _jit_apply = jax.jit(
@@ -312,28 +347,33 @@ def optimizer_transform(opt: OptimizerSpec) -> optax.GradientTransformation:
 
 
 # --- numpy in ------------------------------------------------------------------------------------------------
-def batch_arrays(
-    model: JaxModel, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """A checked numpy batch placed like the model's activations: int32 ids and targets, float32 loss
-    weights, all [batch, seq]."""
-    vocab = model.config.vocab_size
-    inputs, targets, weights = (
-        check_token_ids(inputs, vocab),
-        check_token_ids(targets, vocab),
-        np.asarray(weights),
-    )
-    if inputs.shape != targets.shape or inputs.shape != weights.shape:
-        raise InputError(
-            f"inputs, targets and weights must share one [batch, seq] shape, got "
-            f"{inputs.shape}, {targets.shape}, {weights.shape}"
-        )
-    if not (np.issubdtype(weights.dtype, np.floating) or np.issubdtype(weights.dtype, np.integer)):
-        raise InputError(f"loss weights must be numbers (float32), got {weights.dtype}")
-    sharding = model.plan.batch_sharding(inputs.shape)
-    return tuple(
-        jax.device_put(array, sharding)
-        for array in (inputs.astype(np.int32), targets.astype(np.int32), weights.astype(np.float32))
+class JaxBatch(NamedTuple):
+    """A checked micro-batch (gemmalab.train.inputs.StepInputs) placed like the model's activations (a
+    pytree, so the jitted steps take it whole)."""
+
+    ids: jax.Array  # int32 [batch, seq]
+    targets: jax.Array  # int32 [batch, seq]
+    weights: jax.Array  # float32 [batch, seq]
+    rope: Rope  # RoPE tables of the batch's positions
+    masks: Masks | None  # layer type -> bool [batch, 1, seq, seq]; None = the built-in causal masks
+    extras: dict[str, jax.Array]  # float32
+
+
+def batch_arrays(model: JaxModel, step: StepInputs, rope: Rope | None = None) -> JaxBatch:
+    """The batch on the model's mesh; ``rope`` (the tables of positions 0 .. seq-1, which a trainer
+    caches) is used when the batch has no explicit positions."""
+
+    def put(array: np.ndarray) -> jax.Array:
+        return jax.device_put(array, model.plan.batch_sharding(array.shape))
+
+    if step.positions is not None:
+        rope = model.rope(step.positions)
+    elif rope is None:
+        rope = model.rope(_positions(step.inputs.shape[1]))
+    return JaxBatch(
+        ids=put(step.inputs), targets=put(step.targets), weights=put(step.weights), rope=rope,
+        masks=None if step.masks is None else {kind: put(m[:, None]) for kind, m in step.masks.items()},
+        extras={name: put(value) for name, value in step.extras.items()},
     )
 
 
@@ -358,18 +398,11 @@ def loss_sum(
 ) -> float:
     """sum(weights * token loss) in the model's own dtype, no gradients (Backend.loss_sum)."""
     _check_chunk(chunk_tokens)
-    ids, targets, weights = batch_arrays(model, inputs, targets, weights)
+    loss = LossSpec(head=(CrossEntropy(label_smoothing=float(label_smoothing)),))
+    batch = batch_arrays(model, prepare(model.config, loss, inputs, targets, weights))
     with _matmul_precision(model.dtype):
         total = _jit_loss_sum(
-            model.params,
-            ids,
-            targets,
-            weights,
-            model.rope(_positions(ids.shape[1])),
-            config=model.config,
-            plan=model.plan,
-            chunk_tokens=int(chunk_tokens),
-            label_smoothing=float(label_smoothing),
+            model.params, batch, config=model.config, plan=model.plan, chunk_tokens=int(chunk_tokens), loss=loss
         )
     return float(total)
 
@@ -406,14 +439,24 @@ class JaxTrainer:
         self.set_lr_scales({})
 
     def accumulate(
-        self, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray, *, loss_scale: float = 1.0
+        self,
+        inputs: np.ndarray,
+        targets: np.ndarray,
+        weights: np.ndarray,
+        *,
+        positions: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        extras: Mapping[str, np.ndarray] | None = None,
+        loss_scale: float = 1.0,
     ) -> float:
         """Forward and backward on one micro-batch; adds d(loss_scale * loss_sum)/d(params) to the
         accumulated gradients of the trainable parameters. Returns the unscaled loss sum."""
-        ids, targets, weights = batch_arrays(self.model, inputs, targets, weights)
-        seq = ids.shape[1]
-        if seq not in self._rope:
+        step = prepare(self.model.config, self.spec.loss, inputs, targets, weights, positions=positions,
+                       mask=mask, extras=extras)
+        seq = step.inputs.shape[1]
+        if step.positions is None and seq not in self._rope:
             self._rope[seq] = self.model.rope(_positions(seq))
+        batch = batch_arrays(self.model, step, self._rope.get(seq))
         flat = flatten(self.model.params)
         trainable = {name: flat[name] for name in self.accumulator}
         frozen = {name: value for name, value in flat.items() if name not in self.accumulator}
@@ -422,15 +465,12 @@ class JaxTrainer:
                 trainable,
                 frozen,
                 self.accumulator,
-                ids,
-                targets,
-                weights,
-                self._rope[seq],
+                batch,
                 jnp.float32(loss_scale),
                 config=self.model.config,
                 plan=self.model.plan,
                 chunk_tokens=self.spec.loss_chunk_tokens,
-                label_smoothing=float(self.spec.label_smoothing),
+                loss=self.spec.loss,
                 compute=self.compute,
                 remat=self.spec.grad_checkpointing,
             )
@@ -529,10 +569,14 @@ def _key(path: tuple[Any, ...]) -> str:
 
 
 __all__ = [
+    "JaxBatch",
     "JaxTrainer",
+    "aux_term",
     "batch_arrays",
     "chunked_loss_sum",
     "head_loss_sum",
+    "head_term",
+    "hidden_state",
     "loss_sum",
     "optimizer_transform",
 ]

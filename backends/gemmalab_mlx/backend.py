@@ -24,11 +24,13 @@ from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
 from gemmalab.params import parameter_shapes
+from gemmalab.train.inputs import prepare
+from gemmalab.train.losses import CrossEntropy, LossSpec
 from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
 
 from .cache import KVCache
 from .model import MX_DTYPES, Capture, Gemma3ForCausalLM
-from .training import MLXTrainer, batch_arrays, chunked_loss_sum
+from .training import MLXTrainer, batch_arrays, chunked_loss_sum, hidden_state
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _DEVICES = {"gpu": mx.gpu, "cpu": mx.cpu}
@@ -129,9 +131,7 @@ class MLXBackend:
             hidden = model.model(ids, positions=mx.array(positions.astype(np.int32)), mask=layer_masks,
                                  capture=capture)  # [batch, seq, hidden], after the final norm
             logits = model.logits_from_hidden(hidden).astype(mx.float32)
-            # transformers' convention: the last entry is the final norm's output, not the last block's
-            states = [*capture.hidden_states[:-1], hidden]
-            picked = {i: states[i].astype(mx.float32) for i in hidden_states}
+            picked = {i: hidden_state(capture, hidden, i).astype(mx.float32) for i in hidden_states}
             probs = {i: capture.attentions[i] for i in attentions}
             mx.eval(logits, picked, probs)
         return ForwardOutput(np.array(logits), {i: np.array(a) for i, a in picked.items()},
@@ -227,9 +227,10 @@ class MLXBackend:
         label_smoothing: float = 0.0,
     ) -> float:
         _require_weights(model)
-        batch = batch_arrays(model, inputs, targets, weights)
+        loss = LossSpec(head=(CrossEntropy(label_smoothing=label_smoothing),))
+        batch = batch_arrays(prepare(model.config, loss, inputs, targets, weights))
         with mx.stream(model.device or mx.default_device()):
-            return chunked_loss_sum(model, *batch, chunk_tokens=chunk_tokens, label_smoothing=label_smoothing)
+            return chunked_loss_sum(model, batch, loss, chunk_tokens=chunk_tokens)
 
 
 def load_weights(model: Gemma3ForCausalLM, weights: Mapping[str, np.ndarray]) -> None:

@@ -39,31 +39,61 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from gemmalab.checks import check_token_ids
 from gemmalab.errors import CheckpointError, InputError
+from gemmalab.train.inputs import StepInputs, prepare
+from gemmalab.train.losses import LOG_FLOOR, AuxTerm, CrossEntropy, HeadTerm, HiddenStateMSE, LossSpec
 from gemmalab.train.spec import TrainSpec, optimizer_state_by_parameter
 
-from .model import Gemma3ForCausalLM, soft_cap
+from .model import Capture, Gemma3ForCausalLM, soft_cap
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": mx.bfloat16, "fp16": mx.float16}
 
 
-# --- the loss -----------------------------------------------------------------------------------------------
-def chunk_loss(logits: mx.array, targets: mx.array, weights: mx.array, label_smoothing: float) -> mx.array:
-    """sum(weights * token loss) over float32 logits [n, vocab]: -log p(target), mixed with the mean of
+# --- the loss terms (gemmalab/train/losses.py has their definitions) --------------------------------------------
+def cross_entropy(logits: mx.array, targets: mx.array, label_smoothing: float) -> mx.array:
+    """Per-position cross-entropy [n] of float32 logits [n, vocab]: -log p(target), mixed with the mean of
     -log p over the vocabulary by ``label_smoothing``."""
     lse = mx.logsumexp(logits, axis=-1)  # [n]
     nll = lse - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]  # -log p(target), [n]
     if label_smoothing:
         # mean_v -log p(v) = lse - mean_v logits
         nll = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(axis=-1))
-    return (nll * weights).sum()
+    return nll
 
 
-def final_hidden(model: Gemma3ForCausalLM, ids: mx.array) -> mx.array:
-    """The backbone on int ids [batch, seq]: final-normed hidden states, flattened [batch * seq, hidden]."""
-    hidden = model.model(ids)  # [batch, seq, hidden]
-    return hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, hidden]
+def soft_target_cross_entropy(logits: mx.array, probs: mx.array, temperature: float) -> mx.array:
+    """Per-position ``T^2 * -sum_v q_v log softmax(z / T)_v`` [n]."""
+    z = logits / temperature
+    log_p = z - mx.logsumexp(z, axis=-1, keepdims=True)
+    return temperature**2 * -(probs * log_p).sum(axis=-1)
+
+
+def head_term(term: HeadTerm, logits: mx.array, targets: mx.array, extras: Mapping[str, mx.array]) -> mx.array:
+    """One head term's per-position loss [chunk] (its weight not applied)."""
+    if isinstance(term, CrossEntropy):
+        return cross_entropy(logits, targets, term.label_smoothing)
+    return soft_target_cross_entropy(logits, extras[term.targets], term.temperature)
+
+
+def aux_term(term: AuxTerm, captured: mx.array, target: mx.array) -> mx.array:
+    """One auxiliary term's per-position loss [batch, seq] (its weight not applied)."""
+    if isinstance(term, HiddenStateMSE):
+        return (captured.astype(mx.float32) - target).square().mean(axis=-1)
+    log_p = mx.log(mx.maximum(captured.astype(mx.float32), LOG_FLOOR))  # [batch, heads, seq, keys]
+    return (target * (mx.log(mx.maximum(target, LOG_FLOOR)) - log_p)).sum(axis=-1).mean(axis=1)
+
+
+def chunk_loss(
+    logits: mx.array, targets: mx.array, weights: mx.array, terms: tuple[HeadTerm, ...], extras: Mapping[str, mx.array]
+) -> mx.array:
+    """sum over the chunk of weights * the head terms, each times its weight, of float32 logits [n, vocab]."""
+    return sum(term.weight * (head_term(term, logits, targets, extras) * weights).sum() for term in terms)
+
+
+def hidden_state(capture: Capture, hidden: mx.array, index: int) -> mx.array:
+    """Hidden state ``index`` in transformers' convention: the residual stream after ``index`` blocks, the
+    last one (``hidden``) after the final norm."""
+    return hidden if index == len(capture.hidden_states) - 1 else capture.hidden_states[index]
 
 
 def chunks(positions: int, chunk_tokens: int) -> list[slice]:
@@ -73,24 +103,72 @@ def chunks(positions: int, chunk_tokens: int) -> list[slice]:
     return [slice(start, start + chunk_tokens) for start in range(0, positions, chunk_tokens)]
 
 
-def chunked_loss_sum(
-    model: Gemma3ForCausalLM,
-    ids: mx.array,
-    targets: mx.array,
-    weights: mx.array,
-    *,
-    chunk_tokens: int,
-    label_smoothing: float,
-) -> float:
-    """The chunked loss without gradients: the backbone once, then the head and loss one chunk at a time,
-    each evaluated before the next is built, so one chunk's logits exist at a time."""
-    hidden = final_hidden(model, ids)
-    targets, weights = targets.reshape(-1), weights.reshape(-1)  # [batch * seq]
-    total = 0.0
-    for part in chunks(hidden.shape[0], chunk_tokens):
-        logits = model.logits_from_hidden(hidden[part]).astype(mx.float32)  # [chunk, vocab]
-        total += chunk_loss(logits, targets[part], weights[part], label_smoothing).item()
+# --- one micro-batch ------------------------------------------------------------------------------------------
+@dataclass
+class MLXBatch:
+    """A checked micro-batch (gemmalab.train.inputs.StepInputs) as MLX arrays."""
+
+    ids: mx.array  # int32 [batch, seq]
+    targets: mx.array  # int32 [batch, seq]
+    weights: mx.array  # float32 [batch, seq]
+    positions: mx.array | None  # int32 [batch, seq], with masks
+    masks: dict[str, mx.array] | None  # layer type -> bool [batch, 1, seq, seq]
+    extras: dict[str, mx.array]  # float32
+    hidden_layers: tuple[int, ...]
+    attention_layers: tuple[int, ...]
+
+    def flat_extras(self, names: tuple[str, ...]) -> dict[str, mx.array]:
+        """The named per-position extras flattened like the positions: [batch * seq, ...]."""
+        rows = self.ids.shape[0] * self.ids.shape[1]
+        return {name: self.extras[name].reshape(rows, -1) for name in names}
+
+
+def batch_arrays(step: StepInputs) -> MLXBatch:
+    return MLXBatch(
+        ids=mx.array(step.inputs), targets=mx.array(step.targets), weights=mx.array(step.weights),
+        positions=None if step.positions is None else mx.array(step.positions.astype(np.int32)),
+        masks=None if step.masks is None else {kind: mx.array(m[:, None]) for kind, m in step.masks.items()},
+        extras={name: mx.array(value) for name, value in step.extras.items()},
+        hidden_layers=step.hidden_layers, attention_layers=step.attention_layers,
+    )
+
+
+def backbone(model: Gemma3ForCausalLM, batch: MLXBatch) -> tuple[mx.array, Capture | None]:
+    """Final-normed hidden states [batch, seq, hidden], and the Capture of what the batch's aux terms read
+    (None when they read nothing)."""
+    wanted = batch.hidden_layers or batch.attention_layers
+    capture = Capture(attention=frozenset(batch.attention_layers)) if wanted else None
+    hidden = model.model(batch.ids, positions=batch.positions, mask=batch.masks, capture=capture)
+    return hidden, capture
+
+
+def aux_loss_sum(loss: LossSpec, batch: MLXBatch, hidden: mx.array, capture: Capture | None) -> mx.array | None:
+    """The weighted sum of the aux terms of ``loss`` (None when there are none)."""
+    total = None
+    for term in loss.aux:
+        if isinstance(term, HiddenStateMSE):
+            captured = hidden_state(capture, hidden, term.layer)
+        else:
+            captured = capture.attentions[term.layer]
+        value = term.weight * (aux_term(term, captured, batch.extras[term.targets]) * batch.weights).sum()
+        total = value if total is None else total + value
     return total
+
+
+def chunked_loss_sum(model: Gemma3ForCausalLM, batch: MLXBatch, loss: LossSpec, *, chunk_tokens: int) -> float:
+    """The whole loss without gradients: the backbone once, then the head terms one chunk at a time, each
+    evaluated before the next is built, so one chunk's logits exist at a time; then the aux terms."""
+    hidden, capture = backbone(model, batch)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, hidden]
+    targets, weights = batch.targets.reshape(-1), batch.weights.reshape(-1)  # [batch * seq]
+    extras = batch.flat_extras(loss.head_extras)
+    total = 0.0
+    for part in chunks(flat.shape[0], chunk_tokens):
+        logits = model.logits_from_hidden(flat[part]).astype(mx.float32)  # [chunk, vocab]
+        chunk_extras = {name: value[part] for name, value in extras.items()}
+        total += chunk_loss(logits, targets[part], weights[part], loss.head, chunk_extras).item()
+    aux = aux_loss_sum(loss, batch, hidden, capture)
+    return total + (0.0 if aux is None else aux.item())
 
 
 @dataclass
@@ -100,6 +178,7 @@ class HeadLossResult:
 
     loss: float = 0.0
     weight_grad: mx.array | None = None
+    aux: mx.array | None = None  # the aux terms' unscaled sum, set by the trainer
 
 
 def fused_head_loss(
@@ -112,8 +191,10 @@ def fused_head_loss(
     logit_cap: float | None,
     loss_scale: float,
     weight_grad: bool,
+    extras: Mapping[str, mx.array] | None = None,
 ) -> tuple[mx.array, HeadLossResult]:
-    """The output head and loss on final-normed hidden states [n, hidden], in chunks of
+    """The output head and the head terms of ``spec.loss`` on final-normed hidden states [n, hidden] (with
+    ``extras``, the terms' per-position inputs [n, ...]), in chunks of
     ``spec.loss_chunk_tokens`` positions, doing the work of the backward pass in the forward pass.
 
     Returns ``loss_scale * loss sum`` as an array differentiable with respect to ``hidden`` (the gradient
@@ -131,10 +212,14 @@ def fused_head_loss(
     compute_dtype = COMPUTE_DTYPES[spec.precision]
     result = HeadLossResult()
 
-    def part_loss(h: mx.array, w: mx.array, t: mx.array, wt: mx.array) -> tuple[mx.array, mx.array]:
+    extras = dict(extras or {})
+
+    def part_loss(
+        h: mx.array, w: mx.array, t: mx.array, wt: mx.array, ex: dict[str, mx.array]
+    ) -> tuple[mx.array, mx.array]:
         w = w if compute_dtype is None else w.astype(compute_dtype)
         logits = soft_cap(h @ w.T, logit_cap).astype(mx.float32)  # [chunk, vocab]
-        loss = chunk_loss(logits, t, wt, spec.label_smoothing)
+        loss = chunk_loss(logits, t, wt, spec.loss.head, ex)
         return loss * loss_scale, loss  # the gradient is of the first
 
     hidden_grads: list[mx.array] = []  # float32 [chunk, hidden] each, no graph behind them
@@ -145,7 +230,8 @@ def fused_head_loss(
         grad_fn = mx.value_and_grad(part_loss, argnums=(0, 1) if weight_grad else 0)
         weight_sum = None  # float32 numpy [vocab, hidden]: added to in place, one buffer for all chunks
         for part in chunks(hidden.shape[0], spec.loss_chunk_tokens):
-            (_, loss), grads = grad_fn(hidden[part], head_weight, targets[part], weights[part])
+            chunk_extras = {name: value[part] for name, value in extras.items()}
+            (_, loss), grads = grad_fn(hidden[part], head_weight, targets[part], weights[part], chunk_extras)
             d_hidden, d_weight = grads if weight_grad else (grads, None)
             d_hidden = d_hidden.astype(mx.float32)
             mx.eval(loss, d_hidden, d_weight)
@@ -166,27 +252,6 @@ def fused_head_loss(
         return (cotangent * mx.concatenate(hidden_grads)).astype(hidden.dtype)
 
     return scaled_loss(hidden), result
-
-
-def batch_arrays(
-    model: Gemma3ForCausalLM, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray
-) -> tuple[mx.array, mx.array, mx.array]:
-    """A checked numpy batch as MLX arrays: int32 ids and targets, float32 weights, all [batch, seq]."""
-    vocab = model.config.vocab_size
-    inputs, targets = check_token_ids(inputs, vocab), check_token_ids(targets, vocab)
-    weights = np.asarray(weights)
-    if inputs.shape != targets.shape or inputs.shape != weights.shape:
-        raise InputError(
-            f"inputs, targets and weights must share one [batch, seq] shape, got "
-            f"{inputs.shape}, {targets.shape}, {weights.shape}"
-        )
-    if not np.issubdtype(weights.dtype, np.floating) and not np.issubdtype(weights.dtype, np.integer):
-        raise InputError(f"loss weights must be numbers (float32), got {weights.dtype}")
-    return (
-        mx.array(inputs.astype(np.int32)),
-        mx.array(targets.astype(np.int32)),
-        mx.array(weights.astype(np.float32)),
-    )
 
 
 # --- precision ----------------------------------------------------------------------------------------------
@@ -264,42 +329,48 @@ class MLXTrainer:
         return self.model.device or mx.default_device()
 
     def _scaled_loss(
-        self,
-        ids: mx.array,
-        targets: mx.array,
-        weights: mx.array,
-        head_weight: mx.array,
-        loss_scale: float,
-        results: list[HeadLossResult],
+        self, batch: MLXBatch, head_weight: mx.array, loss_scale: float, results: list[HeadLossResult]
     ) -> mx.array:
         """loss_scale * loss sum of one micro-batch (what ``accumulate`` differentiates); appends the
-        head's HeadLossResult to ``results``."""
+        head's HeadLossResult to ``results``, its ``aux`` holding the unscaled aux terms' sum."""
         cast_parameters(self.model, self.spec.precision)
-        hidden = final_hidden(self.model, ids)  # [batch * seq, hidden]
+        hidden, capture = backbone(self.model, batch)  # [batch, seq, hidden]
         loss, result = fused_head_loss(
-            hidden,
+            hidden.reshape(-1, hidden.shape[-1]),  # [batch * seq, hidden]
             head_weight,
-            targets.reshape(-1),
-            weights.reshape(-1),
+            batch.targets.reshape(-1),
+            batch.weights.reshape(-1),
             spec=self.spec,
             logit_cap=self.model.config.final_logit_softcapping,
             loss_scale=loss_scale,
             weight_grad=self.scales[self.head_name] != 0.0,
+            extras=batch.flat_extras(self.spec.loss.head_extras),
         )
+        result.aux = aux_loss_sum(self.spec.loss, batch, hidden, capture)
         results.append(result)
-        return loss
+        return loss if result.aux is None else loss + loss_scale * result.aux
 
     def accumulate(
-        self, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray, *, loss_scale: float = 1.0
+        self,
+        inputs: np.ndarray,
+        targets: np.ndarray,
+        weights: np.ndarray,
+        *,
+        positions: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        extras: Mapping[str, np.ndarray] | None = None,
+        loss_scale: float = 1.0,
     ) -> float:
         """Forward and backward on one micro-batch; adds d(loss_scale * loss_sum)/d(params) to the
         accumulated gradients of the trainable parameters. Returns the unscaled loss sum.
 
         One ``nn.value_and_grad`` over the trainable parameters, the head weight excepted: fused_head_loss
         computes its gradient (and the hidden states') chunk by chunk in the forward pass, and the
-        transformation carries the hidden states' gradient back through the backbone.
+        transformation carries the hidden states' gradient back through the backbone, with the aux terms'.
         """
-        ids, targets, weights = batch_arrays(self.model, inputs, targets, weights)
+        step = prepare(self.model.config, self.spec.loss, inputs, targets, weights, positions=positions,
+                       mask=mask, extras=extras)
+        batch = batch_arrays(step)
         head_weight = self.head.weight  # the float32 parameter, read before value_and_grad swaps in tracers
         untied_head = not self.model.config.tie_word_embeddings
         # Whether anything but the head trains: the tied head is also the embedding, which does.
@@ -313,13 +384,13 @@ class MLXTrainer:
                 if untied_head:  # its gradient comes from fused_head_loss, not from the transformation
                     self.model.lm_head.freeze()
                 try:
-                    _, tree = self._loss_and_grad(ids, targets, weights, head_weight, loss_scale, results)
+                    _, tree = self._loss_and_grad(batch, head_weight, loss_scale, results)
                 finally:
                     if untied_head and self.scales[self.head_name] != 0.0:
                         self.model.lm_head.unfreeze()
                 grads = dict(tree_flatten(tree))
             else:  # only the untied head trains, or nothing: no backbone gradients at all
-                self._scaled_loss(ids, targets, weights, head_weight, loss_scale, results)
+                self._scaled_loss(batch, head_weight, loss_scale, results)
             head_grad = results[0].weight_grad
             if head_grad is not None:
                 grads[self.head_name] = (
@@ -329,7 +400,8 @@ class MLXTrainer:
                 previous = self.grads.get(name)
                 self.grads[name] = grad if previous is None else previous + grad
             mx.eval(self.grads)
-        return results[0].loss
+            aux = results[0].aux
+        return results[0].loss + (0.0 if aux is None else aux.item())
 
     def gradients(self) -> dict[str, np.ndarray]:
         """The accumulated gradients of the trainable parameters, float32 numpy, canonical names."""
@@ -447,14 +519,21 @@ class MLXTrainer:
 
 
 __all__ = [
+    "MLXBatch",
     "MLXTrainer",
+    "aux_loss_sum",
+    "aux_term",
+    "backbone",
     "batch_arrays",
     "cast_parameters",
     "chunk_loss",
     "chunked_loss_sum",
     "chunks",
     "compute_precision",
-    "final_hidden",
-    "HeadLossResult",
+    "cross_entropy",
     "fused_head_loss",
+    "head_term",
+    "hidden_state",
+    "HeadLossResult",
+    "soft_target_cross_entropy",
 ]

@@ -22,11 +22,13 @@ from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
 from gemmalab.params import parameter_shapes
+from gemmalab.train.inputs import prepare
+from gemmalab.train.losses import CrossEntropy, LossSpec
 from gemmalab.train.spec import LOSS_CHUNK_TOKENS
 
 from .cache import KVCache
 from .model import Gemma3ForCausalLM
-from .training import TorchTrainer, batch_tensors, chunked_loss_sum
+from .training import TorchTrainer, batch_tensors, chunked_loss_sum, hidden_state
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -178,9 +180,7 @@ class TorchBackend:
                         position_ids=torch.as_tensor(np.ascontiguousarray(positions), dtype=torch.long, device=device),
                         attention_mask=layer_masks, output_hidden_states=bool(hidden_states),
                         output_attentions=frozenset(attentions))
-            # transformers' convention: the last entry is the final norm's output, not the last block's
-            states = [*(out.hidden_states or [])[:-1], out.last_hidden_state]
-            picked = {i: states[i].float().cpu().numpy() for i in hidden_states}
+            picked = {i: hidden_state(out, i).float().cpu().numpy() for i in hidden_states}
             probs = {i: out.attentions[i].float().cpu().numpy() for i in attentions}
             logits = out.logits.float().cpu().numpy()
         return ForwardOutput(logits, picked, probs)
@@ -279,9 +279,10 @@ class TorchBackend:
     def loss_sum(self, model: Gemma3ForCausalLM, inputs, targets, weights, *, chunk_tokens: int = LOSS_CHUNK_TOKENS,
                  label_smoothing: float = 0.0) -> float:
         self._require_weights(model)
-        ids, tgt, w = batch_tensors(model, inputs, targets, weights)
+        loss = LossSpec(head=(CrossEntropy(label_smoothing=label_smoothing),))
+        batch = batch_tensors(model, prepare(model.config, loss, inputs, targets, weights))
         with torch.inference_mode():
-            return float(chunked_loss_sum(model, ids, tgt, w, chunk_tokens=chunk_tokens, smoothing=label_smoothing))
+            return float(chunked_loss_sum(model, batch, loss, chunk_tokens=chunk_tokens))
 
     @staticmethod
     def _require_weights(model: Gemma3ForCausalLM) -> None:

@@ -11,110 +11,221 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from gemmalab.errors import InputError
+from gemmalab.train.inputs import StepInputs, prepare
+from gemmalab.train.losses import (
+    LOG_FLOOR,
+    AuxTerm,
+    CrossEntropy,
+    HeadTerm,
+    HiddenStateMSE,
+    LossSpec,
+)
 from gemmalab.train.spec import TrainSpec, optimizer_state_by_parameter
 
-from .model import Gemma3ForCausalLM
+from .model import Gemma3ForCausalLM, Gemma3Output
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """sum(weights * token loss) of hidden states [n, dim] through the output matrix [vocab, dim], computed
-    ``chunk`` positions at a time, with its gradient computed in the same pass (as Liger-Kernel's fused
-    linear cross-entropy does): per chunk, logits -> softmax -> d(loss)/d(logits) -> the two gradient
-    matmuls, then the chunk's [chunk, vocab] buffers are dropped. So [n, vocab] logits never exist and
-    nothing is recomputed in the backward pass, which only scales the stored gradients.
+# --- the loss terms (gemmalab/train/losses.py has their definitions) --------------------------------------------
+def cross_entropy(logits: Tensor, targets: Tensor, smoothing: float) -> Tensor:
+    """Per-position cross-entropy [n] of float32 logits [n, vocab], label-smoothed."""
+    lse = torch.logsumexp(logits, dim=-1)  # [n]
+    nll = lse - logits.gather(-1, targets[:, None])[:, 0]
+    return nll if smoothing == 0 else (1 - smoothing) * nll + smoothing * (lse - logits.mean(-1))
 
-    d(loss)/d(logits) = weight * (softmax - (1 - eps) * onehot(target) - eps / vocab), times the soft-cap's
-    derivative (1 - tanh^2) when the model caps its logits.
+
+def soft_target_cross_entropy(logits: Tensor, probs: Tensor, temperature: float) -> Tensor:
+    """Per-position ``T^2 * -sum_v q_v log softmax(z / T)_v`` [n]."""
+    return temperature**2 * -(probs * torch.log_softmax(logits / temperature, dim=-1)).sum(-1)
+
+
+def head_term(term: HeadTerm, logits: Tensor, targets: Tensor, extras: Mapping[str, Tensor]) -> Tensor:
+    """One head term's per-position loss [chunk] (its weight not applied)."""
+    if isinstance(term, CrossEntropy):
+        return cross_entropy(logits, targets, term.label_smoothing)
+    return soft_target_cross_entropy(logits, extras[term.targets], term.temperature)
+
+
+def aux_term(term: AuxTerm, captured: Tensor, target: Tensor) -> Tensor:
+    """One auxiliary term's per-position loss [batch, seq] (its weight not applied)."""
+    if isinstance(term, HiddenStateMSE):
+        return (captured.float() - target).square().mean(-1)
+    p = captured.float().clamp_min(LOG_FLOOR).log()  # [batch, heads, seq, keys]
+    return (target * (target.clamp_min(LOG_FLOOR).log() - p)).sum(-1).mean(1)
+
+
+# --- the chunked head loss ------------------------------------------------------------------------------------
+class ChunkedHeadLoss(torch.autograd.Function):
+    """sum over positions of weights * (the head terms of a LossSpec) of hidden states [n, dim] through the
+    output matrix [vocab, dim], computed ``chunk`` positions at a time, with its gradient computed in the
+    same pass (as Liger-Kernel's fused linear cross-entropy does): per chunk, logits -> loss ->
+    d(loss)/d(logits) -> the gradient matmuls, then the chunk's [chunk, vocab] buffers are dropped. So
+    [n, vocab] logits never exist and nothing is recomputed in the backward pass, which only scales the
+    stored gradients. Only the gradients autograd asks for are computed: none for a frozen head.
+
+    d(loss)/d(logits) comes from autograd on the chunk, except for plain cross-entropy, whose formula is
+    written out in place to keep its speed and memory: weight * (softmax - (1 - eps) * onehot(target) -
+    eps / vocab), times the soft-cap's derivative (1 - tanh^2) when the model caps its logits.
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, matrix: Tensor, targets: Tensor, weights: Tensor, chunk: int,
-                smoothing: float, softcap: float | None) -> Tensor:
+    def forward(ctx, hidden: Tensor, matrix: Tensor, targets: Tensor, weights: Tensor, terms: tuple[HeadTerm, ...],
+                chunk: int, softcap: float | None, extra_names: tuple[str, ...], *extra_values: Tensor) -> Tensor:
         compute = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
             else matrix.dtype
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h, grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # fp16 would round the logit gradients (probabilities ~1/vocab are fp16 subnormals at 262k ids) before
         # any loss scale reaches them: its gradient matmuls run in float32 instead.
         grad_dtype = torch.float32 if compute == torch.float16 else compute
+        extras = dict(zip(extra_names, extra_values, strict=True))
         with torch.autocast(hidden.device.type, enabled=False):
             matrix_c = matrix.to(compute)  # one cast per call, not per chunk
             matrix_g = matrix_c if grad_dtype == compute else matrix.to(grad_dtype)
-            grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if needs_grad else None
-            grad_matrix = torch.zeros_like(matrix, dtype=torch.float32) if needs_grad else None
+            grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if grad_h else None
+            grad_matrix = torch.zeros_like(matrix, dtype=torch.float32) if grad_w else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            vocab = matrix.shape[0]
             for start in range(0, hidden.shape[0], chunk):
                 part = slice(start, start + chunk)
                 h, t, w = hidden[part].to(compute), targets[part], weights[part]
                 logits = (h @ matrix_c.T).float()  # [c, vocab]
-                capped = None
-                if softcap is not None:
-                    capped = torch.tanh(logits / softcap)
-                    logits = capped * softcap
-                lse = torch.logsumexp(logits, dim=-1)  # [c]
-                nll = lse - logits.gather(-1, t[:, None])[:, 0]
-                per_token = nll if smoothing == 0 else (1 - smoothing) * nll + smoothing * (lse - logits.mean(-1))
-                total += (per_token * w).sum()
-                if not needs_grad:
+                chunk_extras = {name: value[part] for name, value in extras.items()}
+                if len(terms) == 1 and isinstance(terms[0], CrossEntropy):
+                    loss, d_logits = _cross_entropy_and_grad(logits, t, w, terms[0], softcap, grad_h or grad_w)
+                else:
+                    loss, d_logits = _terms_and_grad(logits, t, w, terms, chunk_extras, softcap, grad_h or grad_w)
+                total += loss
+                if d_logits is None:
                     continue
-                d_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
-                d_logits.scatter_add_(-1, t[:, None], torch.full_like(lse[:, None], -(1 - smoothing)))
-                if smoothing:
-                    d_logits.sub_(smoothing / vocab)
-                d_logits.mul_(w[:, None])
-                if capped is not None:
-                    d_logits.mul_(1 - capped.square_())
                 d_c = d_logits.to(grad_dtype)
-                grad_hidden[part] = (d_c @ matrix_g).float()
-                grad_matrix.add_((d_c.T @ h.to(grad_dtype)).float())
-        if needs_grad:
-            ctx.save_for_backward(grad_hidden, grad_matrix)
+                if grad_h:
+                    grad_hidden[part] = (d_c @ matrix_g).float()
+                if grad_w:
+                    grad_matrix.add_((d_c.T @ h.to(grad_dtype)).float())
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_matrix) if g is not None))
+        ctx.has = (grad_h, grad_w)
         return total
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        grad_hidden, grad_matrix = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_matrix * grad_output, None, None, None, None, None
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_output if needed else None for needed in ctx.has]
+        return (*grads, None, None, None, None, None, None, *([None] * (len(ctx.needs_input_grad) - 8)))
 
 
-def chunked_head_loss(matrix: Tensor, hidden: Tensor, targets: Tensor, weights: Tensor, *, chunk_tokens: int,
-                      smoothing: float, softcap: float | None = None) -> Tensor:
-    """sum(weights * token loss) of final hidden states [n, dim] against the output ``matrix`` [vocab, dim]
-    (logits soft-capped at ``softcap`` when given), ``chunk_tokens`` positions at a time."""
-    return LinearCrossEntropy.apply(hidden, matrix, targets, weights.float(), chunk_tokens, smoothing, softcap)
+def _soft_cap(logits: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
+    if softcap is None:
+        return logits, None
+    capped = torch.tanh(logits / softcap)
+    return capped * softcap, capped
 
 
-def chunked_loss_sum(model: Gemma3ForCausalLM, inputs: Tensor, targets: Tensor, weights: Tensor, *,
-                     chunk_tokens: int, smoothing: float) -> Tensor:
-    """The backbone once on inputs [batch, seq], then the head and loss in chunks (chunked_head_loss)."""
-    hidden = model.model(inputs).last_hidden_state  # [batch, seq, dim]
-    hidden = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, dim]
-    return chunked_head_loss(model.output_weight(), hidden, targets.reshape(-1), weights.reshape(-1),
-                             chunk_tokens=chunk_tokens, smoothing=smoothing,
-                             softcap=model.config.final_logit_softcapping)
+def _cross_entropy_and_grad(logits: Tensor, t: Tensor, w: Tensor, term: CrossEntropy, softcap: float | None,
+                            needs_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """(weighted loss sum, d/d(raw logits) or None) of one chunk's cross-entropy, the gradient written out
+    in the logits' own buffer (see ChunkedHeadLoss)."""
+    smoothing, vocab = term.label_smoothing, logits.shape[-1]
+    logits, capped = _soft_cap(logits, softcap)
+    lse = torch.logsumexp(logits, dim=-1)  # [c]
+    nll = lse - logits.gather(-1, t[:, None])[:, 0]
+    per_token = nll if smoothing == 0 else (1 - smoothing) * nll + smoothing * (lse - logits.mean(-1))
+    loss = term.weight * (per_token * w).sum()
+    if not needs_grad:
+        return loss, None
+    d_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
+    d_logits.scatter_add_(-1, t[:, None], torch.full_like(lse[:, None], -(1 - smoothing)))
+    if smoothing:
+        d_logits.sub_(smoothing / vocab)
+    d_logits.mul_((w * term.weight)[:, None])
+    if capped is not None:
+        d_logits.mul_(1 - capped.square_())
+    return loss, d_logits
 
 
-def batch_tensors(model: Gemma3ForCausalLM, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray):
-    """Check a numpy batch and move it to the model's device."""
-    inputs, targets, weights = np.asarray(inputs), np.asarray(targets), np.asarray(weights)
-    if inputs.ndim != 2 or inputs.shape != targets.shape or inputs.shape != weights.shape:
-        raise InputError(f"inputs, targets and weights must share one [batch, seq] shape, got "
-                         f"{inputs.shape}, {targets.shape}, {weights.shape}")
-    vocab = model.config.vocab_size
-    for name, ids in (("inputs", inputs), ("targets", targets)):
-        if not np.issubdtype(ids.dtype, np.integer) or ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            raise InputError(f"{name} must be integer token ids in [0, {vocab})")
+def _terms_and_grad(logits: Tensor, t: Tensor, w: Tensor, terms: tuple[HeadTerm, ...], extras: Mapping[str, Tensor],
+                    softcap: float | None, needs_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """(weighted loss sum, d/d(raw logits) or None) of one chunk under any head terms, by autograd on the
+    chunk alone."""
+    with torch.enable_grad():
+        raw = logits.requires_grad_(needs_grad)
+        z, _ = _soft_cap(raw, softcap)
+        loss = sum(term.weight * (head_term(term, z, t, extras) * w).sum() for term in terms)
+        if not needs_grad:
+            return loss.detach(), None
+        (d_logits,) = torch.autograd.grad(loss, raw)
+    return loss.detach(), d_logits
+
+
+def chunked_head_loss(matrix: Tensor, hidden: Tensor, targets: Tensor, weights: Tensor, *, terms: tuple[HeadTerm, ...],
+                      chunk_tokens: int, softcap: float | None = None,
+                      extras: Mapping[str, Tensor] | None = None) -> Tensor:
+    """sum(weights * head terms) of final hidden states [n, dim] against the output ``matrix`` [vocab, dim]
+    (logits soft-capped at ``softcap`` when given), ``chunk_tokens`` positions at a time; ``extras`` are the
+    terms' per-position inputs [n, ...]."""
+    extras = dict(extras or {})
+    return ChunkedHeadLoss.apply(hidden, matrix, targets, weights.float(), tuple(terms), chunk_tokens, softcap,
+                                 tuple(extras), *extras.values())
+
+
+# --- one micro-batch ------------------------------------------------------------------------------------------
+@dataclass
+class TorchBatch:
+    """A checked micro-batch (gemmalab.train.inputs.StepInputs) as tensors on the model's device."""
+
+    ids: Tensor  # int64 [batch, seq]
+    targets: Tensor  # int64 [batch, seq]
+    weights: Tensor  # float32 [batch, seq]
+    positions: Tensor | None  # int64 [batch, seq], with masks
+    masks: dict[str, Tensor] | None  # layer type -> bool [batch, 1, seq, seq]
+    extras: dict[str, Tensor]  # float32
+    hidden_layers: tuple[int, ...]
+    attention_layers: tuple[int, ...]
+
+
+def batch_tensors(model: Gemma3ForCausalLM, step: StepInputs) -> TorchBatch:
     device = model.device
-    return (torch.from_numpy(inputs.astype(np.int64)).to(device), torch.from_numpy(targets.astype(np.int64)).to(device),
-            torch.from_numpy(weights.astype(np.float32)).to(device))
+
+    def put(array: np.ndarray, dtype: torch.dtype) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+
+    return TorchBatch(
+        ids=put(step.inputs, torch.long), targets=put(step.targets, torch.long), weights=put(step.weights, torch.float32),
+        positions=None if step.positions is None else put(step.positions, torch.long),
+        masks=None if step.masks is None else {kind: put(m[:, None], torch.bool) for kind, m in step.masks.items()},
+        extras={name: put(value, torch.float32) for name, value in step.extras.items()},
+        hidden_layers=step.hidden_layers, attention_layers=step.attention_layers,
+    )
+
+
+def hidden_state(out: Gemma3Output, index: int) -> Tensor:
+    """Hidden state ``index`` in transformers' convention: the residual stream after ``index`` blocks, the
+    last one after the final norm."""
+    return out.last_hidden_state if index == len(out.hidden_states) - 1 else out.hidden_states[index]
+
+
+def chunked_loss_sum(model: Gemma3ForCausalLM, batch: TorchBatch, loss: LossSpec, *, chunk_tokens: int) -> Tensor:
+    """The backbone once (capturing what the aux terms read), then the head terms in chunks
+    (chunked_head_loss), plus the weighted aux terms: the whole loss sum of ``loss``."""
+    out = model.model(batch.ids, position_ids=batch.positions, attention_mask=batch.masks,
+                      output_hidden_states=bool(batch.hidden_layers),
+                      output_attentions=frozenset(batch.attention_layers))
+    hidden = out.last_hidden_state  # [batch, seq, dim]
+    dim = hidden.shape[-1]
+    head_extras = {name: batch.extras[name].reshape(hidden.shape[0] * hidden.shape[1], -1) for name in loss.head_extras}
+    total = chunked_head_loss(model.output_weight(), hidden.reshape(-1, dim), batch.targets.reshape(-1),
+                              batch.weights.reshape(-1), terms=loss.head, chunk_tokens=chunk_tokens,
+                              softcap=model.config.final_logit_softcapping, extras=head_extras)
+    for term in loss.aux:
+        captured = hidden_state(out, term.layer) if isinstance(term, HiddenStateMSE) else out.attentions[term.layer]
+        total = total + term.weight * (aux_term(term, captured, batch.extras[term.targets]) * batch.weights).sum()
+    return total
 
 
 class Adafactor(torch.optim.Optimizer):
@@ -200,11 +311,13 @@ class TorchTrainer:
         dtype = AUTOCAST.get(self.spec.precision)
         return torch.autocast(self.model.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def accumulate(self, inputs, targets, weights, *, loss_scale: float = 1.0) -> float:
-        ids, tgt, w = batch_tensors(self.model, inputs, targets, weights)
+    def accumulate(self, inputs, targets, weights, *, positions=None, mask=None, extras=None,
+                   loss_scale: float = 1.0) -> float:
+        step = prepare(self.model.config, self.spec.loss, inputs, targets, weights, positions=positions, mask=mask,
+                       extras=extras)
+        batch = batch_tensors(self.model, step)
         with self._autocast():
-            loss = chunked_loss_sum(self.model, ids, tgt, w, chunk_tokens=self.spec.loss_chunk_tokens,
-                                    smoothing=self.spec.label_smoothing)
+            loss = chunked_loss_sum(self.model, batch, self.spec.loss, chunk_tokens=self.spec.loss_chunk_tokens)
         (loss * loss_scale).backward()  # .grad of each trainable parameter sums over micro-batches
         return float(loss.detach())
 
@@ -255,4 +368,5 @@ class TorchTrainer:
             }
 
 
-__all__ = ["Adafactor", "LinearCrossEntropy", "TorchTrainer", "chunked_head_loss", "chunked_loss_sum"]
+__all__ = ["Adafactor", "ChunkedHeadLoss", "TorchBatch", "TorchTrainer", "aux_term", "batch_tensors", "chunked_head_loss",
+           "chunked_loss_sum", "cross_entropy", "head_term", "hidden_state", "soft_target_cross_entropy"]

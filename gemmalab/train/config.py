@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from .losses import CrossEntropy, LossSpec
 from .schedules import SCHEDULES
 from .spec import LOSS_CHUNK_TOKENS, OptimizerSpec, TrainSpec
 
@@ -124,8 +125,8 @@ class TrainConfig:
             ),
             precision=self.precision,  # type: ignore[arg-type]
             max_grad_norm=self.max_grad_norm,
+            loss=LossSpec(head=(CrossEntropy(label_smoothing=self.label_smoothing),)),
             loss_chunk_tokens=self.loss_chunk_tokens,
-            label_smoothing=self.label_smoothing,
             grad_checkpointing=self.grad_checkpointing,
         )
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -173,11 +173,16 @@ def pack(documents: Iterable[Document], tokenizer: Tokenizer, seq_len: int) -> t
 
 @dataclass
 class Batch:
-    """inputs, targets int32 [batch, seq]; weights float32 [batch, seq] (1 = trained target)."""
+    """inputs, targets int32 [batch, seq]; weights float32 [batch, seq] (1 = trained target). Optional, as
+    gemmalab.train.inputs describes them: explicit positions and a boolean mask, and the named extra inputs
+    the loss terms read."""
 
     inputs: np.ndarray
     targets: np.ndarray
     weights: np.ndarray
+    positions: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:

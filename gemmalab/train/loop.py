@@ -352,7 +352,8 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
                 loss_sum, tokens = 0.0, 0
                 for _ in range(config.grad_accum):
                     batch = stream.next_batch(config.batch_size)
-                    loss_sum += trainer.accumulate(batch.inputs, batch.targets, batch.weights, loss_scale=factor)
+                    loss_sum += trainer.accumulate(batch.inputs, batch.targets, batch.weights, positions=batch.positions,
+                                                   mask=batch.mask, extras=batch.extras, loss_scale=factor)
                     tokens += batch.tokens
                 lr = schedule(step)
                 update = trainer.apply(lr, max(tokens, 1) * factor)

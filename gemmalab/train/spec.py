@@ -45,6 +45,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import CheckpointError, InputError
+from .losses import LossSpec
 
 OptimizerName = Literal["adamw", "adafactor"]
 # Positions per loss chunk: at Gemma's 262k vocabulary a chunk's float32 logits take 0.5 GB.
@@ -78,10 +79,10 @@ class TrainSpec:
         the loss (``loss_scale`` of :meth:`BackendTrainer.accumulate`) and skips steps whose gradients
         overflow.
     max_grad_norm: global-norm clipping threshold, None = no clipping.
-    loss_chunk_tokens: the cross-entropy runs the output head and the loss over at most this many token
-        positions at a time, so ``[batch, tokens, vocab]`` logits never exist at once, in the forward or
-        the backward pass (each chunk's logits are recomputed for its gradient).
-    label_smoothing: eps; a token's loss is ``(1 - eps) * -log p(target) + eps * mean_v(-log p(v))``.
+    loss: the terms of the loss (gemmalab.train.losses): on the logits, chunk by chunk, and on captured
+        hidden states and attention probabilities. Default: plain cross-entropy.
+    loss_chunk_tokens: the output head and the logit terms run over at most this many token positions at a
+        time, so ``[batch, tokens, vocab]`` logits never exist at once, in the forward or the backward pass.
     grad_checkpointing: recompute each decoder block's activations in the backward pass instead of
         storing them (per-block rematerialisation).
     """
@@ -89,8 +90,8 @@ class TrainSpec:
     optimizer: OptimizerSpec = OptimizerSpec()
     precision: Precision = "fp32"
     max_grad_norm: float | None = 1.0
+    loss: LossSpec = LossSpec()
     loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
-    label_smoothing: float = 0.0
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -101,8 +102,8 @@ class TrainSpec:
             raise InputError(f"optimizer must be adamw or adafactor, got {self.optimizer.name!r}")
         if self.loss_chunk_tokens < 1:
             raise InputError(f"loss_chunk_tokens must be at least 1, got {self.loss_chunk_tokens}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise InputError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not isinstance(self.loss, LossSpec):
+            raise InputError(f"loss must be a gemmalab.train.losses.LossSpec, got {type(self.loss).__name__}")
 
 
 @runtime_checkable
@@ -119,10 +120,20 @@ class BackendTrainer(Protocol):
     model: Any  # the backend-native model being trained (BACKEND.weights(trainer.model) reads it)
 
     def accumulate(
-        self, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray, *, loss_scale: float = 1.0
+        self,
+        inputs: np.ndarray,
+        targets: np.ndarray,
+        weights: np.ndarray,
+        *,
+        positions: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        extras: Mapping[str, np.ndarray] | None = None,
+        loss_scale: float = 1.0,
     ) -> float:
         """Forward and backward on one micro-batch; adds d(loss_scale * loss_sum)/d(params) to the
-        accumulated gradients of the trainable parameters. Returns the unscaled loss sum (a float)."""
+        accumulated gradients of the trainable parameters. Returns the unscaled loss sum (a float): every
+        term of ``spec.loss``, weighted. ``positions``, ``mask`` and ``extras`` are those of
+        gemmalab.train.inputs.prepare, which every backend calls to check them."""
 
     def gradients(self) -> dict[str, np.ndarray]:
         """The accumulated (un-normalised, un-clipped) gradients of the trainable parameters, float32,
