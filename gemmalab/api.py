@@ -101,11 +101,26 @@ class Model:
         )
 
     def weights(self) -> dict[str, np.ndarray]:
-        """Every parameter under its HF name, as numpy in the model's dtype."""
+        """Every parameter under its HF name, as numpy in the model's dtype; wrapped linears fused."""
         return self._backend.weights(self.native)
 
     def num_parameters(self) -> int:
+        """Elements of the parameters the model holds: the config's count, plus wrappers' own parameters."""
         return self._backend.num_parameters(self.native)
+
+    def wrap(self, kind: str, names: str | Sequence[str], **options: Any) -> list[str]:
+        """Wrap linear layers with the wrapper ``kind`` (gemmalab.linears.WRAPPER_KINDS) built with
+        ``options``; returns the full names wrapped. ``names`` are endings of linear names, as
+        gemmalab.linears.select takes them (``["q_proj", "v_proj"]``, ``"model.layers.3.mlp.up_proj"``),
+        or the full names select gave for layers or a predicate. ``weights`` and ``save`` keep giving the
+        dense HF tensors (each wrapper fused)."""
+        from .linears import check_kind, select
+
+        return self._backend.wrap(self.native, select(self.config, names), check_kind(kind), **options)
+
+    def fuse(self) -> list[str]:
+        """Fuse every wrapper back into its dense linear; returns the names fused."""
+        return self._backend.fuse(self.native)
 
     def save(self, folder: str | os.PathLike, *, dtype: str | None = None, overwrite: bool = False) -> Path:
         """Save in the Hugging Face Gemma3ForCausalLM layout (safetensors + config.json + tokenizer files)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import platform
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
@@ -88,11 +88,27 @@ class Backend(Protocol):
         ``attentions`` leave the fused attention kernel."""
 
     def weights(self, model: Any) -> dict[str, np.ndarray]:
-        """Every parameter under its canonical name, as numpy in the model's dtype (bf16 via ml_dtypes).
-        The tied head appears once, as model.embed_tokens.weight."""
+        """Every canonical parameter (params.parameter_shapes) under its name and nothing else, as numpy
+        in the model's dtype (bf16 via ml_dtypes): what a checkpoint holds. The tied head appears once, as
+        model.embed_tokens.weight; a wrapped linear appears as its wrapper's fused dense weight."""
 
     def num_parameters(self, model: Any) -> int:
-        """Parameters held by the native model, the tied matrix counted once."""
+        """Elements of the parameters the native model holds (``parameter_shapes``), the tied matrix
+        counted once: config.num_parameters() for a plain model, plus each wrapper's own parameters."""
+
+    def parameter_shapes(self, model: Any) -> dict[str, tuple[int, ...]]:
+        """Every parameter the native model holds, by the name its trainer uses, with its shape: the
+        canonical names, except that a wrapped linear's weight is ``<linear>.base.weight``
+        (linears.base_weight) and its wrapper's own parameters are ``<linear>.<param>``."""
+
+    # -- wrappers of linear layers (gemmalab.linears; the walkers are gemmalab_<name>.linears) ------------
+    def wrap(self, model: Any, names: Collection[str], kind: str, **options: Any) -> list[str]:
+        """Replace the linears ``names`` (exact names, linears.check_wrappable) in place by wrappers of
+        ``kind`` (linears.WRAPPER_KINDS, e.g. "output_scale") built with ``options``; returns the names.
+        Unknown names, the tied head and a linear already wrapped are InputErrors, and nothing changes."""
+
+    def fuse(self, model: Any) -> list[str]:
+        """Replace every wrapper by a plain dense linear holding its fused weight; returns the names."""
 
     # -- generation: KV caches and incremental forward passes (the loop itself lives in the core) --------
     def new_cache(self, model: Any, *, batch: int, pad_lengths: list[int] | None = None) -> Any:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,13 +37,16 @@ from gemmalab.checks import check_cache_request, check_logits_mode, check_token_
 from gemmalab.config import SLIDING, Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
+from gemmalab.linears import check_kind
 from gemmalab.params import parameter_shapes
 from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
 
+from . import linears
 from .cache import KVCache, extend_step, planned_step
-from .model import Params, abstract_params, default_masks, flatten, forward, head, rope_tables, unflatten
+from .model import Params, abstract_params, default_masks, forward, head, rope_tables, unflatten
 from .sharding import Plan, make_mesh
 from .training import JaxTrainer, hidden_state, loss_sum
+from .wrappers import WRAPPERS
 
 _ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
@@ -248,15 +251,32 @@ class JaxBackend:
                              {i: np.asarray(a) for i, a in probs.items()})
 
     def weights(self, model: JaxModel) -> dict[str, np.ndarray]:
-        """Every parameter under its canonical name, in the model's dtype (gathered from its shards); the
-        tied head once, as model.embed_tokens.weight."""
+        """Every canonical parameter under its canonical name, in the model's dtype (gathered from its
+        shards); the tied head once, as model.embed_tokens.weight; a wrapped linear as its wrapper's fused
+        dense weight (linears.py), and nothing else of the wrapper."""
         _require_weights(model)
-        flat = flatten(model.params)
-        return {name: np.asarray(flat[name]) for name in parameter_shapes(model.config)}
+        return {name: np.asarray(array) for name, array in linears.dense_weights(model).items()}
 
     def num_parameters(self, model: JaxModel) -> int:
-        """Parameters held by the model (read from shapes: shape-only models count too); tied = once."""
+        """Elements of the arrays the parameter tree holds (``parameter_shapes``; read from shapes:
+        shape-only models count too): the tied matrix once, a wrapped linear's base weight and its
+        wrapper's own arrays (so a wrapped model counts more than its config's ``num_parameters``)."""
         return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(model.params))
+
+    def parameter_shapes(self, model: JaxModel) -> dict[str, tuple[int, ...]]:
+        """Every array of the parameter tree by name, with its shape: the canonical names, except that a
+        wrapped linear's weight is ``<linear>.base.weight`` beside its wrapper's ``<linear>.<field>``."""
+        return {name: tuple(leaf.shape) for name, leaf in linears.named_parameters(model).items()}
+
+    def wrap(self, model: JaxModel, names: Collection[str], kind: str, **options: Any) -> list[str]:
+        """Wrap the linears ``names`` (exact names) with the wrapper ``kind`` (gemmalab.linears.WRAPPER_KINDS),
+        built with ``options``; returns the names wrapped."""
+        cls = WRAPPERS[check_kind(kind)]
+        return list(linears.wrap(model, names, lambda base: cls.from_base(base, **options)))
+
+    def fuse(self, model: JaxModel) -> list[str]:
+        """Fuse every wrapper back into a plain dense leaf; returns the names fused."""
+        return linears.fuse(model)
 
     # -- generation: KV caches and incremental forward passes ----------------------------------------------
     def new_cache(self, model: JaxModel, *, batch: int, pad_lengths: list[int] | None = None) -> KVCache:

@@ -8,6 +8,11 @@ module tree, ``{"model": {"embed_tokens": {"weight": A}, "layers": [{...}, ...],
 [out_features, in_features]. The executable specification is gemmalab/reference.py; this file computes
 the same function.
 
+Every linear layer goes through ``linear(p, x)``: for a plain leaf ``{"weight": W}`` it is ``x @ W.T``; a
+wrapper (LoRA, a quantized linear, ...: a pytree node class put in the leaf's place by linears.py) is
+called on x instead. Its arrays are leaves of the tree, so jit and grad see them like any parameter, and
+nothing here changes for a wrapper.
+
 The Gemma 3 choices, each one a place where public implementations have gone wrong:
 
 * layer pattern is data: ``config.layer_types`` says which layers are local (sliding window) and which are
@@ -111,12 +116,31 @@ def unflatten(flat: Mapping[str, Any]) -> Params:
     return lists(tree)
 
 
+def _part(key: Any) -> str:
+    """One step of a tree path as a name part: a dict key, a list index, a (wrapper) node's attribute."""
+    for attribute in ("key", "idx", "name"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
 def flatten(params: Params) -> dict[str, Any]:
-    """The nested tree -> {canonical dotted name: leaf}."""
+    """The nested tree -> {dotted name: leaf}: the canonical names, and for a wrapped linear its wrapper's
+    arrays (``<linear>.base.weight``, ``<linear>.scale``, ...)."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(params)
-    return {
-        ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf for path, leaf in leaves
-    }
+    return {".".join(_part(k) for k in path): leaf for path, leaf in leaves}
+
+
+def rebuild(structure: Params | Any, flat: Mapping[str, Any]) -> Params:
+    """The tree of ``structure`` (a parameter tree or its jax PyTreeDef, which is hashable: a static
+    argument) with the leaves ``flat`` names (``flatten``'s names). Unlike ``unflatten`` it keeps wrappers,
+    which a name alone cannot rebuild."""
+    treedef = structure if isinstance(structure, jax.tree_util.PyTreeDef) else jax.tree_util.tree_structure(structure)
+    names = flatten(jax.tree_util.tree_unflatten(treedef, range(treedef.num_leaves)))  # name -> leaf index
+    leaves = [None] * treedef.num_leaves
+    for name, index in names.items():
+        leaves[index] = flat[name]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def abstract_params(config: Gemma3Config, dtype: str, sharding: Callable[[str], Any] | None = None) -> Params:
@@ -130,6 +154,17 @@ def abstract_params(config: Gemma3Config, dtype: str, sharding: Callable[[str], 
             for name, shape in parameter_shapes(config).items()
         }
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Linear layers
+# --------------------------------------------------------------------------------------------------------
+def linear(p: Any, x: jax.Array) -> jax.Array:
+    """One linear layer on x [..., in]: ``x @ W.T`` for a plain leaf ``{"weight": W}`` (W [out, in]), else
+    the wrapper in the leaf's place computes it (linears.Wrapper)."""
+    if isinstance(p, dict):
+        return x @ p["weight"].T
+    return p(x)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -218,9 +253,9 @@ def attention(
     output [batch, seq, hidden] and, when asked, the probabilities [batch, heads, seq, keys] (fp32)."""
     batch, seq, _ = x.shape
     heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    q = (x @ p["q_proj"]["weight"].T).reshape(batch, seq, heads, d)  # [batch, seq, heads, d]
-    k = (x @ p["k_proj"]["weight"].T).reshape(batch, seq, kv_heads, d)  # [batch, seq, kv_heads, d]
-    v = (x @ p["v_proj"]["weight"].T).reshape(batch, seq, kv_heads, d)  # [batch, seq, kv_heads, d]
+    q = linear(p["q_proj"], x).reshape(batch, seq, heads, d)  # [batch, seq, heads, d]
+    k = linear(p["k_proj"], x).reshape(batch, seq, kv_heads, d)  # [batch, seq, kv_heads, d]
+    v = linear(p["v_proj"], x).reshape(batch, seq, kv_heads, d)  # [batch, seq, kv_heads, d]
 
     # Norm and rotate in fp32 (the tables are fp32), then round once to the matmul dtype.
     cos, sin = rope
@@ -243,7 +278,7 @@ def attention(
         out = jax.nn.dot_product_attention(*qkv, mask=mask, scale=config.attention_scale).astype(x.dtype)
     out = hint(out, ("batch", None, "heads", None))  # [batch, seq, heads, d]
     out = out.reshape(batch, seq, heads * d)  # head-major, as o_proj expects
-    return out @ p["o_proj"]["weight"].T, probs
+    return linear(p["o_proj"], out), probs
 
 
 def attention_with_probs(
@@ -267,11 +302,11 @@ def attention_with_probs(
 # --------------------------------------------------------------------------------------------------------
 def mlp(p: Params, x: jax.Array, hint: Hint = no_hint) -> jax.Array:
     """Gated GELU-tanh feed-forward: ``down(gelu_tanh(gate(x)) * up(x))``; the GELU in fp32."""
-    gate = x @ p["gate_proj"]["weight"].T  # [batch, seq, intermediate]
-    up = x @ p["up_proj"]["weight"].T
+    gate = linear(p["gate_proj"], x)  # [batch, seq, intermediate]
+    up = linear(p["up_proj"], x)
     inner = jax.nn.gelu(gate.astype(_at_least_fp32(gate.dtype)), approximate=True).astype(x.dtype) * up
     inner = hint(inner, ("batch", None, "mlp"))
-    return inner @ p["down_proj"]["weight"].T
+    return linear(p["down_proj"], inner)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -373,15 +408,22 @@ def forward(
 
 
 def output_weight(params: Params) -> jax.Array:
-    """The [vocab, hidden] output matrix: the embedding itself when tied (the same array)."""
-    return params["lm_head"]["weight"] if "lm_head" in params else params["model"]["embed_tokens"]["weight"]
+    """The [vocab, hidden] output matrix: the embedding itself when tied (the same array); for a wrapped
+    lm_head, the dense weight it computes (its ``fuse()``, differentiable in its arrays)."""
+    if "lm_head" not in params:
+        return params["model"]["embed_tokens"]["weight"]
+    p = params["lm_head"]
+    return p["weight"] if isinstance(p, dict) else p.fuse()
 
 
 def head(params: Params, config: Gemma3Config, hidden: jax.Array, hint: Hint = no_hint) -> jax.Array:
     """Output head on final-normed hidden states [..., hidden] -> logits [..., vocab] in the matmul dtype,
     soft-capped (in fp32) when the config says so. Run it only on the positions whose logits are read: the
     262k vocabulary makes it the largest matmul of the small models."""
-    logits = hidden @ output_weight(params).T  # [..., vocab]
+    if "lm_head" in params:
+        logits = linear(params["lm_head"], hidden)  # [..., vocab]
+    else:
+        logits = hidden @ params["model"]["embed_tokens"]["weight"].T  # tied: the embedding matrix itself
     logits = hint(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
     cap = config.final_logit_softcapping
     if cap is not None:
@@ -402,8 +444,11 @@ __all__ = [
     "flatten",
     "forward",
     "head",
+    "linear",
     "mlp",
     "no_hint",
+    "output_weight",
+    "rebuild",
     "rms_norm",
     "rope_tables",
     "unflatten",

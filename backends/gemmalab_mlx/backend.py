@@ -10,7 +10,7 @@ one step (the layers, the cache writes, the head on the requested positions only
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 import ml_dtypes
 import mlx.core as mx
@@ -23,14 +23,16 @@ from gemmalab.checks import check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
-from gemmalab.params import parameter_shapes
+from gemmalab.linears import check_kind
 from gemmalab.train.inputs import prepare
 from gemmalab.train.losses import CrossEntropy, LossSpec
 from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
 
+from . import linears
 from .cache import KVCache
 from .model import MX_DTYPES, Capture, Gemma3ForCausalLM
 from .training import MLXTrainer, batch_arrays, chunked_loss_sum, hidden_state
+from .wrappers import WRAPPERS
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _DEVICES = {"gpu": mx.gpu, "cpu": mx.cpu}
@@ -203,13 +205,33 @@ class MLXBackend:
         mx.reset_peak_memory()
 
     def weights(self, model: Gemma3ForCausalLM) -> dict[str, np.ndarray]:
+        """Every canonical parameter under its canonical name, in the model's dtype; the tied head once, as
+        model.embed_tokens.weight; a wrapped linear as its wrapper's fused dense weight (linears.py), and
+        nothing else of the wrapper."""
         _require_weights(model)
-        params = dict(tree_flatten(model.parameters()))
-        return {name: to_numpy(params[name]) for name in parameter_shapes(model.config)}
+        return {name: to_numpy(array) for name, array in linears.dense_weights(model).items()}
 
     def num_parameters(self, model: Gemma3ForCausalLM) -> int:
+        """Elements of the parameters the model holds (``parameter_shapes``): the tied matrix once, a
+        wrapped linear's base weight and its wrapper's own parameters (so a wrapped model counts more than
+        its config's ``num_parameters``)."""
         # .size reads the shape: lazy (shape-only) parameters are not evaluated.
         return sum(p.size for _, p in tree_flatten(model.parameters()))
+
+    def parameter_shapes(self, model: Gemma3ForCausalLM) -> dict[str, tuple[int, ...]]:
+        """Every parameter the model holds by name, with its shape: the canonical names, except that a
+        wrapped linear's weight is ``<linear>.base.weight`` beside its wrapper's ``<linear>.<param>``."""
+        return {name: tuple(p.shape) for name, p in linears.named_parameters(model).items()}
+
+    def wrap(self, model: Gemma3ForCausalLM, names: Collection[str], kind: str, **options) -> list[str]:
+        """Wrap the linears ``names`` (exact names) with the wrapper ``kind`` (gemmalab.linears.WRAPPER_KINDS),
+        built with ``options``; returns the names wrapped."""
+        cls = WRAPPERS[check_kind(kind)]
+        return list(linears.wrap(model, names, lambda base: cls.from_base(base, **options)))
+
+    def fuse(self, model: Gemma3ForCausalLM) -> list[str]:
+        """Fuse every wrapper back into a plain dense linear; returns the names fused."""
+        return linears.fuse(model)
 
     # -- training ----------------------------------------------------------------------------------------
     def trainer(self, model: Gemma3ForCausalLM, spec: TrainSpec) -> MLXTrainer:

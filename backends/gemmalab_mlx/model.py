@@ -2,7 +2,8 @@
 
 Parameter names are the Hugging Face ``Gemma3ForCausalLM`` names, so ``tree_flatten(model.parameters())``
 yields exactly the canonical names of ``gemmalab.params`` and loading is a key map. The numpy reference
-(``gemmalab/reference.py``) is the specification; this file matches it. The Gemma 3 choices:
+(``gemmalab/reference.py``) is the specification; this file matches it. Wrappers (LoRA, quantized linears,
+...) replace linear modules from outside (linears.py); nothing here changes for them. The Gemma 3 choices:
 
 * layer pattern as data: ``config.layer_types`` (5 sliding-window layers per global one in the presets);
 * sliding window on local layers: query i sees key j iff ``i - window < j <= i`` (positions, not indices);

@@ -8,7 +8,7 @@ device, so a checkpoint never sits in memory twice.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -21,14 +21,17 @@ from gemmalab.checks import check_cache_request, check_logits_mode, check_token_
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
+from gemmalab.linears import check_kind
 from gemmalab.params import parameter_shapes
 from gemmalab.train.inputs import prepare
 from gemmalab.train.losses import CrossEntropy, LossSpec
 from gemmalab.train.spec import LOSS_CHUNK_TOKENS
 
+from . import linears
 from .cache import KVCache
 from .model import Gemma3ForCausalLM
 from .training import TorchTrainer, batch_tensors, chunked_loss_sum, hidden_state
+from .wrappers import WRAPPERS
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -186,15 +189,33 @@ class TorchBackend:
         return ForwardOutput(logits, picked, probs)
 
     def weights(self, model: Gemma3ForCausalLM) -> dict[str, np.ndarray]:
-        """Every parameter under its canonical name, in the model's dtype; the tied head once, as
-        model.embed_tokens.weight. On CPU these are read-only views of the live parameters: copy them to
-        keep a snapshot across training."""
+        """Every canonical parameter under its canonical name, in the model's dtype; the tied head once, as
+        model.embed_tokens.weight; a wrapped linear as its wrapper's fused dense weight (linears.py), and
+        nothing else of the wrapper. On CPU the plain ones are read-only views of the live parameters: copy
+        them to keep a snapshot across training."""
         self._require_weights(model)
-        return {name: to_numpy(tensor) for name, tensor in model.state_dict().items()}
+        return {name: to_numpy(tensor) for name, tensor in linears.dense_weights(model).items()}
 
     def num_parameters(self, model: Gemma3ForCausalLM) -> int:
-        """Parameters held by the model; the tied matrix is one parameter, counted once."""
+        """Elements of the parameters the model holds (``parameter_shapes``): the tied matrix once, a
+        wrapped linear's base weight and its wrapper's own parameters (so a wrapped model counts more than
+        its config's ``num_parameters``)."""
         return sum(p.numel() for p in model.parameters())
+
+    def parameter_shapes(self, model: Gemma3ForCausalLM) -> dict[str, tuple[int, ...]]:
+        """Every parameter the model holds by name, with its shape: the canonical names, except that a
+        wrapped linear's weight is ``<linear>.base.weight`` beside its wrapper's ``<linear>.<param>``."""
+        return {name: tuple(p.shape) for name, p in linears.named_parameters(model).items()}
+
+    def wrap(self, model: Gemma3ForCausalLM, names: Collection[str], kind: str, **options) -> list[str]:
+        """Wrap the linears ``names`` (exact names) with the wrapper ``kind`` (gemmalab.linears.WRAPPER_KINDS),
+        built with ``options``; returns the names wrapped."""
+        cls = WRAPPERS[check_kind(kind)]
+        return list(linears.wrap(model, names, lambda base: cls.from_base(base, **options)))
+
+    def fuse(self, model: Gemma3ForCausalLM) -> list[str]:
+        """Fuse every wrapper back into a plain dense linear; returns the names fused."""
+        return linears.fuse(model)
 
     # -- generation: KV caches and incremental forward passes ----------------------------------------------
     def new_cache(

@@ -2,7 +2,8 @@
 
 Module and parameter names are the Hugging Face ``Gemma3ForCausalLM`` names, so ``state_dict()`` keys are
 exactly gemmalab's canonical names (gemmalab/params.py) and loading a checkpoint is a key map. The
-executable specification is gemmalab/reference.py; this file computes the same function.
+executable specification is gemmalab/reference.py; this file computes the same function. Wrappers (LoRA,
+quantized linears, ...) replace linear modules from outside (linears.py); nothing here changes for them.
 
 The Gemma 3 choices, each one a place where public implementations have gone wrong:
 
@@ -422,7 +423,8 @@ class Gemma3ForCausalLM(nn.Module):
     """The Gemma 3 language model: ``model`` (embeddings, blocks, final norm) and the output head.
 
     The head is the embedding matrix (``model.embed_tokens.weight``) unless the config unties it; only then
-    does an ``lm_head`` module exist, so ``state_dict()`` has exactly the canonical keys.
+    does an ``lm_head`` module exist, so ``state_dict()`` has exactly the canonical keys (until a linear is
+    wrapped, linears.py: ``BACKEND.weights`` always gives them, each wrapper fused).
     """
 
     def __init__(self, config: Gemma3Config) -> None:
@@ -444,8 +446,12 @@ class Gemma3ForCausalLM(nn.Module):
         return self.model.embed_tokens.weight.device
 
     def output_weight(self) -> Tensor:
-        """The [vocab, hidden] output matrix: the embedding itself when tied (the same storage)."""
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        """The [vocab, hidden] output matrix: the embedding itself when tied (the same storage). A wrapped
+        lm_head (linears.py) is not an nn.Linear: its matrix is the dense weight it computes, ``fuse()``,
+        differentiable in its parameters."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight if isinstance(self.lm_head, nn.Linear) else self.lm_head.fuse()
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """Output head on final-normed hidden states [..., hidden] -> logits [..., vocab] in the compute
