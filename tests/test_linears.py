@@ -67,6 +67,11 @@ def wrap_with_scales(backend, native, scales) -> None:
         lin.wrap(native, [name], lambda base, s=scale: cls.from_base(base, scale=s))
 
 
+def host(array) -> np.ndarray:
+    """A copy of a backend array (a torch parameter, an MLX or JAX array) in numpy."""
+    return array.detach().cpu().numpy().copy() if hasattr(array, "detach") else np.asarray(array).copy()
+
+
 def scaled(weights, scales) -> dict[str, np.ndarray]:
     out = dict(weights)
     for name, scale in scales.items():
@@ -319,3 +324,64 @@ def test_jax_model_gradient_of_wrapper_scales_equals_torch_autograd(cases):
         grads = flatten(jax.jit(jax.grad(loss))(jmodel.params))
     for name in names:
         assert relative_error(grads[f"{name}.scale"], expected[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("shape", ["tiny", "untied-softcap"])
+def test_trainer_trains_only_the_scales_then_fuse_keeps_the_function_and_transformers_loads_it(
+    backend, shape, cases, tmp_path
+):
+    # The trainer names, freezes and scales wrapper parameters like any other: only the scales train here
+    # (the untied head's too), their first gradient is the reference's, the frozen base weights stay put.
+    from gemmalab.train.spec import OptimizerSpec, TrainSpec
+
+    config, _, weights, ids, folder = cases[shape]
+    api = get_backend(backend)
+    model = gemmalab.load(folder, backend=backend, dtype="float32", device="cpu")
+    names = core.select(config, ["q_proj", "down_proj"] + ([] if config.tie_word_embeddings else ["lm_head"]))
+    model.wrap("output_scale", names)
+    trainer = api.trainer(model.native, TrainSpec(optimizer=OptimizerSpec(weight_decay=0.0), max_grad_norm=None,
+                                                  loss_chunk_tokens=16))
+    scale_names = [f"{n}.scale" for n in names]
+    trainer.set_lr_scales({n: 0.0 for n in api.parameter_shapes(model.native) if n not in scale_names})
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    loss_weights = np.ones(inputs.shape, np.float32)
+
+    losses = [trainer.accumulate(inputs, targets, loss_weights)]
+    grads = trainer.gradients()
+    assert set(grads) == set(scale_names)
+    # d(loss)/d(scales) along a random direction, against central differences of the float64 reference on
+    # weights this test scales itself (the loss sum of plain cross-entropy, by hand)
+    def reference_loss(scales):
+        logits = reference.forward(config, scaled(weights, scales), inputs)
+        log_p = logits - logits.max(-1, keepdims=True)
+        log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
+        return float(-np.take_along_axis(log_p, targets[..., None], -1).sum())
+
+    rng = np.random.default_rng(0)
+    direction = {n: rng.normal(size=core.linears(config)[n].out_features) for n in names}
+    h = 1e-6
+    numeric = (reference_loss({n: 1 + h * d for n, d in direction.items()})
+               - reference_loss({n: 1 - h * d for n, d in direction.items()})) / (2 * h)
+    analytic = sum(float(grads[f"{n}.scale"] @ d) for n, d in direction.items())
+    assert analytic == pytest.approx(numeric, rel=1e-3)
+
+    trainer.apply(3e-2, float(loss_weights.sum()))
+    for _ in range(4):
+        losses.append(trainer.accumulate(inputs, targets, loss_weights))
+        trainer.apply(3e-2, float(loss_weights.sum()))
+    assert losses[-1] < losses[0] * 0.99  # the scales alone lower the loss
+    held = walker(backend).named_parameters(model.native)
+    for name in names:  # frozen: bit for bit the loaded weights
+        np.testing.assert_array_equal(host(held[core.base_weight(name)]), weights[name + ".weight"])
+    trained = {n: host(held[f"{n}.scale"]).astype(np.float32) for n in names}
+    assert all(np.abs(s - 1).max() > 1e-3 for s in trained.values())
+
+    logits = model.logits(ids)
+    assert relative_error(logits, reference.forward(config, scaled(weights, trained), ids)) < FP32_TOLERANCE
+    model.fuse()
+    assert relative_error(model.logits(ids), logits) < FP32_TOLERANCE
+    out = model.save(tmp_path / "trained")
+    hf = transformers.Gemma3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(ids)).logits.numpy()
+    assert relative_error(theirs, logits) < FP32_TOLERANCE

@@ -73,7 +73,7 @@ from .model import (
     head,
     no_hint,
     output_weight,
-    unflatten,
+    rebuild,
 )
 from .sharding import Plan
 
@@ -229,6 +229,7 @@ def _accumulate(
     batch: JaxBatch,
     loss_scale: jax.Array,
     *,
+    structure: jax.tree_util.PyTreeDef,
     config: Gemma3Config,
     plan: Plan,
     chunk_tokens: int,
@@ -236,11 +237,12 @@ def _accumulate(
     compute: str,
     remat: bool,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(unscaled loss sum, accumulator + d(loss_scale * loss sum)/d(trainable)) for one micro-batch."""
+    """(unscaled loss sum, accumulator + d(loss_scale * loss sum)/d(trainable)) for one micro-batch;
+    ``structure`` is the parameter tree's (hashable, so static: a wrapped model compiles its own step)."""
 
     def scaled_loss(trainable: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         # The cast is inside the differentiated function: gradients flow back through it to float32.
-        master = unflatten({**trainable, **frozen})
+        master = rebuild(structure, {**trainable, **frozen})  # wrappers (linears.py) kept
         params = jax.tree.map(lambda p: p.astype(JNP_DTYPES[compute]), master)
         value = chunked_loss_sum(
             params,
@@ -308,7 +310,7 @@ def _apply(
 _jit_loss_sum = jax.jit(_loss_sum, static_argnames=("config", "plan", "chunk_tokens", "loss"))
 _jit_accumulate = jax.jit(
     _accumulate,
-    static_argnames=("config", "plan", "chunk_tokens", "loss", "compute", "remat"),
+    static_argnames=("structure", "config", "plan", "chunk_tokens", "loss", "compute", "remat"),
     donate_argnames=("accumulator",),
 )
 _jit_apply = jax.jit(
@@ -467,6 +469,7 @@ class JaxTrainer:
                 self.accumulator,
                 batch,
                 jnp.float32(loss_scale),
+                structure=jax.tree_util.tree_structure(self.model.params),
                 config=self.model.config,
                 plan=self.model.plan,
                 chunk_tokens=self.spec.loss_chunk_tokens,
@@ -500,7 +503,7 @@ class JaxTrainer:
             max_grad_norm=self.spec.max_grad_norm,
         )
         self.states.update(states)
-        self.model.params = unflatten({**flat, **params})
+        self.model.params = rebuild(self.model.params, {**flat, **params})
         return {"grad_norm": float(norm)}
 
     def _placed(self, state: Any, param: jax.Array) -> Any:

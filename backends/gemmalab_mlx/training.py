@@ -44,6 +44,7 @@ from gemmalab.train.inputs import StepInputs, prepare
 from gemmalab.train.losses import LOG_FLOOR, AuxTerm, CrossEntropy, HeadTerm, HiddenStateMSE, LossSpec
 from gemmalab.train.spec import TrainSpec, optimizer_state_by_parameter
 
+from .linears import Wrapper
 from .model import Capture, Gemma3ForCausalLM, soft_cap
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": mx.bfloat16, "fp16": mx.float16}
@@ -314,10 +315,14 @@ class MLXTrainer:
             raise InputError(f"optimizer must be 'adamw' or 'adafactor', got {spec.optimizer.name!r}")
         self.model, self.spec = model, spec
         model.model.gradient_checkpointing = spec.grad_checkpointing
-        self.names = [name for name, _ in tree_flatten(model.parameters())]  # canonical; tied head once
+        # canonical names (the tied head once), and wrapped linears' <linear>.base.weight and <linear>.<param>
+        self.names = [name for name, _ in tree_flatten(model.parameters())]
         tied = model.config.tie_word_embeddings
+        # The head's gradient comes from fused_head_loss as d(loss)/d(dense head matrix); an untied head may be
+        # a wrapper (linears.py), whose own parameters then get that gradient through its fuse().
         self.head: nn.Module = model.model.embed_tokens if tied else model.lm_head
-        self.head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        self.head_prefix = "model.embed_tokens." if tied else "lm_head."
+        self.head_names = [name for name in self.names if name.startswith(self.head_prefix)]
         self.scales: dict[str, float] = {}
         self.grads: dict[str, mx.array] = {}  # the float32 accumulator of the trainable parameters
         self.optimizers: dict[str, optim.Optimizer] = {}  # one per parameter, made at its first update
@@ -343,7 +348,7 @@ class MLXTrainer:
             spec=self.spec,
             logit_cap=self.model.config.final_logit_softcapping,
             loss_scale=loss_scale,
-            weight_grad=self.scales[self.head_name] != 0.0,
+            weight_grad=self._head_trains,
             extras=batch.flat_extras(self.spec.loss.head_extras),
         )
         result.aux = aux_loss_sum(self.spec.loss, batch, hidden, capture)
@@ -371,11 +376,12 @@ class MLXTrainer:
         step = prepare(self.model.config, self.spec.loss, inputs, targets, weights, positions=positions,
                        mask=mask, extras=extras)
         batch = batch_arrays(step)
-        head_weight = self.head.weight  # the float32 parameter, read before value_and_grad swaps in tracers
+        # The dense float32 head matrix, read (or fused) before value_and_grad swaps in tracers.
+        head_weight = self.head.fuse() if isinstance(self.head, Wrapper) else self.head.weight
         untied_head = not self.model.config.tie_word_embeddings
         # Whether anything but the head trains: the tied head is also the embedding, which does.
         backbone_trains = any(
-            scale for name, scale in self.scales.items() if name != self.head_name or not untied_head
+            scale for name, scale in self.scales.items() if name not in self.head_names or not untied_head
         )
         results: list[HeadLossResult] = []
         grads: dict[str, mx.array] = {}
@@ -386,22 +392,35 @@ class MLXTrainer:
                 try:
                     _, tree = self._loss_and_grad(batch, head_weight, loss_scale, results)
                 finally:
-                    if untied_head and self.scales[self.head_name] != 0.0:
-                        self.model.lm_head.unfreeze()
+                    if untied_head:
+                        self._freeze_by_scales()
                 grads = dict(tree_flatten(tree))
             else:  # only the untied head trains, or nothing: no backbone gradients at all
                 self._scaled_loss(batch, head_weight, loss_scale, results)
-            head_grad = results[0].weight_grad
-            if head_grad is not None:
-                grads[self.head_name] = (
-                    grads[self.head_name] + head_grad if self.head_name in grads else head_grad
-                )
+            for name, grad in self._head_gradients(results[0].weight_grad).items():
+                grads[name] = grads[name] + grad if name in grads else grad
             for name, grad in grads.items():
                 previous = self.grads.get(name)
                 self.grads[name] = grad if previous is None else previous + grad
             mx.eval(self.grads)
             aux = results[0].aux
         return results[0].loss + (0.0 if aux is None else aux.item())
+
+    @property
+    def _head_trains(self) -> bool:
+        return any(self.scales[name] != 0.0 for name in self.head_names)
+
+    def _head_gradients(self, dense: mx.array | None) -> dict[str, mx.array]:
+        """The head's trainable parameters' gradients from d(loss)/d(dense head matrix): that matrix itself
+        for a plain head; for a wrapper, the vector-Jacobian product through its fuse(), taken as the
+        gradient of sum(fuse() * dense) (frozen parameters get none)."""
+        if dense is None:
+            return {}
+        if not isinstance(self.head, Wrapper):
+            return {self.head_prefix + "weight": dense}
+        dense = mx.stop_gradient(dense)
+        _, tree = nn.value_and_grad(self.head, lambda: (self.head.fuse().astype(mx.float32) * dense).sum())()
+        return {self.head_prefix + name: grad for name, grad in tree_flatten(tree)}
 
     def gradients(self) -> dict[str, np.ndarray]:
         """The accumulated gradients of the trainable parameters, float32 numpy, canonical names."""
@@ -474,13 +493,19 @@ class MLXTrainer:
         if unknown:
             raise InputError(f"learning-rate scales name parameters this model does not have: {unknown[:3]}")
         self.scales = {name: float(scales.get(name, 1.0)) for name in self.names}
+        self._freeze_by_scales()
+        for name, scale in self.scales.items():
+            if scale == 0.0:
+                self.grads.pop(name, None)  # no gradient is kept for a frozen parameter
+
+    def _freeze_by_scales(self) -> None:
+        """Freeze exactly the parameters whose scale is 0 (value_and_grad then computes no gradient for them)."""
         self.model.unfreeze()
         modules = dict(self.model.named_modules())
         for name, scale in self.scales.items():
             if scale == 0.0:
                 owner, _, key = name.rpartition(".")
                 modules[owner].freeze(recurse=False, keys=[key])
-                self.grads.pop(name, None)  # no gradient is kept for a frozen parameter
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """``"<state>/<parameter name>"`` -> numpy: MLX's own state names (m, v for AdamW; exp_avg_sq_row,
