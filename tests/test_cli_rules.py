@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import gemmalab
 from gemmalab.errors import InputError, OutputError
 from gemmalab.train import TrainConfig, checkpoints
 from gemmalab.train.evaluation import perplexity
+from gemmalab.train.loop import plan_run, saved_settings
 
 TINY_RUN = ["--seq-len", "32", "--batch-size", "2", "--set", "tensorboard=false", "--set", "warmup_steps=0"]
 DEFAULT_BACKEND = "torch" if "torch" in gemmalab.backends() else gemmalab.backends()[0]
@@ -232,19 +234,46 @@ def test_changing_steps_on_resume_needs_extend_and_follows_the_documented_rule(t
 
 
 @pytest.mark.skipif(not {"torch", "jax"} <= set(gemmalab.backends()), reason="needs torch and jax")
-def test_resume_on_another_backend_names_the_writer(tmp_path):
+def test_resume_on_another_backend_goes_on_and_the_writer_stays_the_default(tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert run_cli("train", "--steps", "2", "--out", str(run), "--backend", "torch", "-q", *TINY_RUN).returncode == 0
-    line = assert_clean_failure(run_cli("train", "--out", str(run), "--resume", "--steps", "3", "--extend",
-                                        "--backend", "jax"), "written by the torch backend", "--model")
-    assert "--backend torch" in line
-    assert_clean_failure(run_cli("train", "--out", str(run), "--resume", "--steps", "3", "--extend",
-                                 env={"GEMMALAB_BACKEND": "jax"}), "GEMMALAB_BACKEND=jax")
-    # auto resolves to torch on a machine without Apple silicon or a TPU: accepted
-    if sys.platform != "darwin":
-        ok = run_cli("train", "--out", str(run), "--resume", "--steps", "3", "--extend", "--backend", "auto", "-q",
-                     env={"GEMMALAB_BACKEND": ""})
-        assert ok.returncode == 0, ok.stderr
+    moved = run_cli("train", "--out", str(run), "--resume", "--steps", "3", "--extend", "--backend", "jax", "-q",
+                    env={"GEMMALAB_BACKEND": ""})
+    assert moved.returncode == 0, moved.stderr
+    assert "written by the torch backend: going on with jax" in moved.stdout
+    assert [checkpoints.read_state(p)["backend"] for p in checkpoints.complete_checkpoints(run)] == ["torch", "jax"]
+    # Which backend the next resumption would take (planning only, as `gemmalab train --resume` plans it):
+    # with no choice, the one that wrote the newest checkpoint; else the choice.
+    def planned(backend: str | None = None, env: str | None = None) -> str:
+        if env is None:
+            monkeypatch.delenv("GEMMALAB_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("GEMMALAB_BACKEND", env)
+        flags = {"out": str(run), "resume": True, "extend": True, "steps": 4, "backend": backend}
+        config = TrainConfig.from_sources(flags=flags, base=saved_settings(run))
+        return plan_run(run, config, echo=lambda _: None).backend
+
+    assert planned() == "jax"
+    assert planned(env="torch") == "torch" and planned("torch", env="jax") == "torch"
+    if sys.platform != "darwin":  # auto is torch on a machine without Apple silicon or a TPU
+        assert planned("auto") == "torch"
+
+
+def test_resume_from_an_optimizer_state_that_does_not_fit_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    run = tmp_path / "run"
+    assert run_cli("train", "--steps", "4", "--checkpoint-every", "2", "--out", str(run), "--backend", DEFAULT_BACKEND,
+                   "-q", *TINY_RUN).returncode == 0
+    shutil.rmtree(checkpoints.latest(run))  # a run killed after its checkpoint of step 2
+    path = checkpoints.latest(run) / checkpoints.OPTIMIZER_FILE
+    state = load_file(str(path))
+    state["exp_avg/model.norm.weight"] = state["exp_avg/model.norm.weight"][:3]
+    save_file(state, str(path))
+    before = snapshot(run)
+    result = run_cli("train", "--out", str(run), "--resume", "-q")
+    assert_clean_failure(result, str(path), "model.norm.weight holds exp_avg float32 [3]", "needs exp_avg float32 [64]")
+    assert snapshot(run) == before
 
 
 # -- settings a user can find ----------------------------------------------------------------------------

@@ -1,16 +1,26 @@
 """Each backend's training tensor work against independent oracles (tests/train_oracles.py): optimizer
 steps against the numpy formulas, gradients against finite differences of the float64 reference, the
-chunked loss against the naive one, accumulation against one large batch, and state round trips."""
+chunked loss against the naive one, accumulation against one large batch, state round trips, and the
+canonical optimizer state: its names and values against the formulas, and one backend's state continued
+on every other one."""
 
 from __future__ import annotations
 
+import functools
+import itertools
+import re
+
 import numpy as np
 import pytest
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
 from train_oracles import adafactor_step, adamw_step, clip_by_global_norm, reference_loss_sum, tiny_setup
 
+import gemmalab
 from gemmalab.backend import get_backend
+from gemmalab.errors import CheckpointError
 from gemmalab.train.losses import CrossEntropy, LossSpec
-from gemmalab.train.spec import OptimizerSpec, TrainSpec
+from gemmalab.train.spec import OptimizerSpec, TrainSpec, expected_state_names
 
 UP = "model.layers.0.mlp.up_proj.weight"
 NORM = "model.layers.2.post_attention_layernorm.weight"
@@ -194,3 +204,126 @@ def test_untied_head_and_softcap_train(backend):
     expected = reference_loss_sum(config, weights, *batch)
     assert trainer.accumulate(*batch) == pytest.approx(expected, rel=1e-5)
     assert "lm_head.weight" in trainer.gradients()
+
+
+# --- the canonical optimizer state (gemmalab/train/spec.py) ------------------------------------------------------
+def state_spec(optimizer: str) -> TrainSpec:
+    """The spec of the state tests: that of the formula test above without clipping (one compilation on JAX)."""
+    return TrainSpec(optimizer=OPTIMIZERS[optimizer], max_grad_norm=None, loss_chunk_tokens=16)
+
+
+# spec.py's state names -> the names train_oracles keeps the same quantities under
+ORACLE_STATE = {"adamw": {"exp_avg": "m", "exp_avg_sq": "v"},
+                "adafactor": {"exp_avg_sq_row": "r", "exp_avg_sq_col": "c", "exp_avg_sq": "v", "exp_avg": "m"}}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_optimizer_state_has_the_canonical_names_and_the_formulas_values(backend, optimizer):
+    # The state after two steps depends only on the gradients: the oracle runs the formulas on the backend's
+    # own gradients (checked against finite differences above).
+    opt = OPTIMIZERS[optimizer]
+    b, trainer, config, weights, batch = make(backend, state_spec(optimizer))
+    tokens = float(batch[2].sum())
+    states: dict[str, dict] = {name: {} for name in weights}
+    for t, lr in ((1, 3e-3), (2, 1e-2)):
+        trainer.accumulate(*batch)
+        grads = {name: g.astype(np.float64) / tokens for name, g in trainer.gradients().items()}
+        trainer.apply(lr, tokens)
+        for name, g in grads.items():
+            if opt.name == "adamw":
+                adamw_step(weights[name], g, states[name], lr=lr, t=t, weight_decay=0.1)
+            else:
+                adafactor_step(weights[name], g, states[name], lr=lr, t=t, weight_decay=0.1, beta1=opt.beta1,
+                               eps=opt.eps_adafactor)
+    got = trainer.optimizer_state()
+    assert set(got) == {f"{kind}/{name}" for name in states for kind in expected_state_names(opt, weights[name].shape)}
+    for key, value in got.items():
+        kind, _, name = key.partition("/")
+        if kind == "step":
+            assert value.dtype == np.int64 and value.tolist() == [2], key
+            continue
+        want = states[name][ORACLE_STATE[opt.name][kind]]
+        assert value.dtype == np.float32 and value.shape == want.shape, key
+        np.testing.assert_allclose(value, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=key)
+
+
+def test_a_parameter_never_updated_has_no_optimizer_state(backend):
+    # the spec of the frozen-parameter test above (one compilation on JAX)
+    b, trainer, config, weights, batch = make(backend, TrainSpec(optimizer=OPTIMIZERS["adamw"], max_grad_norm=None))
+    trainer.accumulate(*batch, loss_scale=float("inf"))  # a first step that is skipped
+    trainer.apply(1e-3, 1.0)
+    assert trainer.optimizer_state() == {}
+    trainer.set_lr_scales({UP: 0.0})
+    trainer.accumulate(*batch)
+    trainer.apply(1e-3, float(batch[2].sum()))
+    names = {key.partition("/")[2] for key in trainer.optimizer_state()}
+    assert names == set(weights) - {UP}
+
+
+def test_an_optimizer_state_that_does_not_fit_is_refused_in_one_line(backend):
+    b, trainer, config, weights, batch = make(backend, TrainSpec())
+    trainer.accumulate(*batch)
+    trainer.apply(1e-3, float(batch[2].sum()))
+    state = trainer.optimizer_state()
+    zeros = np.zeros(3, np.float32)
+    cases = [  # (the state, what the one line says)
+        ({**state, f"exp_avg/{NORM}": zeros}, f"{NORM} holds exp_avg float32 [3], exp_avg_sq float32 [64]"),
+        ({k: v for k, v in state.items() if k != f"exp_avg_sq/{UP}"},
+         f"{UP} holds exp_avg float32 [128, 64], step int64 [1], where adamw needs exp_avg float32 [128, 64], "
+         "exp_avg_sq float32 [128, 64], step int64 [1] for its shape [128, 64]"),
+        ({**state, f"exp_avg_sq_row/{UP}": np.zeros(128, np.float32)}, f"{UP} holds exp_avg float32"),
+        ({**state, f"exp_avg/{NORM}": state[f"exp_avg/{NORM}"].astype(np.float64)}, "exp_avg float64 [64]"),
+        ({**state, f"step/{NORM}": np.array([0], np.int64)}, f"{NORM} has step [0], not a whole number"),
+        ({**state, "exp_avg/model.nope.weight": zeros}, "'exp_avg/model.nope.weight', for a parameter this model"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(CheckpointError, match=re.escape(message)) as refused:
+            trainer.load_optimizer_state(bad)
+        assert "\n" not in str(refused.value)
+    after = trainer.optimizer_state()  # a refused state changes nothing
+    assert after.keys() == state.keys() and all(np.array_equal(after[k], state[k]) for k in state)
+
+
+PAIRS = list(itertools.permutations(gemmalab.backends(), 2))
+LRS = (3e-3, 1e-2, 5e-3, 2e-3)  # the learning rates of four steps: two before the hand-over, two after
+
+
+def _steps(trainer, batch, lrs) -> list[float]:
+    """One step per learning rate; the mean losses."""
+    losses = []
+    for lr in lrs:
+        losses.append(trainer.accumulate(*batch) / float(batch[2].sum()))
+        trainer.apply(lr, float(batch[2].sum()))
+    return losses
+
+
+@functools.cache
+def _own_run(backend_name: str, optimizer: str):
+    """Four steps on one backend: (weights and state after two, the state through safetensors as checkpoints
+    store it; the losses of steps 3 and 4; the weights after them)."""
+    b, trainer, config, weights, batch = make(backend_name, state_spec(optimizer))
+    _steps(trainer, batch, LRS[:2])
+    halfway = {k: np.array(v) for k, v in b.weights(trainer.model).items()}  # copies: weights may be live views
+    state = st_load(st_save(trainer.optimizer_state()))
+    losses = _steps(trainer, batch, LRS[2:])
+    return halfway, state, losses, {k: np.array(v) for k, v in b.weights(trainer.model).items()}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize(("writer", "reader"), PAIRS or [pytest.param(None, None, marks=pytest.mark.skip("needs two backends"))])
+def test_a_state_written_on_one_backend_continues_on_another(writer, reader, optimizer):
+    # Oracles: the writer continuing its own state from the same weights (the same two steps, so only float
+    # rounding may differ), and the reader's own uninterrupted run.
+    halfway, state, writer_losses, writer_after = _own_run(writer, optimizer)
+    reader_losses = _own_run(reader, optimizer)[2]
+    b = get_backend(reader)
+    config = tiny_setup(0)[0]
+    trainer = b.trainer(b.build(config, halfway, dtype="float32"), state_spec(optimizer))
+    trainer.load_optimizer_state(state)
+    losses = _steps(trainer, tiny_setup(0)[2:], LRS[2:])
+    assert losses == pytest.approx(writer_losses, rel=1e-6)
+    assert losses == pytest.approx(reader_losses, rel=1e-5)
+    after = b.weights(trainer.model)
+    for name, want in writer_after.items():  # to 1e-3 of the two steps: a wrong step count, sign or layout is ~1
+        moved = np.abs(want - halfway[name]).max()
+        np.testing.assert_allclose(after[name], want, rtol=0, atol=1e-3 * moved + 1e-7, err_msg=name)

@@ -18,7 +18,12 @@ from gemmalab.train.data import DataStream, Document, load_documents, pack, toke
 from gemmalab.train.layers import lr_scales
 from gemmalab.train.loop import warmup_for
 from gemmalab.train.schedules import Schedule
-from gemmalab.train.spec import optimizer_state_by_parameter
+from gemmalab.train.spec import (
+    OptimizerSpec,
+    check_optimizer_state,
+    expected_state_names,
+    optimizer_state_by_parameter,
+)
 from gemmalab.train.tracking import Tracker, truncate_metrics
 
 
@@ -204,6 +209,48 @@ def test_optimizer_state_groups_by_parameter_and_refuses_another_models():
     assert grouped["model.norm.weight"]["exp_avg"] is m
     with pytest.raises(CheckpointError, match="lm_head.weight"):
         optimizer_state_by_parameter(state, ["model.norm.weight"])
+
+
+def test_canonical_optimizer_state_names_by_hand():
+    adamw, adafactor = OptimizerSpec(name="adamw"), OptimizerSpec(name="adafactor")
+    momentum = OptimizerSpec(name="adafactor", beta1=0.9)
+    assert expected_state_names(adamw, (5, 3)) == {"step": (1,), "exp_avg": (5, 3), "exp_avg_sq": (5, 3)}
+    assert expected_state_names(adafactor, (5, 3)) == {"step": (1,), "exp_avg_sq_row": (5,), "exp_avg_sq_col": (3,)}
+    assert expected_state_names(adafactor, (2, 5, 3)) == {"step": (1,), "exp_avg_sq_row": (2, 5),
+                                                          "exp_avg_sq_col": (2, 3)}
+    assert expected_state_names(adafactor, [4]) == {"step": (1,), "exp_avg_sq": (4,)}
+    assert expected_state_names(momentum, (4,)) == {"step": (1,), "exp_avg_sq": (4,), "exp_avg": (4,)}
+    assert set(expected_state_names(momentum, (5, 3))) == {"step", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg"}
+
+
+def test_check_optimizer_state_groups_normalises_the_step_and_refuses_what_does_not_fit():
+    adamw = OptimizerSpec(name="adamw")
+    shapes = {"w": (2, 3), "b": (3,), "frozen": (3,)}
+    m = np.ones((2, 3), np.float32)
+    # torch, and checkpoints written before the names were canonical, hold the step as float32
+    state = {"step/w": np.array([7.0], np.float32), "exp_avg/w": m, "exp_avg_sq/w": m}
+    checked = check_optimizer_state(state, adamw, shapes)
+    assert set(checked) == {"w"}  # parameters never updated have no entry, and need none
+    assert checked["w"]["step"].dtype == np.int64 and checked["w"]["step"].tolist() == [7]
+    assert checked["w"]["exp_avg"] is m
+    needs = "where adamw needs exp_avg float32 [2, 3], exp_avg_sq float32 [2, 3], step int64 [1] for its shape [2, 3]"
+    bad = {
+        "wrong shape": ({**state, "exp_avg/w": np.ones(6, np.float32)}, "w holds exp_avg float32 [6], "),
+        "missing": ({k: v for k, v in state.items() if k != "exp_avg_sq/w"},
+                    "w holds exp_avg float32 [2, 3], step float32 [1], " + needs),
+        "unknown state": ({**state, "exp_avg_sq_row/w": np.ones(2, np.float32)}, "exp_avg_sq_row float32 [2]"),
+        "not float32": ({**state, "exp_avg/w": m.astype(np.float16)}, "exp_avg float16 [2, 3]"),
+        "step not whole": ({**state, "step/w": np.array([1.5])}, "w has step [1.5], not a whole number of updates"),
+        "step 0": ({**state, "step/w": np.array([0])}, "w has step [0]"),
+        "0-d step": ({**state, "step/w": np.array(3)}, "step int64 []"),
+        "unknown parameter": ({**state, "step/nope": np.array([1])}, "'step/nope', for a parameter this model does not"),
+    }
+    for case, (broken, message) in bad.items():
+        with pytest.raises(CheckpointError) as refused:
+            check_optimizer_state(broken, adamw, shapes)
+        assert message in str(refused.value) and "\n" not in str(refused.value), case
+    with pytest.raises(CheckpointError, match="where adafactor needs exp_avg_sq_col float32 \\[3\\], exp_avg_sq_row"):
+        check_optimizer_state(state, OptimizerSpec(name="adafactor"), shapes)
 
 
 # -- prompt/completion records and extended schedules ----------------------------------------------------

@@ -38,6 +38,11 @@ Where optax is not spec.py's formula, this file writes the piece, in a line or t
   where spec.py names the last two: the same for the 2-D matrices of Gemma, whose other parameters are
   1-D. For a matrix with more rows than columns optax divides by the mean of the column statistics where
   spec.py divides by the mean of the row statistics: both are the same running mean of ``g^2 + eps1``.
+
+The optimizer state crosses the boundary in spec.py's names, translated leaf by leaf (``optax_state_names``):
+optax's paths (``adamw.0.mu``, ``adafactor.0.v_row``, ...) renamed, its int32 0-d count as the int64 [1]
+step, its [1] placeholders dropped, R and C swapped where optax keeps them under each other's names (a
+matrix with more rows than columns), and the momentum negated (optax averages -u, spec.py u).
 """
 
 from __future__ import annotations
@@ -55,10 +60,10 @@ import optax
 
 from gemmalab.checks import is_count
 from gemmalab.config import Gemma3Config
-from gemmalab.errors import BackendError, CheckpointError, InputError
+from gemmalab.errors import BackendError, InputError
 from gemmalab.train.inputs import StepInputs, prepare
 from gemmalab.train.losses import LOG_FLOOR, AuxTerm, CrossEntropy, HeadTerm, HiddenStateMSE, LossSpec
-from gemmalab.train.spec import OptimizerSpec, TrainSpec, optimizer_state_by_parameter
+from gemmalab.train.spec import OptimizerSpec, TrainSpec, check_optimizer_state
 
 from .model import (
     JNP_DTYPES,
@@ -535,40 +540,110 @@ class JaxTrainer:
         self._scale_arrays = {name: jnp.float32(self.scales[name]) for name in trainable}
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        """``"<path in the optax state>/<parameter name>"`` -> numpy, e.g. ``adamw.0.mu/model.norm.weight``
-        and ``adamw.0.count/...``: the parameter's update count. Parameters never updated have no entry."""
+        """The canonical state of gemmalab/train/spec.py, translated from optax's (``optax_state_names``).
+        A parameter whose state was made for an update that did not happen (its gradients were not finite)
+        has no entry, as on the other backends: a state at step 0 is a fresh one."""
+        flat = flatten(self.model.params)
         out = {}
         for name, state in self.states.items():
-            for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-                out[f"{_key(path)}/{name}"] = np.array(leaf)
+            leaves = {_key(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+            canonical = _canonical_state(leaves, self._optax_names(name, flat[name].shape, leaves))
+            if canonical["step"][0] > 0:
+                out |= {f"{kind}/{name}": value for kind, value in canonical.items()}
         return out
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Restore what ``optimizer_state`` returned (from a trainer with the same optimizer and shapes)."""
+        """Restore a canonical state, written by any backend (checked by spec.check_optimizer_state)."""
         flat = flatten(self.model.params)
-        by_param = optimizer_state_by_parameter(state, flat)
+        shapes = {name: tuple(value.shape) for name, value in flat.items()}
         states = {}
-        for name, values in by_param.items():
+        for name, values in check_optimizer_state(state, self.spec.optimizer, shapes).items():
             template = jax.eval_shape(self.transform.init, flat[name])  # shapes and dtypes, nothing allocated
             paths, treedef = jax.tree_util.tree_flatten_with_path(template)
             expected = {_key(path): leaf for path, leaf in paths}
-            # A step count may come back as [1]: the core's safetensors writer makes 0-d arrays 1-d.
-            fits = values.keys() == expected.keys() and all(
-                values[k].shape == leaf.shape or (leaf.shape == () and values[k].shape == (1,))
-                for k, leaf in expected.items()
-            )
-            if not fits:
-                raise CheckpointError(
-                    f"optimizer state of {name} has {sorted(values)}, not the {sorted(expected)} of this "
-                    f"{self.spec.optimizer.name} (or of other shapes): resume with the run's optimizer"
-                )
-            leaves = [values[k].astype(leaf.dtype).reshape(leaf.shape) for k, leaf in expected.items()]
+            names = self._optax_names(name, flat[name].shape, expected)
+            leaves = [_optax_leaf(values, names[path], path, leaf) for path, leaf in expected.items()]
             states[name] = self._placed(jax.tree_util.tree_unflatten(treedef, leaves), flat[name])
         self.states = states
+
+    def _optax_names(self, name: str, shape: tuple[int, ...], leaves: Mapping[str, Any]) -> dict[str, str | None]:
+        """optax_state_names for parameter ``name``, checked against the leaves optax keeps: an optax that
+        keeps more would otherwise lose them in the translation."""
+        names = optax_state_names(self.spec.optimizer, shape)
+        if names.keys() != leaves.keys():
+            raise BackendError(
+                f"optax keeps the state of {name} as {sorted(leaves)}, not the {sorted(names)} gemmalab_jax "
+                f"translates to spec.py's names: this optax {optax.__version__} is not supported"
+            )
+        return names
 
 
 def _key(path: tuple[Any, ...]) -> str:
     return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+# optax's Adafactor direction is -u, so the momentum chained after it (optax.ema) averages -u: spec.py's m is
+# its negation (exact, both ways).
+NEGATED = "momentum.ema"
+
+
+def optax_state_names(opt: OptimizerSpec, shape: tuple[int, ...]) -> dict[str, str | None]:
+    """The path of each leaf of optimizer_transform(opt)'s state for a parameter of ``shape`` -> the state of
+    gemmalab/train/spec.py it holds (None: a [1] zeros placeholder optax keeps for the branch it does not
+    use). Two leaves may hold ``step``: Adafactor's count and the momentum's, equal by construction."""
+    if opt.name == "adamw":
+        return {"adamw.0.count": "step", "adamw.0.mu": "exp_avg", "adamw.0.nu": "exp_avg_sq"}
+    names = {"adafactor.0.count": "step", "adafactor.0.v": None, "adafactor.0.v_row": None, "adafactor.0.v_col": None}
+    if len(shape) >= 2:
+        row, col = _optax_row_col(shape)
+        names |= {f"adafactor.0.{row}": "exp_avg_sq_row", f"adafactor.0.{col}": "exp_avg_sq_col"}
+    else:
+        names["adafactor.0.v"] = "exp_avg_sq"
+    if opt.beta1 is not None:
+        names |= {"momentum.count": "step", NEGATED: "exp_avg"}
+    return names
+
+
+def _optax_row_col(shape: tuple[int, ...]) -> tuple[str, str]:
+    """(optax's name of spec.py's R, of its C) for a factored parameter of ``shape``.
+
+    optax factors the two largest axes, found as ``np.argsort(shape)[-2:]`` = (d1, d0) (optax/_src/
+    factorized.py, ``_factored_dims``; the same call here gives the same order on ties), and keeps ``v_row``
+    as the mean over d0 and ``v_col`` as the mean over d1. spec.py's R is the mean over the last axis: for a
+    matrix with at least as many columns as rows that is v_row, for one with more rows than columns v_col.
+    """
+    d1, d0 = (int(axis) for axis in np.argsort(shape)[-2:])
+    last = len(shape) - 1
+    if {d0, d1} != {last - 1, last}:
+        raise BackendError(
+            f"optax factors axes {d1} and {d0} of a parameter of shape {list(shape)}, spec.py's Adafactor the last "
+            "two: train this model with --optimizer adamw on JAX, or on torch or MLX"
+        )
+    return ("v_row", "v_col") if d0 == last else ("v_col", "v_row")
+
+
+def _canonical_state(leaves: Mapping[str, np.ndarray], names: Mapping[str, str | None]) -> dict[str, np.ndarray]:
+    """One parameter's optax leaves (path -> numpy) in spec.py's names: float32 moments, int64 [1] step."""
+    out = {}
+    for path, kind in names.items():
+        if kind is None or kind in out:  # a placeholder, or the momentum's copy of the step
+            continue
+        value = leaves[path]
+        if kind == "step":
+            out[kind] = np.array([int(value)], np.int64)  # optax counts in int32, 0-d
+        else:
+            out[kind] = -value if path == NEGATED else np.array(value)
+    return out
+
+
+def _optax_leaf(values: Mapping[str, np.ndarray], kind: str | None, path: str, leaf: Any) -> np.ndarray:
+    """The optax leaf at ``path`` (shape and dtype of ``leaf``) from a parameter's canonical state."""
+    if kind is None:
+        return np.zeros(leaf.shape, leaf.dtype)
+    value = values[kind]
+    if path == NEGATED:
+        value = -value
+    return value.astype(leaf.dtype).reshape(leaf.shape)  # the step: int64 [1] -> optax's 0-d int32
 
 
 __all__ = [

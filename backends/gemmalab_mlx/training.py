@@ -39,10 +39,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from gemmalab.errors import CheckpointError, InputError
+from gemmalab.errors import InputError
 from gemmalab.train.inputs import StepInputs, prepare
 from gemmalab.train.losses import LOG_FLOOR, AuxTerm, CrossEntropy, HeadTerm, HiddenStateMSE, LossSpec
-from gemmalab.train.spec import TrainSpec, optimizer_state_by_parameter
+from gemmalab.train.spec import TrainSpec, check_optimizer_state
 
 from .linears import Wrapper
 from .model import Capture, Gemma3ForCausalLM, soft_cap
@@ -508,39 +508,39 @@ class MLXTrainer:
                 modules[owner].freeze(recurse=False, keys=[key])
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        """``"<state>/<parameter name>"`` -> numpy: MLX's own state names (m, v for AdamW; exp_avg_sq_row,
-        exp_avg_sq_col or exp_avg_sq, and exp_avg with beta1, for Adafactor) and ``step``, the parameter's
-        update count as int64 [1] (checkpoints store a 0-d array as [1] anyway). The learning rate is not
-        state: apply sets it every step."""
+        """The canonical state of gemmalab/train/spec.py: MLX's Adafactor keeps its names, its AdamW's
+        ``m`` and ``v`` are ``exp_avg`` and ``exp_avg_sq``, and the optimizer's uint64 step count is the
+        parameter's ``step`` (int64 [1]). The learning rate is not state: apply sets it every step."""
+        canonical = CANONICAL_NAMES[self.spec.optimizer.name]
         out = {}
         for name, optimizer in self.optimizers.items():
             out[f"step/{name}"] = np.array([optimizer.step.item()], dtype=np.int64)
             for key, value in optimizer.state["w"].items():
-                out[f"{key}/{name}"] = np.array(value)
+                out[f"{canonical[key]}/{name}"] = np.array(value)
         return out
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Restore what ``optimizer_state`` returned (on a trainer with the same spec and model shapes)."""
+        """Restore a canonical state, written by any backend (checked by spec.check_optimizer_state)."""
         params = dict(tree_flatten(self.model.parameters()))
-        by_param = optimizer_state_by_parameter(state, params)
+        shapes = {name: tuple(value.shape) for name, value in params.items()}
+        checked = check_optimizer_state(state, self.spec.optimizer, shapes)
         self.optimizers = {}
-        for name, values in by_param.items():
+        mlx_names = {canonical: key for key, canonical in CANONICAL_NAMES[self.spec.optimizer.name].items()}
+        for name, values in checked.items():
             optimizer = self._optimizer(name)
-            expected: dict[str, mx.array] = {}
-            optimizer.init_single(params[name], expected)  # lazy zeros: only their shapes are read
-            shapes = {key: tuple(value.shape) for key, value in expected.items()} | {"step": (1,)}
-            got = {key: value.shape for key, value in values.items()}
-            if got != shapes:
-                raise CheckpointError(
-                    f"the optimizer state of {name} has shapes {got}, not the {shapes} this model needs: "
-                    "resume with the model and optimizer the run was started with"
-                )
             step = mx.array(int(values.pop("step")[0]), dtype=mx.uint64)
             optimizer.state = {
                 **optimizer.state,
                 "step": step,
-                "w": {k: mx.array(v) for k, v in values.items()},
+                "w": {mlx_names[k]: mx.array(v) for k, v in values.items()},
             }
+
+
+# mlx.optimizers' state names -> gemmalab/train/spec.py's, per optimizer (Adafactor's are spec.py's already)
+CANONICAL_NAMES = {
+    "adamw": {"m": "exp_avg", "v": "exp_avg_sq"},
+    "adafactor": {name: name for name in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg")},
+}
 
 
 __all__ = [

@@ -27,7 +27,7 @@ from gemmalab.train.losses import (
     HiddenStateMSE,
     LossSpec,
 )
-from gemmalab.train.spec import TrainSpec, optimizer_state_by_parameter
+from gemmalab.train.spec import TrainSpec, check_optimizer_state
 
 from .model import Gemma3ForCausalLM, Gemma3Output
 
@@ -350,21 +350,29 @@ class TorchTrainer:
             param.requires_grad_(self.scales[name] != 0.0)  # frozen: no gradient, so no update or decay
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The canonical state of gemmalab/train/spec.py. Its names are torch's own (torch.optim.AdamW's, and
+        the Adafactor above keeps them too); only the step changes form: torch counts in a float32 0-d
+        tensor, the canonical step is int64 [1]."""
         out = {}
         for group in self.optimizer.param_groups:
             for key, value in self.optimizer.state.get(group["params"][0], {}).items():
-                out[f"{key}/{group['name']}"] = value.detach().cpu().numpy().copy()
+                array = value.detach().cpu().numpy()
+                out[f"{key}/{group['name']}"] = np.array([int(array)], np.int64) if key == "step" else array.copy()
         return out
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
-        by_param = optimizer_state_by_parameter(state, self.params)
+        """Restore a canonical state, written by any backend (checked by spec.check_optimizer_state)."""
+        shapes = {name: tuple(p.shape) for name, p in self.params.items()}
+        checked = check_optimizer_state(state, self.spec.optimizer, shapes)
         self.optimizer.state.clear()
-        for name, values in by_param.items():
-            tensors = {kind: torch.from_numpy(np.array(value)) for kind, value in values.items()}
+        for name, values in checked.items():
             device = self.params[name].device
-            # torch keeps AdamW's step counts on the CPU (a device tensor would cost a sync per step)
             self.optimizer.state[self.params[name]] = {
-                kind: tensor if kind == "step" else tensor.to(device) for kind, tensor in tensors.items()
+                # torch keeps step counts as float32 on the CPU (a device tensor would cost a sync per step);
+                # exact for any count below 2^24
+                kind: torch.tensor(float(value[0]), dtype=torch.float32) if kind == "step"
+                else torch.from_numpy(np.array(value)).to(device)
+                for kind, value in values.items()
             }
 
 

@@ -57,7 +57,7 @@ def train(
     out: Annotated[Optional[str], typer.Option(help=_h("out"))] = None,  # noqa: UP045
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help=_h("checkpoint_every"))] = None,  # noqa: UP045
     log_every: Annotated[Optional[int], typer.Option("--log-every", help=_h("log_every"))] = None,  # noqa: UP045
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint, with its own settings.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint, with its own settings, on the backend that wrote it unless --backend chooses another.")] = False,
     extend: Annotated[bool, typer.Option("--extend", help="With --resume and a larger --steps: train on, the extra steps as a new schedule cycle.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")] = False,
 ) -> None:

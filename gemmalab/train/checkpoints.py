@@ -4,8 +4,10 @@ A checkpoint is one folder ``RUN/checkpoints/step-00000060/`` holding
 
 * the model as an ordinary Hugging Face checkpoint (``model.safetensors``, ``config.json``,
   ``generation_config.json``, the tokenizer), so ``gemmalab.load`` and transformers read it directly;
-* ``optimizer/state.safetensors``: the optimizer state as the backend reports it;
-* ``trainer_state.json``: the step, the data position, the loss scale, the run's configuration.
+* ``optimizer/state.safetensors``: the optimizer state, in the names of gemmalab/train/spec.py (the same
+  for every backend, so any backend can resume it);
+* ``trainer_state.json``: the step, the data position, the loss scale, the backend that wrote the
+  checkpoint, the run's configuration.
 
 The folder is assembled under a temporary name and renamed into place in one step, and
 ``trainer_state.json`` is written last: a run killed at any moment leaves either a whole checkpoint or none

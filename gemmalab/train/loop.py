@@ -4,7 +4,8 @@ scaling, evaluation, checkpoints, tracking and progress. The backend's trainer d
 
 A run is resumable bit for bit: everything that decides the next step -- weights, optimizer state, the
 data position, the loss scale -- is in the checkpoint, the learning rate and layer scales are functions of
-the step, and the data order is a function of the seed and epoch.
+the step, and the data order is a function of the seed and epoch. The optimizer state is in the names of
+gemmalab/train/spec.py, so a run may also resume on another backend, continuing to float rounding.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from .tracking import Tracker
 # fp16 dynamic loss scaling (as torch.amp.GradScaler): halve on overflow, double after this many good steps.
 LOSS_SCALE_GROWTH_INTERVAL = 2000
 # Settings that may differ between a run and its resumption; every other one would change the schedule,
-# the data order or the model, and must match the run. (`steps` may grow with `extend`; the backend must
-# resolve to the one that wrote the run: both are checked on their own.)
+# the data order or the model, and must match the run. (`steps` may grow with `extend`, checked on its own;
+# the backend may change: the optimizer state is in names every backend reads, gemmalab/train/spec.py.)
 RESUMABLE_CHANGES = {"steps", "resume", "extend", "backend", "eval_every", "eval_batches", "log_every",
                      "checkpoint_every", "keep_checkpoints", "tensorboard", "aim", "device", "out"}
 # Not carried over from a run's saved settings into its resumption: what the resuming command itself says.
@@ -121,22 +122,12 @@ def _check_resumable(saved: dict, config: TrainConfig, run_dir: Path) -> None:
         )
 
 
-def _resume_backend(requested: str | None, writer: str, checkpoint: Path | None) -> str:
-    """The backend a resumption runs on: the one that wrote the run (its optimizer state is that
-    backend's), unless --backend or $GEMMALAB_BACKEND asks for another, which is refused."""
-    env = os.environ.get("GEMMALAB_BACKEND")
-    if not requested and not env:
+def _resume_backend(requested: str | None, writer: str) -> str:
+    """The backend a resumption runs on: the one that wrote the run's newest checkpoint, unless --backend
+    or $GEMMALAB_BACKEND chooses one (any backend reads any backend's optimizer state)."""
+    if not requested and not os.environ.get("GEMMALAB_BACKEND"):
         return writer
-    chosen = resolve_backend_name(requested)
-    if chosen == writer:
-        return chosen
-    asked = f"--backend {requested}" if requested else f"GEMMALAB_BACKEND={env}"
-    start_new = (f"; to go on with {chosen}, start a new run from its checkpoint: gemmalab train --model {checkpoint} "
-                 f"--backend {chosen} --out NEW_DIR" if checkpoint is not None else "")
-    raise TrainingError(
-        f"this run was written by the {writer} backend, and {asked} resolves to {chosen}: resume with "
-        f"--backend {writer} (or unset the choice){start_new}"
-    )
+    return resolve_backend_name(requested)
 
 
 @dataclass
@@ -170,7 +161,7 @@ def plan_run(run_dir: Path, config: TrainConfig, echo=print) -> RunPlan:
         # killed before its first checkpoint: no optimizer state yet, so any backend can start it
         echo(f"no checkpoint in {run_dir} yet: starting from step 0 with the run's settings")
         return RunPlan(None, None, resolve_backend_name(config.backend), fresh)
-    backend = _resume_backend(config.backend, state["backend"], resume_from)
+    backend = _resume_backend(config.backend, state["backend"])
     bounds = tuple(state.get("schedule_bounds") or (0, state["config"]["steps"]))
     cycles = Cycles(config.schedule, config.lr, bounds, config.warmup_steps, config.min_lr)
     if config.steps != cycles.total:
@@ -189,6 +180,9 @@ def plan_run(run_dir: Path, config: TrainConfig, echo=print) -> RunPlan:
     if state["step"] >= config.steps:
         raise TrainingError(f"{resume_from} is already at step {state['step']} of {config.steps}: to train further, "
                             f"add --extend --steps N with N > {config.steps}")
+    if backend != state["backend"]:
+        echo(f"{resume_from} was written by the {state['backend']} backend: going on with {backend}, which "
+             "continues the same optimizer state to float rounding (bit for bit only on the writer's backend)")
     return RunPlan(resume_from, state, backend, cycles)
 
 
@@ -305,6 +299,8 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
     if saved_state is not None:
         try:
             trainer.load_optimizer_state(checkpoints.read_optimizer_state(resume_from))
+        except CheckpointError as err:  # one line that also names the file
+            raise CheckpointError(f"{resume_from / checkpoints.OPTIMIZER_FILE}: {err}") from None
         except (KeyError, ValueError) as err:
             raise CheckpointError(f"{resume_from} optimizer state does not fit this model ({err})") from None
         stream.restore(saved_state["data"])

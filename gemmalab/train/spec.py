@@ -34,10 +34,33 @@ Adafactor (Shazeer & Stern 2018, with an explicit learning rate and parameter sc
     p = p - lr * max(eps2, rms(p_before_update)) * u
 
 rms(x) = sqrt(mean(x^2)). Weight decay applies to every trainable parameter.
+
+The optimizer state, named the same on every backend (so a run written by one resumes on another): one
+entry per state of each parameter, ``"<state>/<canonical parameter name>"``, after the parameter's first
+update (a parameter never updated -- frozen, or its steps all skipped -- has no entry). The states, with
+the symbols of the formulas above (``shape`` is the parameter's)::
+
+    step            int64   [1]                  t, the updates applied to this parameter
+    AdamW
+    exp_avg         float32 shape                m
+    exp_avg_sq      float32 shape                v
+    Adafactor, a parameter with >= 2 dims
+    exp_avg_sq_row  float32 shape[:-1]           R, the running average of mean(G, axis=-1)
+    exp_avg_sq_col  float32 shape[:-2] + [-1]    C, the running average of mean(G, axis=-2)
+    Adafactor, a 1-D parameter
+    exp_avg_sq      float32 shape                V
+    Adafactor with beta1
+    exp_avg         float32 shape                m, the moment of the clipped update u (not of -u)
+
+These are torch.optim.AdamW's names, and for Adafactor those of transformers' and mlx.optimizers'; a
+backend whose framework keeps other names, layouts, dtypes or signs translates, exactly, both ways, and
+checks what it loads with ``check_optimizer_state``. The step is [1] rather than 0-d because the checkpoint
+writer stores a 0-d array as [1] anyway.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -153,13 +176,14 @@ class BackendTrainer(Protocol):
         its state, and weight decay does not touch it. Takes effect from the next ``accumulate``."""
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        """The optimizer's whole state as flat numpy arrays named ``"<state>/<parameter>"`` (the state
-        names are backend-defined but stable, e.g. ``"exp_avg/model.layers.0.mlp.up_proj.weight"``;
-        per-parameter step counts included), so that ``load_optimizer_state`` on a fresh trainer continues
-        bit-for-bit."""
+        """The optimizer's whole state as flat numpy arrays under the canonical names of the module
+        docstring (e.g. ``"exp_avg/model.layers.0.mlp.up_proj.weight"``, per-parameter steps included):
+        ``load_optimizer_state`` on a fresh trainer of the same backend continues bit for bit, and on
+        another backend continues the same optimizer (to float rounding)."""
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Restore what ``optimizer_state`` returned."""
+        """Restore what any backend's ``optimizer_state`` returned, checked with
+        ``check_optimizer_state`` (a state that does not fit raises CheckpointError)."""
 
 
 def optimizer_state_by_parameter(
@@ -181,6 +205,68 @@ def optimizer_state_by_parameter(
     return grouped
 
 
+def expected_state_names(optimizer: OptimizerSpec, shape: Iterable[int]) -> dict[str, tuple[int, ...]]:
+    """The canonical state of one updated parameter of ``shape`` under ``optimizer``: name -> shape (every
+    state float32 but ``step``, int64; see the module docstring)."""
+    shape = tuple(int(n) for n in shape)
+    names: dict[str, tuple[int, ...]] = {"step": (1,)}
+    if optimizer.name == "adamw":
+        return {**names, "exp_avg": shape, "exp_avg_sq": shape}
+    if len(shape) >= 2:  # factored over the last two axes
+        names |= {"exp_avg_sq_row": shape[:-1], "exp_avg_sq_col": shape[:-2] + shape[-1:]}
+    else:
+        names["exp_avg_sq"] = shape
+    if optimizer.beta1 is not None:
+        names["exp_avg"] = shape
+    return names
+
+
+def check_optimizer_state(
+    state: Mapping[str, np.ndarray], optimizer: OptimizerSpec, shapes: Mapping[str, Iterable[int]]
+) -> dict[str, dict[str, np.ndarray]]:
+    """A canonical optimizer state (what a trainer's ``optimizer_state`` returns, on any backend) checked
+    against the parameters of a model (``shapes``: canonical name -> shape) and grouped by parameter:
+    {parameter: {state: array}}, moments float32 and ``step`` int64 [1].
+
+    Raises CheckpointError, in one line naming the parameter, what it holds and what it needs, for an
+    unknown parameter, a missing or unknown state, a shape or dtype that does not fit, or a step that is
+    not a whole number >= 1. A step stored as a float (torch keeps its step counts in float32, and
+    checkpoints written before the names were canonical hold them so) is accepted when it is whole."""
+    checked = {}
+    for name, values in optimizer_state_by_parameter(state, shapes).items():
+        shape = tuple(int(n) for n in shapes[name])
+        needed = expected_state_names(optimizer, shape)
+        if not _fits(values, needed):
+            found = ", ".join(f"{k} {v.dtype} {list(v.shape)}" for k, v in sorted(values.items()))
+            want = ", ".join(f"{k} {'int64' if k == 'step' else 'float32'} {list(s)}" for k, s in sorted(needed.items()))
+            raise CheckpointError(
+                f"the optimizer state of {name} holds {found}, where {optimizer.name} needs {want} for its shape "
+                f"{list(shape)}: resume with the model and optimizer the run was started with"
+            )
+        if not _is_whole_step(values["step"]):
+            raise CheckpointError(
+                f"the optimizer state of {name} has step {values['step'].tolist()}, not a whole number of updates "
+                ">= 1: the checkpoint is damaged; resume from an earlier one"
+            )
+        checked[name] = {k: v.astype(np.int64) if k == "step" else v for k, v in values.items()}
+    return checked
+
+
+def _fits(values: Mapping[str, np.ndarray], needed: Mapping[str, tuple[int, ...]]) -> bool:
+    """Every needed state and no other, of its shape; the moments float32 (a cast would hide rounding)."""
+    return values.keys() == needed.keys() and all(
+        values[k].shape == shape and (k == "step" or values[k].dtype == np.float32) for k, shape in needed.items()
+    )
+
+
+def _is_whole_step(step: np.ndarray) -> bool:
+    """A step of shape [1] (checked by _fits) holding a whole number >= 1, as an integer or a float."""
+    if not (np.issubdtype(step.dtype, np.integer) or np.issubdtype(step.dtype, np.floating)):
+        return False
+    value = float(step[0])
+    return math.isfinite(value) and value >= 1 and value.is_integer()
+
+
 __all__ = [
     "LOSS_CHUNK_TOKENS",
     "BackendTrainer",
@@ -188,5 +274,7 @@ __all__ = [
     "OptimizerSpec",
     "Precision",
     "TrainSpec",
+    "check_optimizer_state",
+    "expected_state_names",
     "optimizer_state_by_parameter",
 ]
