@@ -294,7 +294,7 @@ def test_jax_model_gradient_of_wrapper_scales_equals_torch_autograd(cases):
         pytest.skip("needs the jax and torch backends")
     import jax
     import jax.numpy as jnp
-    from gemmalab_jax.model import default_masks, flatten, forward, head
+    from gemmalab_jax.model import flatten, forward
 
     config, _, weights, ids, _ = cases["untied-softcap"]
     ids = ids[:, : 2 * config.sliding_window + 3]
@@ -314,11 +314,9 @@ def test_jax_model_gradient_of_wrapper_scales_equals_torch_autograd(cases):
     jmodel = get_backend("jax").build(config, weights, dtype="float32", device="cpu")
     wrap_with_scales("jax", jmodel, scales)
     rope = jmodel.rope(np.arange(ids.shape[1])[None])
-    masks = default_masks(config, jnp.arange(ids.shape[1])[None])
 
     def loss(p):
-        hidden = forward(p, config, jnp.asarray(ids, jnp.int32), rope, masks).hidden
-        return jnp.sum(head(p, config, hidden) * probe)
+        return jnp.sum(forward(p, config, jnp.asarray(ids, jnp.int32), rope=rope).logits * probe)
 
     with jax.default_matmul_precision("highest"):
         grads = flatten(jax.jit(jax.grad(loss))(jmodel.params))

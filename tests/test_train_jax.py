@@ -225,12 +225,14 @@ def naive_jax_loss(params, config, ids, targets, weights, label_smoothing):
         kind: jax_model.rope_tables(np.arange(ids.shape[1])[None], spec, config.head_dim)
         for kind, spec in (("sliding_attention", config.rope_local), ("full_attention", config.rope_global))
     }
-    hidden = jax_model.forward(params, config, ids, rope, jax_model.default_masks(config, positions)).hidden
+    masks = jax_model.default_masks(config, positions)
+    hidden = jax_model.text_model(params, config, ids, mask=masks, rope=rope).last_hidden_state
     return naive_head_loss(params, config, hidden, targets, weights, label_smoothing)
 
 
 def naive_head_loss(params, config, hidden, targets, weights, label_smoothing):
-    log_probs = jax.nn.log_softmax(jax_model.head(params, config, hidden).astype(jnp.float32), axis=-1)
+    logits = jax_model.logits_from_hidden(params, config, hidden).astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(((1 - label_smoothing) * nll - label_smoothing * log_probs.mean(axis=-1)) * weights)
 

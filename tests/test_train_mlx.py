@@ -161,7 +161,7 @@ def naive_mlx_loss_and_grads(config, weights, inputs, targets, loss_weights, eps
     ids, tgt, w = mx.array(inputs), mx.array(targets), mx.array(loss_weights)
 
     def loss_fn():
-        logits = model(ids).astype(mx.float32)  # [batch, seq, vocab]
+        logits = model(ids).logits.astype(mx.float32)  # [batch, seq, vocab]
         log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         nll = -mx.take_along_axis(log_probs, tgt[..., None], axis=-1)[..., 0]
         return (((1 - eps) * nll - eps * log_probs.mean(axis=-1)) * w).sum()

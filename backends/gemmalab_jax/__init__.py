@@ -8,8 +8,9 @@ Importing this package imports jax; importing gemmalab's core never does.
 
 from .backend import JaxBackend, JaxModel
 from .cache import KVCache
+from .model import Gemma3Output
 from .sharding import Plan
 
 BACKEND = JaxBackend()
 
-__all__ = ["BACKEND", "JaxBackend", "JaxModel", "KVCache", "Plan"]
+__all__ = ["BACKEND", "Gemma3Output", "JaxBackend", "JaxModel", "KVCache", "Plan"]

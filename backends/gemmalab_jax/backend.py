@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 
 from gemmalab.backend import ForwardOutput
 from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids
-from gemmalab.config import SLIDING, Gemma3Config
+from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
 from gemmalab.linears import check_kind
@@ -43,9 +43,9 @@ from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
 
 from . import linears
 from .cache import KVCache, extend_step, planned_step
-from .model import Params, abstract_params, default_masks, forward, head, rope_tables, unflatten
+from .model import Params, abstract_params, forward, layer_rope_tables, unflatten
 from .sharding import Plan, make_mesh
-from .training import JaxTrainer, hidden_state, loss_sum
+from .training import Trainer, hidden_state, loss_sum
 from .wrappers import WRAPPERS
 
 _ALIASES = {"cuda": "gpu", "rocm": "gpu"}
@@ -53,18 +53,16 @@ _ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
 def _full_logits(params: Params, ids: jax.Array, rope: Any, *, config: Gemma3Config, plan: Plan) -> jax.Array:
     """float32 logits [batch, seq, vocab] of a plain sequence (positions 0 .. seq-1, built-in masks)."""
-    positions = jnp.arange(ids.shape[1])[None]  # [1, seq]: one mask for every row
-    out = forward(params, config, ids, rope, default_masks(config, positions), hint=plan.hint)
-    return head(params, config, out.hidden, plan.hint).astype(jnp.float32)
+    return forward(params, config, ids, rope=rope, hint=plan.hint).logits.astype(jnp.float32)
 
 
 def _captured_forward(params: Params, ids: jax.Array, rope: Any, masks: Any, *, config: Gemma3Config, plan: Plan,
                       hidden_states: tuple[int, ...], attentions: tuple[int, ...]) -> tuple[Any, ...]:
     """float32 (logits, {index: hidden state}, {layer: probabilities}) of one uncached pass with explicit
     RoPE tables and masks per layer type; hidden states in transformers' convention (ForwardOutput)."""
-    out = forward(params, config, ids, rope, masks, hint=plan.hint, output_hidden_states=bool(hidden_states),
-                  output_attentions=frozenset(attentions))
-    logits = head(params, config, out.hidden, plan.hint).astype(jnp.float32)
+    out = forward(params, config, ids, mask=masks, rope=rope, hint=plan.hint,
+                  output_hidden_states=bool(hidden_states), output_attentions=frozenset(attentions))
+    logits = out.logits.astype(jnp.float32)
     return (logits, {i: hidden_state(out, i).astype(jnp.float32) for i in hidden_states},
             {i: out.attentions[i] for i in attentions})
 
@@ -119,11 +117,10 @@ class JaxModel:
         return contextlib.nullcontext()
 
     def rope(self, positions: np.ndarray) -> dict[str, tuple[jax.Array, jax.Array]]:
-        """RoPE tables per layer type for integer positions [batch or 1, n], placed by batch row."""
+        """RoPE tables per layer type for integer positions [batch or 1, n] (model.layer_rope_tables), placed
+        by batch row: what the model functions take as ``rope=``."""
         out = {}
-        for layer_type in set(self.config.layer_types):
-            spec = self.config.rope_local if layer_type == SLIDING else self.config.rope_global
-            cos, sin = rope_tables(positions, spec, self.config.head_dim)
+        for layer_type, (cos, sin) in layer_rope_tables(self.config, positions).items():
             sharding = self.plan.batch_sharding(cos.shape)
             out[layer_type] = jax.device_put(cos, sharding), jax.device_put(sin, sharding)
         return out
@@ -355,9 +352,9 @@ class JaxBackend:
         """No-op: JAX has no API to reset the peak (see peak_memory)."""
 
     # -- training: the tensor work of gemmalab.train (training.py) -------------------------------------------
-    def trainer(self, model: JaxModel, spec: TrainSpec) -> JaxTrainer:
+    def trainer(self, model: JaxModel, spec: TrainSpec) -> Trainer:
         """A gemmalab.train.spec.BackendTrainer for ``model`` (built in float32) following ``spec``."""
-        return JaxTrainer(model, spec)
+        return Trainer(model, spec)
 
     def loss_sum(
         self,

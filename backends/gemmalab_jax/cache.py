@@ -28,11 +28,16 @@ Buffers are [batch, slots, kv_heads, head_dim] in the model's matmul dtype, plac
 ``start`` (tokens already cached) is a traced scalar, so one compiled step serves every decoding step of
 a given batch, chunk length and global capacity.
 
+Inside a step the model sees a ``StepCache`` (the host-side ``KVCache`` cannot enter the jit): the step's
+RoPE tables and masks, and one ``LayerCache`` per layer, whose ``update(k, v)`` each attention layer calls,
+as on the other backends.
+
 A step with explicit positions, a mask over its new tokens, or a limit on how many of them are written
-(Set Block Decoding's block steps) follows the core's plan instead (gemmalab.cache_plan, ``planned_step``):
-attention reads [every buffer slot, then the new tokens] under the plan's mask, laid onto the whole buffer
-(slots the plan does not read are masked, so shapes stay static), and only the plan's tokens are written,
-into the same slots as above. The core's planner records every step either way.
+(Set Block Decoding's block steps) follows the core's plan instead (gemmalab.cache_plan, ``planned_step``,
+whose layers are ``PlannedLayerCache``): attention reads [every buffer slot, then the new tokens] under the
+plan's mask, laid onto the whole buffer (slots the plan does not read are masked, so shapes stay static),
+and only the plan's tokens are written, into the same slots as above. The core's planner records every
+step either way.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from gemmalab.cache_plan import CachePlanner, ExtendPlan
 from gemmalab.config import SLIDING, Gemma3Config
 from gemmalab.errors import InputError
 
-from .model import JNP_DTYPES, Params, Rope, causal_mask, forward, head
+from .model import DTYPES, Params, Rope, causal_mask, logits_from_hidden, text_model
 from .sharding import Plan
 
 MIN_CAPACITY = 16
@@ -60,64 +65,122 @@ def global_capacity(needed: int, limit: int) -> int:
     return max(needed, min(size, limit))
 
 
-class CacheView:
-    """The cache inside one jitted step of n new tokens after ``start`` cached ones: builds the masks of
-    each layer type once, and stores each layer's new keys and values (model.LayerCache)."""
+def _key_index(window: int | None, slots: int, q_index: jax.Array, start: jax.Array, n: int) -> jax.Array:
+    """The token index of every key attention reads for a layer type in a step of n tokens after
+    ``start``, [keys]."""
+    if window is None:
+        return jnp.arange(slots, dtype=q_index.dtype)  # slot = index
+    slot = jnp.arange(window, dtype=q_index.dtype)
+    # Slot s holds the latest index <= last that is s mod W: last - ((last - s) mod W), negative when
+    # never written; last = start - 1 before this step's writes, or start once one token was written.
+    last = start if n == 1 else start - 1
+    ring = last - jnp.remainder(last - slot, window)
+    return ring if n == 1 else jnp.concatenate([ring, q_index])  # [W] or [W + n]
+
+
+def _step_mask(q_index: jax.Array, k_index: jax.Array, window: int | None, pad: jax.Array) -> jax.Array:
+    """Boolean [batch, 1, n, keys]: causal and windowed by index, written slots only, no padding read by
+    a real token, and a padding token attending to itself only: the core's padding rule
+    (gemmalab.cache_plan)."""
+    allowed = causal_mask(q_index[None], k_index[None], window) & (k_index >= 0)  # [1, 1, n, keys]
+    real_k = (k_index[None, :] >= pad[:, None])[:, None, None, :]  # [batch, 1, 1, keys]
+    real_q = (q_index[None, :] >= pad[:, None])[:, None, :, None]  # [batch, 1, n, 1]
+    itself = (k_index[None, :] == q_index[:, None])[None, None]  # [1, 1, n, keys]
+    return (allowed & real_k & real_q) | (itself & ~real_q)  # [batch, 1, n, keys]
+
+
+class LayerCache:
+    """One layer's keys and values inside one jitted step of n new tokens after ``start`` cached ones
+    (model.attention calls ``update``). ``keys``, ``values`` [batch, slots, kv_heads, head_dim] are the
+    step's input buffers, then the updated ones."""
 
     def __init__(
-        self, config: Gemma3Config, buffers: Buffers, start: jax.Array, pad: jax.Array, n: int, plan: Plan
+        self, keys: jax.Array, values: jax.Array, window: int | None, start: jax.Array, n: int, plan: Plan
     ):
-        self.config, self.buffers, self.start, self.n, self.plan = config, buffers, start, n, plan
-        self.updated: Buffers = list(buffers)
-        self.windows = [config.sliding_window if t == SLIDING else None for t in config.layer_types]
-        q_index = start + jnp.arange(n, dtype=start.dtype)  # [n]
-        self.masks = {}
-        for layer, layer_type in enumerate(config.layer_types):
-            if layer_type not in self.masks:
-                keys = self._key_index(self.windows[layer], buffers[layer][0].shape[1], q_index)
-                self.masks[layer_type] = self._mask(q_index, keys, self.windows[layer], pad)
+        self.keys, self.values = keys, values
+        self.window, self.start, self.n, self.plan = window, start, n, plan
 
-    def _key_index(self, window: int | None, slots: int, q_index: jax.Array) -> jax.Array:
-        """The token index of every key attention reads for this layer type, [keys]."""
-        if window is None:
-            return jnp.arange(slots, dtype=q_index.dtype)  # slot = index
-        slot = jnp.arange(window, dtype=q_index.dtype)
-        # Slot s holds the latest index <= last that is s mod W: last - ((last - s) mod W), negative when
-        # never written; last = start - 1 before this step's writes, or start once one token was written.
-        last = self.start if self.n == 1 else self.start - 1
-        ring = last - jnp.remainder(last - slot, window)
-        return ring if self.n == 1 else jnp.concatenate([ring, q_index])  # [W] or [W + n]
-
-    @staticmethod
-    def _mask(q_index: jax.Array, k_index: jax.Array, window: int | None, pad: jax.Array) -> jax.Array:
-        """Boolean [batch, 1, n, keys]: causal and windowed by index, written slots only, no padding read by
-        a real token, and a padding token attending to itself only: the core's padding rule
-        (gemmalab.cache_plan)."""
-        allowed = causal_mask(q_index[None], k_index[None], window) & (k_index >= 0)  # [1, 1, n, keys]
-        real_k = (k_index[None, :] >= pad[:, None])[:, None, None, :]  # [batch, 1, 1, keys]
-        real_q = (q_index[None, :] >= pad[:, None])[:, None, :, None]  # [batch, 1, n, 1]
-        itself = (k_index[None, :] == q_index[:, None])[None, None]  # [1, 1, n, keys]
-        return (allowed & real_k & real_q) | (itself & ~real_q)  # [batch, 1, n, keys]
-
-    def update(self, layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-        keys, values = self.buffers[layer]
-        window, n = self.windows[layer], self.n
+    def update(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Store new k, v [batch, n, kv_heads, head_dim]; return the keys and values to attend over
+        [batch, keys, kv_heads, head_dim], in the order of the step's mask for this layer's type."""
+        keys, values = self.keys, self.values
+        window, n = self.window, self.n
         if window is None:
             at = (0, self.start, 0, 0)
             keys = jax.lax.dynamic_update_slice(keys, k, at)  # slots start .. start+n-1
             values = jax.lax.dynamic_update_slice(values, v, at)
-            self.updated[layer] = self._pin(keys), self._pin(values)
+            self.keys, self.values = pin_buffer(self.plan, keys), pin_buffer(self.plan, values)
             return keys, values
         read = jnp.concatenate([keys, k], axis=1), jnp.concatenate([values, v], axis=1)  # [b, W + n, kv, d]
         kept = min(n, window)
         slots = jnp.remainder(self.start + n - kept + jnp.arange(kept, dtype=self.start.dtype), window)
         keys = keys.at[:, slots].set(k[:, n - kept :])
         values = values.at[:, slots].set(v[:, n - kept :])
-        self.updated[layer] = self._pin(keys), self._pin(values)
+        self.keys, self.values = pin_buffer(self.plan, keys), pin_buffer(self.plan, values)
         return (keys, values) if n == 1 else read  # one token: attend over the ring it was written to
 
-    def _pin(self, buffer: jax.Array) -> jax.Array:
-        return pin_buffer(self.plan, buffer)
+
+class PlannedLayerCache:
+    """One layer's keys and values inside one jitted planned step: attention reads [the whole buffer, the
+    new tokens] under the host's masks; the new keys and values the plan names (``tokens``) are scattered
+    into their ``slots``."""
+
+    def __init__(self, keys: jax.Array, values: jax.Array, slots: jax.Array, tokens: jax.Array, plan: Plan):
+        self.keys, self.values, self.slots, self.tokens, self.plan = keys, values, slots, tokens, plan
+
+    def update(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """As LayerCache.update, in the plan's layout."""
+        keys, values = self.keys, self.values
+        read = jnp.concatenate([keys, k], axis=1), jnp.concatenate([values, v], axis=1)  # [b, slots + n, kv, d]
+        keys = keys.at[:, self.slots].set(k[:, self.tokens])
+        values = values.at[:, self.slots].set(v[:, self.tokens])
+        self.keys, self.values = pin_buffer(self.plan, keys), pin_buffer(self.plan, values)
+        return read
+
+
+class StepCache:
+    """The KV cache inside one jitted step, as model.text_model reads it (PyTorch's and MLX's models read
+    their KVCache itself; here the host handle cannot enter the jit): the step's RoPE tables and masks per
+    layer type and one layer cache per layer. After the step, ``buffers()`` are the updated buffers."""
+
+    def __init__(self, rope: Rope, masks: dict[str, jax.Array], layers: list[LayerCache | PlannedLayerCache]):
+        self.rope, self.masks, self.layers = rope, masks, layers
+
+    @classmethod
+    def for_step(
+        cls,
+        config: Gemma3Config,
+        buffers: Buffers,
+        rope: Rope,
+        start: jax.Array,
+        pad: jax.Array,
+        n: int,
+        plan: Plan,
+    ) -> StepCache:
+        """n new tokens after ``start`` cached ones: builds the masks of each layer type once."""
+        windows = [config.sliding_window if t == SLIDING else None for t in config.layer_types]
+        q_index = start + jnp.arange(n, dtype=start.dtype)  # [n]
+        masks = {}
+        for layer, layer_type in enumerate(config.layer_types):
+            if layer_type not in masks:
+                keys = _key_index(windows[layer], buffers[layer][0].shape[1], q_index, start, n)
+                masks[layer_type] = _step_mask(q_index, keys, windows[layer], pad)
+        layers = [LayerCache(k, v, windows[i], start, n, plan) for i, (k, v) in enumerate(buffers)]
+        return cls(rope, masks, layers)
+
+    @classmethod
+    def for_plan(
+        cls, config: Gemma3Config, buffers: Buffers, rope: Rope, masks: dict[str, jax.Array],
+        writes: dict[str, tuple[jax.Array, jax.Array]], plan: Plan,
+    ) -> StepCache:
+        """A planned step: the host's masks per layer type, and the (slots, tokens) each layer type writes."""
+        layers = [
+            PlannedLayerCache(k, v, *writes[config.layer_types[i]], plan) for i, (k, v) in enumerate(buffers)
+        ]
+        return cls(rope, masks, layers)
+
+    def buffers(self) -> Buffers:
+        return [(layer.keys, layer.values) for layer in self.layers]
 
 
 def pin_buffer(plan: Plan, buffer: jax.Array) -> jax.Array:
@@ -144,9 +207,9 @@ def extend_step(
     ``start`` cached tokens. Returns float32 logits (mode "last": [batch, vocab], the head on the last
     position only; "all": [batch, n, vocab]; "none": None, and XLA drops the last layer's unused MLP) and
     the updated buffers."""
-    view = CacheView(config, buffers, start, pad, ids.shape[1], plan)
-    hidden = forward(params, config, ids, rope, view.masks, cache=view, hint=plan.hint).hidden
-    return _step_logits(params, config, plan, hidden, mode), view.updated
+    cache = StepCache.for_step(config, buffers, rope, start, pad, ids.shape[1], plan)
+    hidden = text_model(params, config, ids, cache=cache, hint=plan.hint).last_hidden_state
+    return _step_logits(params, config, plan, hidden, mode), cache.buffers()
 
 
 def _step_logits(params: Params, config: Gemma3Config, plan: Plan, hidden: jax.Array, mode: str) -> jax.Array | None:
@@ -155,26 +218,7 @@ def _step_logits(params: Params, config: Gemma3Config, plan: Plan, hidden: jax.A
         return None
     if mode == "last":
         hidden = hidden[:, -1]  # [batch, hidden]
-    return head(params, config, hidden, plan.hint).astype(jnp.float32)
-
-
-class PlannedView:
-    """The cache inside one jitted planned step: attention reads [the whole buffer, the new tokens] under
-    the host's masks; the new keys and values named by the plan are scattered into their slots."""
-
-    def __init__(self, config: Gemma3Config, buffers: Buffers, writes: dict[str, tuple[jax.Array, jax.Array]],
-                 plan: Plan):
-        self.config, self.buffers, self.writes, self.plan = config, buffers, writes, plan
-        self.updated: Buffers = list(buffers)
-
-    def update(self, layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-        keys, values = self.buffers[layer]
-        read = jnp.concatenate([keys, k], axis=1), jnp.concatenate([values, v], axis=1)  # [b, slots + n, kv, d]
-        slots, tokens = self.writes[self.config.layer_types[layer]]
-        keys = keys.at[:, slots].set(k[:, tokens])
-        values = values.at[:, slots].set(v[:, tokens])
-        self.updated[layer] = pin_buffer(self.plan, keys), pin_buffer(self.plan, values)
-        return read
+    return logits_from_hidden(params, config, hidden, plan.hint).astype(jnp.float32)
 
 
 def planned_step(
@@ -192,9 +236,9 @@ def planned_step(
     """One incremental pass that follows a host plan (gemmalab.cache_plan), jitted by the backend with
     ``buffers`` donated: masks [batch, 1, n, slots + n] per layer type, writes (slots, tokens) per layer type.
     Returns what ``extend_step`` returns."""
-    view = PlannedView(config, buffers, writes, plan)
-    hidden = forward(params, config, ids, rope, masks, cache=view, hint=plan.hint).hidden
-    return _step_logits(params, config, plan, hidden, mode), view.updated
+    cache = StepCache.for_plan(config, buffers, rope, masks, writes, plan)
+    hidden = text_model(params, config, ids, cache=cache, hint=plan.hint).last_hidden_state
+    return _step_logits(params, config, plan, hidden, mode), cache.buffers()
 
 
 class KVCache:
@@ -221,7 +265,7 @@ class KVCache:
     def _zeros(self, slots: int) -> tuple[jax.Array, jax.Array]:
         shape = self._shape(slots)
         sharding = self.plan.cache_sharding(shape)  # allocated on the devices directly, already sharded
-        return tuple(jnp.zeros(shape, JNP_DTYPES[self.dtype], device=sharding) for _ in range(2))
+        return tuple(jnp.zeros(shape, DTYPES[self.dtype], device=sharding) for _ in range(2))
 
     @property
     def buffers(self) -> Buffers:

@@ -1,7 +1,12 @@
-"""Gemma 3 text model in JAX, one file, bottom-up: RMSNorm -> RoPE -> masks -> attention -> MLP -> block ->
-model.
+"""Gemma 3 text model in JAX, one file, bottom-up: dtype helpers -> (the parameter tree, linear layers) ->
+RMSNorm -> rotary embedding -> masks -> attention -> MLP -> decoder block -> text model -> causal LM and
+its head.
 
-Plain functions over a pytree of parameters (no flax). The tree is nested dicts mirroring the Hugging Face
+Plain functions over a pytree of parameters (no flax): the model is a tree of arrays, not an object, so
+where the PyTorch and MLX files have a class this file has a function of the same name in snake case, in
+the same place (``rms_norm`` = RMSNorm, ``attention`` = Attention, ``mlp`` = MLP, ``decoder_layer`` =
+DecoderLayer, ``text_model`` = Gemma3TextModel, ``forward`` = Gemma3ForCausalLM's forward), taking the
+parameters and the config first. The tree is nested dicts mirroring the Hugging Face
 module tree, ``{"model": {"embed_tokens": {"weight": A}, "layers": [{...}, ...], "norm": {...}}}`` (plus
 ``"lm_head"`` when the config unties it), so ``flatten(params)`` yields exactly gemmalab's canonical names
 (gemmalab/params.py) and loading a checkpoint is a key map. Linear weights keep the HF layout
@@ -45,33 +50,50 @@ Precision policy (the same as the PyTorch and MLX backends), decided from the em
 
 RoPE angles are formed on the host in float64, the reference's precision (``rope_tables``): JAX computes in
 at most fp32 unless x64 is switched on globally, and an fp32 angle ``position * inv_freq`` is off by ~0.01
-rad near position 100k. The jitted functions take the cos/sin tables as inputs.
+rad near position 100k. The jitted functions take the cos/sin tables as inputs (``rope=``).
 
 Attention masks are boolean [batch or 1, 1, queries, keys], True = may attend, built from positions (or
-from cache indices, cache.py), one per layer type and shared by its layers; ``forward`` takes them as
-arguments, so explicit masks and position ids (block-bidirectional attention, repeated positions) need no
+from cache indices, cache.py), one per layer type and shared by its layers; ``text_model`` takes them as
+an argument, so explicit masks and position ids (block-bidirectional attention, repeated positions) need no
 change here. ``hint`` callbacks name the axes of a few activations by role (batch, heads, mlp, vocab); a
 sharding plan (sharding.py) turns them into layout constraints, and without one they do nothing.
+
+Names shared with the other backends (gemmalab_torch.model, gemmalab_mlx.model), in this order:
+``DTYPES``, ``dtype_name``, ``rms_norm``, ``apply_rope``, ``causal_mask``, ``attention``, ``mlp``,
+``decoder_layer``, ``Gemma3Output``, ``text_model``, ``soft_cap``, ``select_positions``, ``output_weight``,
+``logits_from_hidden``, ``forward``. ``forward(params, config, ids, *, positions, mask, logits_at, cache,
+output_hidden_states, output_attentions)`` returns a ``Gemma3Output(logits, last_hidden_state,
+hidden_states, attentions)`` (a NamedTuple: a pytree, so jitted functions return it); after those
+arguments come JAX's own: ``rope`` (the RoPE tables, made on the host: under jit positions are traced),
+``hint`` and ``remat``. JAX alone has the parameter-tree functions (``flatten``, ``unflatten``, ``rebuild``,
+``abstract_params``), ``linear``, ``default_masks`` and ``layer_rope_tables``; ``rope_tables`` and
+``rotate_half`` are shared with PyTorch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from functools import partial
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gemmalab.config import SLIDING, Gemma3Config, RopeSpec
+from gemmalab.errors import InputError
 from gemmalab.params import parameter_shapes
 
-JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+if TYPE_CHECKING:  # cache.py imports this file; the model only calls the caches' methods
+    from .cache import LayerCache, StepCache
 
 Params = dict[str, Any]  # the nested parameter tree described in the module docstring
 Rope = Mapping[str, tuple[jax.Array, jax.Array]]  # layer type -> (cos, sin) [batch or 1, seq, 1, head_dim]
 Masks = Mapping[str, jax.Array]  # layer type -> boolean [batch or 1, 1, queries, keys]
+# What a caller may pass as ``mask``: one boolean array for every layer, or one per layer type.
+MaskArg = jax.Array | Masks | None
+# Which sequence positions to compute logits for (see ``forward``).
+PositionsArg = int | slice | jax.Array | np.ndarray | None
 # hint(x, axes): x with its layout constrained; axes names each dim's role ("batch", "heads", ...) or None.
 Hint = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
 
@@ -80,12 +102,18 @@ def no_hint(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return x
 
 
+# --------------------------------------------------------------------------------------------------------
+# dtype helpers
+# --------------------------------------------------------------------------------------------------------
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
 def dtype_name(dtype: Any) -> str:
     """The gemmalab name ("float32", "bfloat16", "float16") of a JAX floating dtype."""
-    for name, value in JNP_DTYPES.items():
+    for name, value in DTYPES.items():
         if jnp.dtype(value) == jnp.dtype(dtype):
             return name
-    raise ValueError(f"dtype {dtype} is not one gemmalab computes in")
+    raise InputError(f"JAX dtype {dtype} is not one gemmalab computes in: use float32, bfloat16 or float16")
 
 
 def _at_least_fp32(dtype: Any) -> Any:
@@ -93,7 +121,7 @@ def _at_least_fp32(dtype: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------------
-# The parameter tree
+# The parameter tree (JAX only: the model is this tree)
 # --------------------------------------------------------------------------------------------------------
 def unflatten(flat: Mapping[str, Any]) -> Params:
     """Canonical dotted names -> the nested tree (numbered parts become lists: ``layers.3`` -> layers[3])."""
@@ -149,7 +177,7 @@ def abstract_params(config: Gemma3Config, dtype: str, sharding: Callable[[str], 
     return unflatten(
         {
             name: jax.ShapeDtypeStruct(
-                shape, JNP_DTYPES[dtype], sharding=sharding(name) if sharding else None
+                shape, DTYPES[dtype], sharding=sharding(name) if sharding else None
             )
             for name, shape in parameter_shapes(config).items()
         }
@@ -157,7 +185,7 @@ def abstract_params(config: Gemma3Config, dtype: str, sharding: Callable[[str], 
 
 
 # --------------------------------------------------------------------------------------------------------
-# Linear layers
+# Linear layers (JAX only: every linear is a leaf of the tree, or a wrapper in its place)
 # --------------------------------------------------------------------------------------------------------
 def linear(p: Any, x: jax.Array) -> jax.Array:
     """One linear layer on x [..., in]: ``x @ W.T`` for a plain leaf ``{"weight": W}`` (W [out, in]), else
@@ -201,6 +229,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
+def layer_rope_tables(
+    config: Gemma3Config, positions: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``rope_tables`` per layer type (local layers: ``config.rope_local``, global: ``config.rope_global``)
+    for integer ``positions`` [batch or 1, seq], on the host."""
+    return {
+        layer_type: rope_tables(
+            positions, config.rope_local if layer_type == SLIDING else config.rope_global, config.head_dim
+        )
+        for layer_type in set(config.layer_types)
+    }
+
+
 # --------------------------------------------------------------------------------------------------------
 # Attention masks
 # --------------------------------------------------------------------------------------------------------
@@ -225,31 +266,43 @@ def default_masks(config: Gemma3Config, positions: jax.Array) -> dict[str, jax.A
     }
 
 
+def _layer_masks(config: Gemma3Config, positions: Any, mask: MaskArg, seq: int) -> dict[str, jax.Array]:
+    """One boolean mask per layer type [batch or 1, 1, seq, seq]: ``mask`` (one array or one per layer
+    type), else the built-in ones for ``positions`` (default 0 .. seq-1)."""
+    if mask is None:
+        pos = jnp.arange(seq)[None] if positions is None else jnp.asarray(positions)  # [batch or 1, seq]
+        return default_masks(config, pos)
+    masks = {}
+    for layer_type in set(config.layer_types):
+        layer_mask = mask.get(layer_type) if isinstance(mask, Mapping) else mask
+        if layer_mask is None:
+            raise InputError(f"mask has no entry for {layer_type!r} layers: give one per layer type")
+        if jnp.dtype(layer_mask.dtype) != jnp.bool_:
+            raise InputError(f"mask must be boolean (True = may attend), got {layer_mask.dtype}")
+        if layer_mask.ndim == 2:
+            layer_mask = layer_mask[None, None]  # [q, k] -> [1, 1, q, k]
+        if layer_mask.ndim != 4 or layer_mask.shape[1] != 1:
+            raise InputError(f"mask must have shape [batch, 1, seq, seq], got {tuple(layer_mask.shape)}")
+        masks[layer_type] = layer_mask
+    return masks
+
+
 # --------------------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------------------
-class LayerCache(Protocol):
-    """What attention asks of a KV cache (cache.CacheView implements it inside the jitted step)."""
-
-    def update(self, layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Store new k, v [batch, n, kv_heads, head_dim]; return the keys and values to attend over
-        [batch, keys, kv_heads, head_dim], in the order of the cache's mask for this layer's type."""
-
-
 def attention(
     p: Params,
     config: Gemma3Config,
-    layer: int,
     x: jax.Array,
     rope: tuple[jax.Array, jax.Array],
     mask: jax.Array,
     *,
     cache: LayerCache | None = None,
     hint: Hint = no_hint,
-    with_probs: bool = False,
+    output_attentions: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Gemma 3 self-attention. x: [batch, seq, hidden] in the matmul dtype; mask: boolean [batch or 1, 1,
-    seq, keys]. Keys are x's own positions, or with a cache what ``cache.update`` returns. Returns the
+    seq, keys]. Keys are x's own positions, or with a layer cache what ``cache.update`` returns. Returns the
     output [batch, seq, hidden] and, when asked, the probabilities [batch, heads, seq, keys] (fp32)."""
     batch, seq, _ = x.shape
     heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -266,10 +319,10 @@ def attention(
     k = hint(k, ("batch", None, "kv_heads", None))
     v = hint(v, ("batch", None, "kv_heads", None))
     if cache is not None:
-        k, v = cache.update(layer, k, v)  # [batch, keys, kv_heads, d]
+        k, v = cache.update(k, v)  # [batch, keys, kv_heads, d]
 
     probs = None
-    if with_probs:
+    if output_attentions:
         out, probs = attention_with_probs(q, k, v, mask, config.attention_scale)
     else:
         # GQA: k and v keep kv_heads heads; the query heads are grouped onto them inside. fp16 attends in
@@ -315,7 +368,6 @@ def mlp(p: Params, x: jax.Array, hint: Hint = no_hint) -> jax.Array:
 def decoder_layer(
     p: Params,
     config: Gemma3Config,
-    layer: int,
     x: jax.Array,
     rope: tuple[jax.Array, jax.Array],
     mask: jax.Array,
@@ -323,7 +375,7 @@ def decoder_layer(
     dtype: Any,
     cache: LayerCache | None = None,
     hint: Hint = no_hint,
-    with_probs: bool = False,
+    output_attentions: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Norm -> attention -> norm -> add; norm -> MLP -> norm -> add (four norms, Gemma's sandwich).
     x: the residual stream [batch, seq, hidden] (fp32 in an fp16 model); ``dtype``: the matmul dtype. The
@@ -332,13 +384,12 @@ def decoder_layer(
     attn_out, probs = attention(
         p["self_attn"],
         config,
-        layer,
         rms_norm(x, p["input_layernorm"]["weight"], eps, dtype),
         rope,
         mask,
         cache=cache,
         hint=hint,
-        with_probs=with_probs,
+        output_attentions=output_attentions,
     )
     x = x + rms_norm(attn_out, p["post_attention_layernorm"]["weight"], eps, x.dtype)
     mlp_out = mlp(p["mlp"], rms_norm(x, p["pre_feedforward_layernorm"]["weight"], eps, dtype), hint)
@@ -347,41 +398,71 @@ def decoder_layer(
 
 
 # --------------------------------------------------------------------------------------------------------
-# Model
+# Text model
 # --------------------------------------------------------------------------------------------------------
-class Output(NamedTuple):
-    """What ``forward`` returns (a pytree, so jitted functions can return it). Capture lists are None
-    unless asked for."""
+class Gemma3Output(NamedTuple):
+    """What a forward pass returns, on every backend (the same fields in the same order); a pytree, so
+    jitted functions can return it. The capture lists are None unless asked for."""
 
-    hidden: jax.Array  # after the final norm, [batch, seq, hidden], matmul dtype
+    logits: jax.Array | None  # [batch, n, vocab], matmul dtype; n = seq unless logits_at selects; None
+    # from text_model
+    last_hidden_state: jax.Array  # after the final norm, [batch, seq, hidden], matmul dtype
     hidden_states: list[jax.Array] | None = None  # residual stream: embeddings, then after each block
-    attentions: list[jax.Array | None] | None = None  # per block, probabilities [batch, heads, seq, keys], fp32
+    attentions: list[jax.Array | None] | None = None  # per block, probabilities [batch, heads, seq, keys],
+    # fp32 (None where not asked)
 
 
-def forward(
+def _host_positions(positions: Any, seq: int) -> np.ndarray:
+    """Positions [batch or 1, seq] as host numpy, for RoPE tables made in float64 (module docstring)."""
+    if positions is None:
+        return np.arange(seq)[None]  # [1, seq]: one set of tables for every row
+    if isinstance(positions, jax.core.Tracer):
+        raise InputError(
+            "positions are traced inside jax.jit, and RoPE tables are made on the host: pass "
+            "rope=JaxModel.rope(positions) (or layer_rope_tables(config, positions)) made outside the jit"
+        )
+    return np.asarray(positions)
+
+
+def text_model(
     params: Params,
     config: Gemma3Config,
     ids: jax.Array,
-    rope: Rope,
-    masks: Masks,
     *,
-    cache: LayerCache | None = None,
-    hint: Hint = no_hint,
+    positions: jax.Array | np.ndarray | None = None,
+    mask: MaskArg = None,
+    cache: StepCache | None = None,
     output_hidden_states: bool = False,
     output_attentions: bool | Collection[int] = False,
+    rope: Rope | None = None,
+    hint: Hint = no_hint,
     remat: bool = False,
-) -> Output:
-    """Embeddings, decoder blocks and the final norm (no output head: see ``head``).
+) -> Gemma3Output:
+    """Embeddings, decoder blocks and the final norm (Gemma3TextModel; no output head: ``logits`` is None).
 
-    ids: int [batch, seq]. rope: layer type -> (cos, sin) from ``rope_tables`` for the ids' positions.
-    masks: layer type -> boolean [batch or 1, 1, seq, keys] (``default_masks`` for a plain sequence; a
-    cache supplies its own). With a cache, keys and values are stored there and attention reads what it
-    returns. The output_* flags also return the residual stream and attention probabilities
-    (``output_attentions``: True = every layer, or a collection of layer indices: only those take the
-    non-fused path, and the list holds None for the others); the normal path pays nothing for them. ``remat`` (training, no cache)
-    rematerialises each decoder block: its backward pass reruns the block from its input instead of reading
-    stored activations, so activation memory holds one block's worth plus each block's input.
+    ids: int [batch, seq]. ``positions``, ``mask``, ``cache`` and the output_* flags are ``forward``'s.
+    rope: layer type -> (cos, sin) of the positions (``layer_rope_tables``, or ``JaxModel.rope`` placed on
+    the mesh); default: made here on the host from ``positions``, which must then not be traced. With a
+    cache (a ``cache.StepCache``, inside a jitted step) the cache gives the RoPE tables and masks, and each
+    layer's keys and values go to its ``cache.layers[i]``. ``remat`` (training, no cache) rematerialises
+    each decoder block: its backward pass reruns the block from its input instead of reading stored
+    activations, so activation memory holds one block's worth plus each block's input.
     """
+    seq = ids.shape[1]
+    if cache is not None:
+        # Positions, RoPE tables and masks come from the cache (what it holds decides them).
+        if positions is not None or mask is not None or rope is not None:
+            raise InputError(
+                "a KV cache decides positions and masks: pass positions= and mask= without cache= "
+                "(or give them to the backend's extend, which plans the cache for them)"
+            )
+        if remat:
+            raise InputError("remat is for training, which runs without a KV cache: drop cache= or remat=")
+        rope, masks, caches = cache.rope, cache.masks, cache.layers
+    else:
+        if rope is None:
+            rope = layer_rope_tables(config, _host_positions(positions, seq))
+        masks, caches = _layer_masks(config, positions, mask, seq), None
     embed = params["model"]["embed_tokens"]["weight"]
     dtype = embed.dtype  # the matmul dtype
     residual_dtype = jnp.float32 if dtype == jnp.float16 else dtype  # the fp16 policy (header)
@@ -389,22 +470,60 @@ def forward(
     x = hint(x * config.embed_scale(dtype_name(dtype)), ("batch", None, None))
     hidden_states = [x] if output_hidden_states else None
     layers = params["model"]["layers"]
+    # True = every layer's probabilities; a collection of layer indices = those layers' only (the others
+    # keep the fused kernel). The list has one entry per layer, None where not captured.
     wanted = set(range(len(layers))) if output_attentions is True else set(output_attentions or ())
     attentions = [] if wanted else None
     blocks = {}
     for with_probs in (False, True):
-        block = partial(decoder_layer, dtype=dtype, cache=cache, hint=hint, with_probs=with_probs)
-        # jax.checkpoint traces its arguments as arrays: the config and the layer index stay Python values.
-        blocks[with_probs] = jax.checkpoint(block, static_argnums=(1, 2)) if remat else block
+        block = partial(decoder_layer, dtype=dtype, hint=hint, output_attentions=with_probs)
+        # jax.checkpoint traces its arguments as arrays: the config stays a Python value.
+        blocks[with_probs] = jax.checkpoint(block, static_argnums=(1,)) if remat else block
     for i, p in enumerate(layers):
         layer_type = config.layer_types[i]
-        x, probs = blocks[i in wanted](p, config, i, x, rope[layer_type], masks[layer_type])
+        args = (p, config, x, rope[layer_type], masks[layer_type])
+        if caches is None:
+            x, probs = blocks[i in wanted](*args)
+        else:
+            x, probs = blocks[i in wanted](*args, cache=caches[i])
         if hidden_states is not None:
             hidden_states.append(x)
         if attentions is not None:
             attentions.append(probs)
     hidden = rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps, dtype)
-    return Output(hidden, hidden_states, attentions)
+    return Gemma3Output(None, hidden, hidden_states, attentions)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Causal LM and its head
+# --------------------------------------------------------------------------------------------------------
+def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma's final-logit soft-capping ``tanh(logits / cap) * cap`` (none when ``cap`` is None), in (at
+    least) fp32 and rounded once to the logits' dtype."""
+    if cap is None:
+        return logits
+    capped = jnp.tanh(logits.astype(_at_least_fp32(logits.dtype)) / cap) * cap
+    return capped.astype(logits.dtype)
+
+
+def select_positions(hidden: jax.Array, at: PositionsArg) -> jax.Array:
+    """hidden [batch, seq, dim] -> [batch, n, dim] at the positions ``at`` (see ``forward``)."""
+    if at is None:
+        return hidden
+    if isinstance(at, int):
+        seq = hidden.shape[1]
+        if not -seq <= at < seq:
+            raise InputError(f"logits_at={at} is outside the {seq} positions of this input")
+        return hidden[:, at : (at + 1) or None]  # [batch, 1, dim]
+    if isinstance(at, slice):
+        return hidden[:, at]
+    if at.ndim == 1:
+        return hidden[:, at]  # [batch, n, dim]
+    if at.ndim == 2:
+        return jnp.take_along_axis(hidden, jnp.asarray(at)[:, :, None], axis=1)  # [batch, n, dim]
+    raise InputError(
+        f"logits_at must be an int, a slice, or a 1-D or 2-D index array, got shape {tuple(at.shape)}"
+    )
 
 
 def output_weight(params: Params) -> jax.Array:
@@ -416,40 +535,93 @@ def output_weight(params: Params) -> jax.Array:
     return p["weight"] if isinstance(p, dict) else p.fuse()
 
 
-def head(params: Params, config: Gemma3Config, hidden: jax.Array, hint: Hint = no_hint) -> jax.Array:
+def logits_from_hidden(
+    params: Params, config: Gemma3Config, hidden: jax.Array, hint: Hint = no_hint
+) -> jax.Array:
     """Output head on final-normed hidden states [..., hidden] -> logits [..., vocab] in the matmul dtype,
     soft-capped (in fp32) when the config says so. Run it only on the positions whose logits are read: the
-    262k vocabulary makes it the largest matmul of the small models."""
+    262k vocabulary makes it the largest matmul of the small models (callers that chunk a loss run the
+    backbone once and this per chunk)."""
     if "lm_head" in params:
         logits = linear(params["lm_head"], hidden)  # [..., vocab]
     else:
         logits = hidden @ params["model"]["embed_tokens"]["weight"].T  # tied: the embedding matrix itself
     logits = hint(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
-    cap = config.final_logit_softcapping
-    if cap is not None:
-        capped = jnp.tanh(logits.astype(_at_least_fp32(logits.dtype)) / cap) * cap
-        logits = capped.astype(logits.dtype)
-    return logits
+    return soft_cap(logits, config.final_logit_softcapping)
+
+
+def forward(
+    params: Params,
+    config: Gemma3Config,
+    ids: jax.Array,
+    *,
+    positions: jax.Array | np.ndarray | None = None,
+    mask: MaskArg = None,
+    logits_at: PositionsArg = None,
+    cache: StepCache | None = None,
+    output_hidden_states: bool = False,
+    output_attentions: bool | Collection[int] = False,
+    rope: Rope | None = None,
+    hint: Hint = no_hint,
+    remat: bool = False,
+) -> Gemma3Output:
+    """Run the model (Gemma3ForCausalLM's forward) on int token ids [batch, seq].
+
+    positions: [batch or 1, seq] integer positions; default 0..seq-1. RoPE and the built-in masks use them.
+    mask: boolean, True = may attend, shape [batch or 1, 1, seq, seq] (or [seq, seq]). It replaces the
+        built-in causal / sliding-window masks: one array for every layer, or a mapping
+        {"sliding_attention": ..., "full_attention": ...}. Every query must be allowed some key.
+    logits_at: which positions get logits: None = every position; an int (e.g. -1) = that one position,
+        kept as a length-1 dim; a slice or a 1-D index array = those positions in every row; a 2-D
+        [batch, n] index array = per-row positions.
+    cache: a ``cache.StepCache`` (inside a jitted step of the backend's extend): ids follow what it holds,
+        their keys and values are stored in it, and it decides their positions and masks.
+    output_hidden_states: also return the residual stream after the embeddings and after every block.
+    output_attentions: also return attention probabilities: True = every block's, a collection of layer
+        indices = those blocks' only (they take a non-fused, slower path; the others do not).
+    rope, hint, remat: see ``text_model``.
+    """
+    out = text_model(
+        params,
+        config,
+        ids,
+        positions=positions,
+        mask=mask,
+        cache=cache,
+        output_hidden_states=output_hidden_states,
+        output_attentions=output_attentions,
+        rope=rope,
+        hint=hint,
+        remat=remat,
+    )
+    hidden = select_positions(out.last_hidden_state, logits_at)
+    return out._replace(logits=logits_from_hidden(params, config, hidden, hint))
 
 
 __all__ = [
-    "JNP_DTYPES",
-    "Output",
+    "DTYPES",
+    "Gemma3Output",
     "abstract_params",
     "apply_rope",
     "attention",
     "causal_mask",
     "decoder_layer",
     "default_masks",
+    "dtype_name",
     "flatten",
     "forward",
-    "head",
+    "layer_rope_tables",
     "linear",
+    "logits_from_hidden",
     "mlp",
     "no_hint",
     "output_weight",
     "rebuild",
     "rms_norm",
     "rope_tables",
+    "rotate_half",
+    "select_positions",
+    "soft_cap",
+    "text_model",
     "unflatten",
 ]

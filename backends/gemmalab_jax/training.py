@@ -9,7 +9,7 @@ Two jitted functions do the work, both compiled once per shape and then reused s
 * ``apply``: divide by the normaliser, global norm, clip, one optax update per parameter, all skipped by a
   ``lax.cond`` when the norm is not finite; parameters, optimizer state and accumulator are donated.
 
-``spec.grad_checkpointing`` wraps each decoder block in ``jax.checkpoint`` (model.forward's ``remat``): jax
+``spec.grad_checkpointing`` wraps each decoder block in ``jax.checkpoint`` (model.text_model's ``remat``): jax
 then keeps only each block's input for the backward pass. On XLA:CPU this saves nothing: the compiler drops
 the optimisation barriers and merges the recomputation back into the forward pass (the compiled program has
 the same matmuls and the same temporary memory with and without it); GPU and TPU keep the barriers.
@@ -66,19 +66,18 @@ from gemmalab.train.losses import LOG_FLOOR, AuxTerm, CrossEntropy, HeadTerm, Hi
 from gemmalab.train.spec import OptimizerSpec, TrainSpec, check_optimizer_state
 
 from .model import (
-    JNP_DTYPES,
+    DTYPES,
+    Gemma3Output,
     Hint,
     Masks,
-    Output,
     Params,
     Rope,
-    default_masks,
     flatten,
-    forward,
-    head,
+    logits_from_hidden,
     no_hint,
     output_weight,
     rebuild,
+    text_model,
 )
 from .sharding import Plan
 
@@ -123,9 +122,9 @@ def head_loss_sum(
     hint: Hint = no_hint,
 ) -> jax.Array:
     """sum over positions of weights * the head ``terms`` (each times its weight), float32, of final-normed
-    hidden states [n, hidden] against int targets [n], with the output head (``model.head``: tied or not,
-    soft-capped or not) run on at most ``chunk_tokens`` positions at a time; ``extras`` are the terms'
-    per-position inputs [n, ...].
+    hidden states [n, hidden] against int targets [n], with the output head (``model.logits_from_hidden``:
+    tied or not, soft-capped or not) run on at most ``chunk_tokens`` positions at a time; ``extras`` are the
+    terms' per-position inputs [n, ...].
 
     The chunks go through ``lax.scan`` with a checkpointed body: the backward pass recomputes each
     chunk's [chunk, vocab] logits from its hidden states instead of reading them from the forward pass,
@@ -146,7 +145,7 @@ def head_loss_sum(
     # scan already keeps the chunks apart, so CSE cannot undo the recomputation (jax.checkpoint docs)
     @partial(jax.checkpoint, prevent_cse=False)
     def chunk_loss(h: jax.Array, t: jax.Array, w: jax.Array, ex: dict[str, jax.Array]) -> jax.Array:
-        logits = head(params, config, h, hint).astype(jnp.float32)  # [chunk, vocab]
+        logits = logits_from_hidden(params, config, h, hint).astype(jnp.float32)  # [chunk, vocab]
         return sum(term.weight * jnp.sum(head_term(term, logits, t, ex) * w) for term in terms)
 
     def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
@@ -157,10 +156,10 @@ def head_loss_sum(
     return total
 
 
-def hidden_state(out: Output, index: int) -> jax.Array:
+def hidden_state(out: Gemma3Output, index: int) -> jax.Array:
     """Hidden state ``index`` in transformers' convention: the residual stream after ``index`` blocks, the
     last one after the final norm."""
-    return out.hidden if index == len(out.hidden_states) - 1 else out.hidden_states[index]
+    return out.last_hidden_state if index == len(out.hidden_states) - 1 else out.hidden_states[index]
 
 
 def chunked_loss_sum(
@@ -184,16 +183,14 @@ def chunked_loss_sum(
     ``head_loss_sum`` over the flattened positions, plus the weighted aux terms. ``remat``
     rematerialises each decoder block; ``head_params`` (default ``params``) are the parameters the output
     head reads, in their dtype."""
-    if masks is None:
-        masks = default_masks(config, jnp.arange(ids.shape[1])[None])  # [1, seq]: one mask for every row
     extras = dict(extras or {})
     hidden_layers, attention_layers = loss.hidden_layers(), loss.attention_layers()
-    out = forward(
-        params, config, ids, rope, masks, hint=hint, remat=remat,
+    out = text_model(  # masks None: the built-in ones of positions 0 .. seq-1, one for every row
+        params, config, ids, mask=masks, rope=rope, hint=hint, remat=remat,
         output_hidden_states=bool(hidden_layers), output_attentions=frozenset(attention_layers),
     )
     head_params = params if head_params is None else head_params
-    hidden = out.hidden.astype(output_weight(head_params).dtype)
+    hidden = out.last_hidden_state.astype(output_weight(head_params).dtype)
     rows = ids.shape[0] * ids.shape[1]
     total = head_loss_sum(
         head_params,
@@ -214,7 +211,7 @@ def chunked_loss_sum(
 
 def _loss_sum(
     params: Params,
-    batch: JaxBatch,
+    batch: Batch,
     *,
     config: Gemma3Config,
     plan: Plan,
@@ -231,7 +228,7 @@ def _accumulate(
     trainable: dict[str, jax.Array],
     frozen: dict[str, jax.Array],
     accumulator: dict[str, jax.Array],
-    batch: JaxBatch,
+    batch: Batch,
     loss_scale: jax.Array,
     *,
     structure: jax.tree_util.PyTreeDef,
@@ -248,7 +245,7 @@ def _accumulate(
     def scaled_loss(trainable: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         # The cast is inside the differentiated function: gradients flow back through it to float32.
         master = rebuild(structure, {**trainable, **frozen})  # wrappers (linears.py) kept
-        params = jax.tree.map(lambda p: p.astype(JNP_DTYPES[compute]), master)
+        params = jax.tree.map(lambda p: p.astype(DTYPES[compute]), master)
         value = chunked_loss_sum(
             params,
             config,
@@ -354,7 +351,7 @@ def optimizer_transform(opt: OptimizerSpec) -> optax.GradientTransformation:
 
 
 # --- numpy in ------------------------------------------------------------------------------------------------
-class JaxBatch(NamedTuple):
+class Batch(NamedTuple):
     """A checked micro-batch (gemmalab.train.inputs.StepInputs) placed like the model's activations (a
     pytree, so the jitted steps take it whole)."""
 
@@ -366,7 +363,7 @@ class JaxBatch(NamedTuple):
     extras: dict[str, jax.Array]  # float32
 
 
-def batch_arrays(model: JaxModel, step: StepInputs, rope: Rope | None = None) -> JaxBatch:
+def batch_arrays(model: JaxModel, step: StepInputs, rope: Rope | None = None) -> Batch:
     """The batch on the model's mesh; ``rope`` (the tables of positions 0 .. seq-1, which a trainer
     caches) is used when the batch has no explicit positions."""
 
@@ -377,7 +374,7 @@ def batch_arrays(model: JaxModel, step: StepInputs, rope: Rope | None = None) ->
         rope = model.rope(step.positions)
     elif rope is None:
         rope = model.rope(_positions(step.inputs.shape[1]))
-    return JaxBatch(
+    return Batch(
         ids=put(step.inputs), targets=put(step.targets), weights=put(step.weights), rope=rope,
         masks=None if step.masks is None else {kind: put(m[:, None]) for kind, m in step.masks.items()},
         extras={name: put(value) for name, value in step.extras.items()},
@@ -420,7 +417,7 @@ def _check_chunk(chunk_tokens: int) -> None:
 
 
 # --- the trainer --------------------------------------------------------------------------------------------
-class JaxTrainer:
+class Trainer:
     """gemmalab.train.spec.BackendTrainer for a float32 ``JaxModel``; ``trainer.model.params`` holds the
     current weights after every step (new arrays: the old ones are donated to the update)."""
 
@@ -647,8 +644,8 @@ def _optax_leaf(values: Mapping[str, np.ndarray], kind: str | None, path: str, l
 
 
 __all__ = [
-    "JaxBatch",
-    "JaxTrainer",
+    "Batch",
+    "Trainer",
     "aux_term",
     "batch_arrays",
     "chunked_loss_sum",

@@ -30,8 +30,8 @@ from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
 
 from . import linears
 from .cache import KVCache
-from .model import MX_DTYPES, Capture, Gemma3ForCausalLM
-from .training import MLXTrainer, batch_arrays, chunked_loss_sum, hidden_state
+from .model import DTYPES, Gemma3ForCausalLM
+from .training import Trainer, batch_arrays, chunked_loss_sum, hidden_state
 from .wrappers import WRAPPERS
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -111,7 +111,7 @@ class MLXBackend:
         _require_weights(model)
         ids = _token_ids(model, ids)
         with mx.stream(model.device or mx.default_device()):
-            out = model(ids).astype(mx.float32)
+            out = model(ids).logits.astype(mx.float32)
             mx.eval(out)
         return np.array(out)
 
@@ -127,14 +127,13 @@ class MLXBackend:
     ) -> ForwardOutput:
         _require_weights(model)
         ids = _token_ids(model, ids)
-        capture = Capture(attention=frozenset(attentions))
         with mx.stream(model.device or mx.default_device()):
             layer_masks = {kind: mx.array(np.ascontiguousarray(m[:, None])) for kind, m in masks.items()}
-            hidden = model.model(ids, positions=mx.array(positions.astype(np.int32)), mask=layer_masks,
-                                 capture=capture)  # [batch, seq, hidden], after the final norm
-            logits = model.logits_from_hidden(hidden).astype(mx.float32)
-            picked = {i: hidden_state(capture, hidden, i).astype(mx.float32) for i in hidden_states}
-            probs = {i: capture.attentions[i] for i in attentions}
+            out = model(ids, positions=mx.array(positions.astype(np.int32)), mask=layer_masks,
+                        output_hidden_states=bool(hidden_states), output_attentions=frozenset(attentions))
+            logits = out.logits.astype(mx.float32)
+            picked = {i: hidden_state(out, i).astype(mx.float32) for i in hidden_states}
+            probs = {i: out.attentions[i] for i in attentions}
             mx.eval(logits, picked, probs)
         return ForwardOutput(np.array(logits), {i: np.array(a) for i, a in picked.items()},
                              {i: np.array(a) for i, a in probs.items()})
@@ -160,7 +159,7 @@ class MLXBackend:
                 model.model(ids, cache=cache)
                 mx.eval(cache.state)
                 return None
-            out = model(ids, cache=cache, logits_to_keep=1 if logits == "last" else 0)  # [b, kept, vocab]
+            out = model(ids, cache=cache, logits_at=-1 if logits == "last" else None).logits  # [b, 1 or n, v]
             out = out.astype(mx.float32)
             if logits == "last":
                 out = out[:, 0]  # [batch, vocab]
@@ -179,7 +178,7 @@ class MLXBackend:
 
         def queue_step(ids: mx.array) -> mx.array:
             with mx.stream(device):
-                logits = model(ids, cache=cache, logits_to_keep=1)[:, -1]  # [batch, vocab]
+                logits = model(ids, cache=cache, logits_at=-1).logits[:, -1]  # [batch, vocab]
                 chosen = mx.argmax(logits, axis=-1).astype(mx.int32)[:, None]  # [batch, 1]
             mx.async_eval(chosen)
             return chosen
@@ -234,9 +233,9 @@ class MLXBackend:
         return linears.fuse(model)
 
     # -- training ----------------------------------------------------------------------------------------
-    def trainer(self, model: Gemma3ForCausalLM, spec: TrainSpec) -> MLXTrainer:
+    def trainer(self, model: Gemma3ForCausalLM, spec: TrainSpec) -> Trainer:
         _require_weights(model)
-        return MLXTrainer(model, spec)
+        return Trainer(model, spec)
 
     def loss_sum(
         self,
@@ -277,7 +276,7 @@ def load_weights(model: Gemma3ForCausalLM, weights: Mapping[str, np.ndarray]) ->
             f"weights do not match the {model.config.name or 'configured'} model: "
             f"{'; '.join(problems)}: check the checkpoint against its config.json"
         )
-    dtype = MX_DTYPES[model.dtype]
+    dtype = DTYPES[model.dtype]
     read = _mlx_reader(weights) if isinstance(weights, Weights) else None
     loaded = []
     with mx.stream(model.device or mx.default_device()):

@@ -1,6 +1,6 @@
 """KV caches for incremental decoding: a growing buffer per global layer, a ring buffer per local layer.
 
-``KVCache`` holds one ``LayerKV`` per decoder layer for ``batch`` sequences fed in lock-step, and the
+``KVCache`` holds one ``LayerCache`` per decoder layer for ``batch`` sequences fed in lock-step, and the
 bookkeeping they share: how many tokens were fed so far (``length``, the index of the next token) and
 each row's left padding. Token ``i`` of row ``r`` sits at position ``i - pad[r]``, so a left-padded row
 gets the RoPE angles and the masks of the same row fed alone.
@@ -50,7 +50,7 @@ GRAIN = 16  # buffer sizes are multiples of this many slots (or the window)
 Mask = mx.array | str | None
 
 
-class LayerKV:
+class LayerCache:
     """Keys and values of one attention layer, each [batch, kv_heads, slots, head_dim].
 
     ``window=None``: a global layer (slot i = token i). ``window=W``: a local layer's ring (slot i % W).
@@ -77,7 +77,7 @@ class LayerKV:
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
-    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Store this step's keys/values [batch, kv_heads, n, head_dim]; return the keys/values to attend to,
         laid out as ``owner.key_indices`` says (the mask of this step is built from the same layout)."""
         if self.owner.plan is not None:
@@ -164,7 +164,7 @@ class KVCache:
         self.start = 0  # index of the first token of the current step
         self.rope_offset: int | mx.array = 0
         self.layers = [
-            LayerKV(self, config.sliding_window if layer_type == SLIDING else None, layer_type)
+            LayerCache(self, config.sliding_window if layer_type == SLIDING else None, layer_type)
             for layer_type in config.layer_types
         ]
         self.planner = CachePlanner(config, batch, [int(p) for p in pads])  # the core's record of every slot
@@ -174,7 +174,7 @@ class KVCache:
     def feed(self, n: int) -> dict[str, Mask]:
         """Start a step of ``n`` tokens: advance the length and return its mask per layer type.
 
-        Call it once per forward pass, before the layers' ``update_and_fetch``.
+        Call it once per forward pass, before the layers' ``update``.
         """
         plan = self.planner.take_plan(n)  # what the backend requested, if anything; raises before any change
         if plan is not None:
@@ -199,7 +199,7 @@ class KVCache:
 
     def key_indices(self, window: int | None, start: int, n: int) -> np.ndarray:
         """Token index of every key a layer attends to in a step of ``n`` tokens from ``start``, in the
-        order ``LayerKV.update_and_fetch`` returns them."""
+        order ``LayerCache.update`` returns them."""
         end = start + n
         if window is None:
             return np.arange(end)

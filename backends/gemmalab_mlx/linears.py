@@ -28,7 +28,7 @@ from gemmalab.linears import check_wrappable
 from gemmalab.linears import linears as linear_specs
 from gemmalab.params import parameter_shapes
 
-from .model import MX_DTYPES, Gemma3ForCausalLM
+from .model import DTYPES, Gemma3ForCausalLM
 
 
 class Wrapper(nn.Module):
@@ -123,7 +123,7 @@ def wrap(
 def _fused(model: Gemma3ForCausalLM, name: str, wrapped: Wrapper) -> mx.array:
     weight = mx.stop_gradient(wrapped.fuse())
     expected = tuple(parameter_shapes(model.config)[name + ".weight"])
-    if tuple(weight.shape) != expected or weight.dtype != MX_DTYPES[model.dtype]:
+    if tuple(weight.shape) != expected or weight.dtype != DTYPES[model.dtype]:
         raise BackendError(
             f"{type(wrapped).__name__}.fuse() for {name} gave {weight.dtype} {tuple(weight.shape)}, "
             f"not the model's {model.dtype} {expected}: the wrapper is broken"

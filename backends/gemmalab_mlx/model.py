@@ -1,4 +1,5 @@
-"""Gemma 3 text model in MLX, bottom-up: RMSNorm -> rotary -> attention -> MLP -> decoder block -> model.
+"""Gemma 3 text model in MLX, one file, bottom-up: dtype helpers -> RMSNorm -> rotary embedding -> masks ->
+attention -> MLP -> decoder block -> text model -> causal LM and its head.
 
 Parameter names are the Hugging Face ``Gemma3ForCausalLM`` names, so ``tree_flatten(model.parameters())``
 yields exactly the canonical names of ``gemmalab.params`` and loading is a key map. The numpy reference
@@ -28,9 +29,19 @@ pre-norms cast their output to float16 for them). The PyTorch backend applies th
 
 Generation. Called with ``cache=`` (a ``gemmalab_mlx.cache.KVCache``), the model continues the sequences
 the cache holds: RoPE counts on from the cache's offset (one per row under left padding), every attention
-layer stores its new keys/values (a ring of ``sliding_window`` slots on local layers) and attends to what
-its cache returns, under the mask the cache built for the step. ``logits_to_keep=n`` reaches into the last
-block: only the last n positions get queries, attention output and MLP there, and the head.
+layer stores its new keys/values in its ``cache.LayerCache`` (a ring of ``sliding_window`` slots on local
+layers) and attends to what that returns, under the mask the cache built for the step. ``logits_at`` (an
+int, or a slice such as ``slice(-n, None)``) reaches into the last block: only the positions from the
+first kept one get queries, attention output and MLP there, and the head (``keep``, internal).
+
+Names shared with the other backends (gemmalab_torch.model, gemmalab_jax.model), in this order:
+``DTYPES``, ``dtype_name``, ``RMSNorm``, ``causal_mask``, ``Attention``, ``MLP``, ``DecoderLayer``,
+``Gemma3Output``, ``Gemma3TextModel``, ``soft_cap``, ``select_positions``, ``Gemma3ForCausalLM`` with
+``output_weight()`` and ``logits_from_hidden(hidden)``; its ``__call__`` takes ``ids, *, positions, mask,
+logits_at, cache, output_hidden_states, output_attentions`` and returns a ``Gemma3Output(logits,
+last_hidden_state, hidden_states, attentions)``. MLX alone has ``Rotary`` (mx.fast.rope where positions
+are implicit; the others build cos/sin tables) and, internal, ``Capture`` (how a forward pass records what
+the output_* flags ask for) and ``Gemma3TextModel.run`` (the text model with the ``keep`` fast path).
 """
 
 from __future__ import annotations
@@ -41,80 +52,40 @@ from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from gemmalab.config import FULL, SLIDING, Gemma3Config, RopeSpec
 from gemmalab.dtypes import FLOAT16, canonical_dtype
 from gemmalab.errors import InputError
 
-from .cache import KVCache, LayerKV
-
-MX_DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+from .cache import KVCache, LayerCache
 
 # What attention layers accept as a mask: None (no mask), "causal" (mx.fast's lower-right aligned causal
 # mask) or a boolean array broadcastable to [batch, heads, queries, keys], True = may attend.
 Mask = mx.array | str | None
+# What a caller may pass as ``mask``: one boolean array for every layer, or one per layer type.
+MaskArg = mx.array | Mapping[str, mx.array] | None
+# Which sequence positions to compute logits for (see Gemma3ForCausalLM.__call__).
+PositionsArg = int | slice | mx.array | np.ndarray | None
+
+
+# --------------------------------------------------------------------------------------------------------
+# dtype helpers
+# --------------------------------------------------------------------------------------------------------
+DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 def dtype_name(dtype: mx.Dtype) -> str:
     """The gemmalab name ("float32", "bfloat16", "float16") of an MLX floating dtype."""
-    for name, value in MX_DTYPES.items():
+    for name, value in DTYPES.items():
         if value == dtype:
             return name
     raise InputError(f"MLX dtype {dtype} is not one gemmalab computes in: use float32, bfloat16 or float16")
 
 
-@dataclass
-class Capture:
-    """Ask a forward pass to record intermediate values (pass one as ``capture=``, read it afterwards).
-
-    ``hidden_states`` gets the residual stream: the scaled embeddings, then the output of every block
-    (before the final norm). ``attention`` names the layers whose attention probabilities
-    [batch, heads, queries, keys] (float32) go into ``attentions``, by layer index (True = every layer):
-    only those take the non-fused attention path; every other layer keeps the fused kernel. The normal
-    path (no Capture) pays nothing for this.
-    """
-
-    attention: bool | Collection[int] = False
-    hidden_states: list[mx.array] = field(default_factory=list)
-    attentions: dict[int, mx.array] = field(default_factory=dict)
-
-    def wants_attention(self, layer: int) -> bool:
-        return self.attention is True or (not isinstance(self.attention, bool) and layer in self.attention)
-
-
-# --- masks ------------------------------------------------------------------------------------------------
-def attention_mask(q_positions: mx.array, k_positions: mx.array, window: int | None = None) -> mx.array:
-    """Boolean [batch, 1, queries, keys]: True where a query may attend to a key.
-
-    Causal by position (key position <= query position) and, with ``window``, also
-    ``key position > query position - window``: the sliding window of the local layers. Positions are
-    [batch, queries] and [batch, keys]; a KV cache passes the positions of the keys it holds.
-    """
-    q = q_positions[:, None, :, None]  # [batch, 1, queries, 1]
-    k = k_positions[:, None, None, :]  # [batch, 1, 1, keys]
-    allowed = k <= q
-    if window is not None:
-        allowed = allowed & (k > q - window)
-    return allowed
-
-
-def _as_array_mask(mask: Mask, queries: int, keys: int) -> mx.array | None:
-    """An explicit boolean mask for the non-fused path, which cannot take the "causal" string."""
-    if not isinstance(mask, str):
-        return mask
-    # mx.fast's "causal" aligns the last query with the last key (lower-right).
-    q = mx.arange(keys - queries, keys)[None]  # [1, queries]
-    return attention_mask(q, mx.arange(keys)[None])
-
-
-def _last_rows(mask: Mask, rows: int | None) -> Mask:
-    """The mask of the last ``rows`` queries. "causal" stays "causal": mx.fast aligns it lower-right."""
-    if rows is None or not isinstance(mask, mx.array) or mask.ndim < 2 or mask.shape[-2] == 1:
-        return mask  # all queries, no array, or a query axis that broadcasts
-    return mask[..., -rows:, :]
-
-
-# --- building blocks --------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------
+# RMSNorm
+# --------------------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm: ``x * rsqrt(mean(x^2) + eps) * (1 + w)``, all in float32, then cast.
 
@@ -137,6 +108,9 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, scale, self.eps).astype(self.out_dtype or x.dtype)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Rotary position embedding
+# --------------------------------------------------------------------------------------------------------
 class Rotary(nn.Module):
     """Rotary position embedding of one layer type, rotate-half layout (HF's, not the interleaved one).
 
@@ -173,6 +147,43 @@ class Rotary(nn.Module):
         return out.astype(x.dtype)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Attention masks
+# --------------------------------------------------------------------------------------------------------
+def causal_mask(q_positions: mx.array, k_positions: mx.array, window: int | None = None) -> mx.array:
+    """Boolean [batch, 1, queries, keys]: True where a query may attend to a key.
+
+    Causal by position (key position <= query position) and, with ``window``, also
+    ``key position > query position - window``: the sliding window of the local layers. Positions are
+    [batch, queries] and [batch, keys]; a KV cache passes the positions of the keys it holds.
+    """
+    q = q_positions[:, None, :, None]  # [batch, 1, queries, 1]
+    k = k_positions[:, None, None, :]  # [batch, 1, 1, keys]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    return allowed
+
+
+def _as_array_mask(mask: Mask, queries: int, keys: int) -> mx.array | None:
+    """An explicit boolean mask for the non-fused path, which cannot take the "causal" string."""
+    if not isinstance(mask, str):
+        return mask
+    # mx.fast's "causal" aligns the last query with the last key (lower-right).
+    q = mx.arange(keys - queries, keys)[None]  # [1, queries]
+    return causal_mask(q, mx.arange(keys)[None])
+
+
+def _last_rows(mask: Mask, rows: int | None) -> Mask:
+    """The mask of the last ``rows`` queries. "causal" stays "causal": mx.fast aligns it lower-right."""
+    if rows is None or not isinstance(mask, mx.array) or mask.ndim < 2 or mask.shape[-2] == 1:
+        return mask  # all queries, no array, or a query axis that broadcasts
+    return mask[..., -rows:, :]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------------
 class Attention(nn.Module):
     """Grouped-query self-attention with q/k RMSNorm per head, RoPE, and Gemma's query_pre_attn_scalar."""
 
@@ -198,7 +209,7 @@ class Attention(nn.Module):
         positions: mx.array | None,
         mask: Mask,
         capture: Capture | None = None,
-        cache: LayerKV | None = None,
+        cache: LayerCache | None = None,
         keep: int | None = None,
     ) -> mx.array:
         """``keep``: compute the output of the last ``keep`` positions only (all when None); keys and values
@@ -227,10 +238,10 @@ class Attention(nn.Module):
             else:
                 q = self.rope(q, offset=cache.offset + first)
                 k = self.rope(k, offset=cache.offset)
-            k, v = cache.update_and_fetch(k, v)  # [batch, kv_heads, keys, d]
+            k, v = cache.update(k, v)  # [batch, kv_heads, keys, d]
 
         if capture is not None and capture.wants_attention(self.layer):
-            out, probs = self._attend_explicit(q, k, v, mask)
+            out, probs = self._attention_with_probs(q, k, v, mask)
             capture.attentions[self.layer] = probs
         else:
             # Fused kernel; takes GQA directly (k/v are not repeated to the query heads).
@@ -239,7 +250,7 @@ class Attention(nn.Module):
         out = out.reshape(batch, nq, self.num_heads * self.head_dim)  # [batch, nq, heads * d]
         return self.o_proj(out)
 
-    def _attend_explicit(
+    def _attention_with_probs(
         self, q: mx.array, k: mx.array, v: mx.array, mask: Mask
     ) -> tuple[mx.array, mx.array]:
         """Attention with the probabilities materialised (float32), for capture and analysis."""
@@ -259,6 +270,9 @@ class Attention(nn.Module):
         return out, probs
 
 
+# --------------------------------------------------------------------------------------------------------
+# MLP
+# --------------------------------------------------------------------------------------------------------
 @partial(mx.compile, shapeless=True)
 def _gelu_tanh_gate(gate: mx.array, up: mx.array) -> mx.array:
     # GELU-tanh evaluated in float32 and rounded once, as torch's gelu(approximate="tanh") does for bf16
@@ -280,6 +294,9 @@ class MLP(nn.Module):
         return self.down_proj(_gelu_tanh_gate(self.gate_proj(x), self.up_proj(x)))
 
 
+# --------------------------------------------------------------------------------------------------------
+# Decoder block
+# --------------------------------------------------------------------------------------------------------
 class DecoderLayer(nn.Module):
     """One block: pre-norm attention and pre-norm MLP, each output normed again before its residual add."""
 
@@ -308,7 +325,7 @@ class DecoderLayer(nn.Module):
         positions: mx.array | None,
         mask: Mask,
         capture: Capture | None = None,
-        cache: LayerKV | None = None,
+        cache: LayerCache | None = None,
         keep: int | None = None,
     ) -> mx.array:
         """``keep``: return the last ``keep`` positions only (all when None), computing nothing else that
@@ -321,9 +338,44 @@ class DecoderLayer(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
-# --- the model --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------
+# Text model
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class Gemma3Output:
+    """What a forward pass returns, on every backend (the same fields in the same order). The capture lists
+    are None unless asked for."""
+
+    logits: mx.array | None  # [batch, n, vocab] in the compute dtype; None from the text model alone
+    # After the final norm [batch, seq, hidden]; when logits_at let the last block skip positions (see
+    # Gemma3ForCausalLM.__call__), only the positions it computed, from the first kept one to the end.
+    last_hidden_state: mx.array
+    hidden_states: list[mx.array] | None = None  # residual stream: embeddings, then after each block
+    attentions: list[mx.array | None] | None = None  # per block, probabilities [batch, heads, q, keys],
+    # float32 (None where not asked)
+
+
+@dataclass
+class Capture:
+    """How a forward pass records intermediate values (inside this file: callers pass the output_* flags).
+
+    ``hidden_states`` gets the residual stream: the scaled embeddings, then the output of every block
+    (before the final norm). ``attention`` names the layers whose attention probabilities
+    [batch, heads, queries, keys] (float32) go into ``attentions``, by layer index (True = every layer):
+    only those take the non-fused attention path; every other layer keeps the fused kernel. The normal
+    path (no Capture) pays nothing for this.
+    """
+
+    attention: bool | Collection[int] = False
+    hidden_states: list[mx.array] = field(default_factory=list)
+    attentions: dict[int, mx.array] = field(default_factory=dict)
+
+    def wants_attention(self, layer: int) -> bool:
+        return self.attention is True or (not isinstance(self.attention, bool) and layer in self.attention)
+
+
 class Gemma3TextModel(nn.Module):
-    """Embeddings, decoder blocks and the final norm: token ids -> normed hidden states."""
+    """Embeddings, decoder blocks and the final norm (HF's ``model.`` prefix); no output head."""
 
     def __init__(self, config: Gemma3Config, dtype: str):
         super().__init__()
@@ -346,18 +398,39 @@ class Gemma3TextModel(nn.Module):
         ids: mx.array,
         *,
         positions: mx.array | None = None,
-        mask: mx.array | Mapping[str, mx.array] | None = None,
-        capture: Capture | None = None,
+        mask: MaskArg = None,
         cache: KVCache | None = None,
-        keep: int | None = None,
-    ) -> mx.array:
-        """Normed final hidden states [batch, seq, hidden] for token ids [batch, seq], or of the last
-        ``keep`` positions only [batch, keep, hidden].
+        output_hidden_states: bool = False,
+        output_attentions: bool | Collection[int] = False,
+    ) -> Gemma3Output:
+        """ids: [batch, seq]. See Gemma3ForCausalLM.__call__ for the arguments; ``logits`` is None."""
+        return self.run(
+            ids,
+            positions=positions,
+            mask=mask,
+            cache=cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
 
-        The other arguments are those of ``Gemma3ForCausalLM.__call__``. With ``keep`` (and no capture,
-        which wants every position), the last block computes its queries, attention output and MLP for the
-        kept positions only: the other positions' work there would feed nothing but discarded logits.
-        """
+    def run(
+        self,
+        ids: mx.array,
+        *,
+        positions: mx.array | None = None,
+        mask: MaskArg = None,
+        cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool | Collection[int] = False,
+        keep: int | None = None,
+    ) -> Gemma3Output:
+        """``__call__`` with MLX's fast path: with ``keep`` (and no capture, which wants every position),
+        the last block computes its queries, attention output and MLP for the last ``keep`` positions only
+        (the other positions' work there would feed nothing but discarded logits), and
+        ``last_hidden_state`` is [batch, keep, hidden]."""
+        wanted = bool(output_attentions)
+        attention = output_attentions if output_attentions is True else frozenset(output_attentions or ())
+        capture = Capture(attention=attention) if output_hidden_states or wanted else None
         e = self.embed_tokens(ids)  # [batch, seq, hidden]
         # sqrt(hidden) rounded to the embedding dtype first (transformers' rounding), then the product in
         # the residual dtype.
@@ -365,12 +438,12 @@ class Gemma3TextModel(nn.Module):
         h = e.astype(self.residual_dtype or e.dtype) * scale
         if cache is None:
             masks = self._masks(ids.shape[1], positions, mask)
-            caches: list[LayerKV | None] = [None] * len(self.layers)
+            caches: list[LayerCache | None] = [None] * len(self.layers)
         else:
             if positions is not None or mask is not None:
                 raise InputError(
-                    "explicit positions or masks cannot be combined with a KV cache: the cache sets both "
-                    "(call the model without cache= to pass your own)"
+                    "a KV cache decides positions and masks: pass positions= and mask= without cache= "
+                    "(or give them to the backend's extend, which plans the cache for them)"
                 )
             masks = cache.feed(ids.shape[1])  # positions and masks of these tokens, after the cached ones
             caches = cache.layers
@@ -393,7 +466,11 @@ class Gemma3TextModel(nn.Module):
                 capture.hidden_states.append(h)
         if keep is not None and capture is not None:
             h = h[:, -keep:]  # [batch, keep, hidden]
-        return self.norm(h)
+        hidden_states = capture.hidden_states if capture is not None and output_hidden_states else None
+        attentions = None
+        if capture is not None and wanted:  # one entry per layer, None where not captured
+            attentions = [capture.attentions.get(i) for i in range(len(self.layers))]
+        return Gemma3Output(None, self.norm(h), hidden_states, attentions)
 
     def _masks(
         self, seq: int, positions: mx.array | None, mask: mx.array | Mapping[str, mx.array] | None
@@ -416,13 +493,16 @@ class Gemma3TextModel(nn.Module):
             # Positions 0..seq-1: the fused kernel's own causal mask, and on local layers a window mask when
             # the sequence is longer than the window (else the window hides nothing).
             pos = mx.arange(seq)[None]  # [1, seq]
-            return {FULL: "causal", SLIDING: "causal" if seq <= window else attention_mask(pos, pos, window)}
+            return {FULL: "causal", SLIDING: "causal" if seq <= window else causal_mask(pos, pos, window)}
         return {
-            FULL: attention_mask(positions, positions),
-            SLIDING: attention_mask(positions, positions, window),
+            FULL: causal_mask(positions, positions),
+            SLIDING: causal_mask(positions, positions, window),
         }
 
 
+# --------------------------------------------------------------------------------------------------------
+# Causal LM and its head
+# --------------------------------------------------------------------------------------------------------
 def soft_cap(logits: mx.array, cap: float | None) -> mx.array:
     """Gemma's final-logit soft-capping ``tanh(logits / cap) * cap`` (none when ``cap`` is None), in float32
     and rounded once to the logits' dtype (transformers rounds after each op in bf16)."""
@@ -431,12 +511,51 @@ def soft_cap(logits: mx.array, cap: float | None) -> mx.array:
     return (mx.tanh(logits.astype(mx.float32) / cap) * cap).astype(logits.dtype)
 
 
-class Gemma3ForCausalLM(nn.Module):
-    """Gemma 3 causal LM with Hugging Face parameter names. ``dtype`` is fixed at construction.
+def select_positions(hidden: mx.array, at: PositionsArg) -> mx.array:
+    """hidden [batch, seq, dim] -> [batch, n, dim] at the positions ``at`` (Gemma3ForCausalLM.__call__)."""
+    if at is None:
+        return hidden
+    if isinstance(at, int):
+        seq = hidden.shape[1]
+        if not -seq <= at < seq:
+            raise InputError(f"logits_at={at} is outside the {seq} positions of this input")
+        return hidden[:, at : (at + 1) or None]  # [batch, 1, dim]
+    if isinstance(at, slice):
+        return hidden[:, at]
+    at = mx.array(at) if isinstance(at, np.ndarray) else at
+    if at.ndim == 1:
+        return hidden[:, at]  # [batch, n, dim]
+    if at.ndim == 2:
+        return mx.take_along_axis(hidden, at[:, :, None], axis=1)  # [batch, n, dim]
+    raise InputError(
+        f"logits_at must be an int, a slice, or a 1-D or 2-D index array, got shape {tuple(at.shape)}"
+    )
 
-    Constructing it allocates no parameter memory: MLX initialises parameters lazily, and nothing here
-    evaluates them.
-    Load weights with ``load_weights`` (see ``gemmalab_mlx.backend``) before calling it.
+
+def _kept(at: PositionsArg, seq: int) -> tuple[int | None, PositionsArg]:
+    """The last block's fast path for ``logits_at``: (keep, what to select from the last ``keep``
+    positions, None = all of them). An int or a step-1 slice needs the positions from its first one to the
+    end only (``-1`` and ``slice(-n, None)``: exactly the last 1 or n); anything else needs them all."""
+    if isinstance(at, int) and -seq <= at < seq:
+        first = at % seq
+        if first == 0:
+            return None, at
+        return seq - first, (None if first == seq - 1 else 0)
+    if isinstance(at, slice) and at.step in (None, 1):
+        first, stop, _ = at.indices(seq)
+        if 0 < first < stop:
+            return seq - first, (None if stop == seq else slice(0, stop - first))
+    return None, at
+
+
+class Gemma3ForCausalLM(nn.Module):
+    """The Gemma 3 language model: ``model`` (embeddings, blocks, final norm) and the output head, with
+    Hugging Face parameter names. ``dtype`` is fixed at construction.
+
+    The head is the embedding matrix (``model.embed_tokens``) unless the config unties it; only then does
+    an ``lm_head`` module exist. Constructing the model allocates no parameter memory: MLX initialises
+    parameters lazily, and nothing here evaluates them. Load weights with ``load_weights`` (see
+    ``gemmalab_mlx.backend``) before calling it.
     """
 
     def __init__(self, config: Gemma3Config, dtype: str = "float32"):
@@ -446,48 +565,85 @@ class Gemma3ForCausalLM(nn.Module):
         self.model = Gemma3TextModel(config, self.dtype)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.set_dtype(MX_DTYPES[self.dtype])  # lazy casts of lazy initial values: still nothing allocated
+        self.set_dtype(DTYPES[self.dtype])  # lazy casts of lazy initial values: still nothing allocated
         # Set by gemmalab_mlx.backend: the device to run on (None = MLX's default), and whether the
         # parameters are still the lazy initial values that must never be evaluated.
         self.device: mx.Device | None = None
         self.shape_only = True
+
+    def output_weight(self) -> mx.array:
+        """The [vocab, hidden] output matrix: the embedding itself when tied (the same array). A wrapped
+        lm_head (linears.py) is not an nn.Linear: its matrix is the dense weight it computes, ``fuse()``."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight if isinstance(self.lm_head, nn.Linear) else self.lm_head.fuse()
+
+    def logits_from_hidden(self, hidden: mx.array) -> mx.array:
+        """Output head on final-normed hidden states [..., hidden] -> logits [..., vocab] in the compute
+        dtype. Callers that chunk a loss over tokens run the backbone once and this per chunk."""
+        if self.config.tie_word_embeddings:
+            logits = self.model.embed_tokens.as_linear(hidden)  # the embedding matrix itself, not a copy
+        else:
+            logits = self.lm_head(hidden)
+        return soft_cap(logits, self.config.final_logit_softcapping)
 
     def __call__(
         self,
         ids: mx.array,
         *,
         positions: mx.array | None = None,
-        mask: mx.array | Mapping[str, mx.array] | None = None,
-        logits_to_keep: int | mx.array = 0,
-        capture: Capture | None = None,
+        mask: MaskArg = None,
+        logits_at: PositionsArg = None,
         cache: KVCache | None = None,
-    ) -> mx.array:
-        """Logits [batch, kept positions, vocab] in the compute dtype, for int token ids [batch, seq].
+        output_hidden_states: bool = False,
+        output_attentions: bool | Collection[int] = False,
+    ) -> Gemma3Output:
+        """Run the model on int token ids [batch, seq].
 
         positions: position ids [batch, seq] (default 0..seq-1 per row); they drive RoPE and the built-in
             masks (causal by position, windowed on local layers), as in the reference.
         mask: boolean, True = may attend, broadcastable to [batch, heads, seq, seq]; replaces the built-in
             masks on every layer (the sliding window is then yours to include), or a mapping
             {"sliding_attention": ..., "full_attention": ...} with one mask per layer type.
-        logits_to_keep: 0 = every position; n > 0 = the last n positions; an int array = those positions
-            (transformers' semantics). The 262k-vocab head runs only on the kept positions.
-        capture: a Capture to fill with hidden states (and attention probabilities when it asks).
+        logits_at: which positions get logits (the 262k-vocab head is the largest matmul of small models):
+            None = every position; an int (e.g. -1) = that one position, kept as a length-1 dim; a slice or
+            a 1-D index array = those positions in every row; a 2-D [batch, n] index array = per-row
+            positions. Without a capture, an int or a step-1 slice (``-1``, ``slice(-n, None)``) spares the
+            last block every position before the first kept one, and ``last_hidden_state`` starts there.
         cache: a KVCache (``gemmalab_mlx.cache``): ``ids`` continue the sequences it holds, which it
             extends in place; it sets the positions and masks (causal, windowed, left padding hidden).
+        output_hidden_states: also return the residual stream after the embeddings and after every block.
+        output_attentions: also return attention probabilities: True = every block's, a collection of
+            layer indices = those blocks' only (they take a non-fused, slower path; the others do not).
         """
-        if isinstance(logits_to_keep, int):
-            keep = logits_to_keep if logits_to_keep > 0 else None
-            # [batch, keep or seq, hidden]
-            h = self.model(ids, positions=positions, mask=mask, capture=capture, cache=cache, keep=keep)
-        else:
-            h = self.model(ids, positions=positions, mask=mask, capture=capture, cache=cache)
-            h = h[:, logits_to_keep]  # [batch, len(logits_to_keep), hidden]
-        return self.logits_from_hidden(h)
+        # A capture records every position, so it computes them all (and keeps last_hidden_state whole).
+        captures = output_hidden_states or bool(output_attentions)
+        keep, at = (None, logits_at) if captures else _kept(logits_at, ids.shape[1])
+        out = self.model.run(
+            ids,
+            positions=positions,
+            mask=mask,
+            cache=cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            keep=keep,
+        )
+        out.logits = self.logits_from_hidden(select_positions(out.last_hidden_state, at))
+        return out
 
-    def logits_from_hidden(self, h: mx.array) -> mx.array:
-        """The output head on normed hidden states [..., hidden] -> [..., vocab] (chunk it for losses)."""
-        if self.config.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(h)  # the embedding matrix itself, not a copy
-        else:
-            logits = self.lm_head(h)
-        return soft_cap(logits, self.config.final_logit_softcapping)
+
+__all__ = [
+    "DTYPES",
+    "Attention",
+    "DecoderLayer",
+    "Gemma3ForCausalLM",
+    "Gemma3Output",
+    "Gemma3TextModel",
+    "MLP",
+    "RMSNorm",
+    "Rotary",
+    "causal_mask",
+    "dtype_name",
+    "select_positions",
+    "soft_cap",
+]

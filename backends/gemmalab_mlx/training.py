@@ -45,7 +45,7 @@ from gemmalab.train.losses import LOG_FLOOR, AuxTerm, CrossEntropy, HeadTerm, Hi
 from gemmalab.train.spec import TrainSpec, check_optimizer_state
 
 from .linears import Wrapper
-from .model import Capture, Gemma3ForCausalLM, soft_cap
+from .model import Gemma3ForCausalLM, Gemma3Output, soft_cap
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": mx.bfloat16, "fp16": mx.float16}
 
@@ -91,10 +91,10 @@ def chunk_loss(
     return sum(term.weight * (head_term(term, logits, targets, extras) * weights).sum() for term in terms)
 
 
-def hidden_state(capture: Capture, hidden: mx.array, index: int) -> mx.array:
+def hidden_state(out: Gemma3Output, index: int) -> mx.array:
     """Hidden state ``index`` in transformers' convention: the residual stream after ``index`` blocks, the
-    last one (``hidden``) after the final norm."""
-    return hidden if index == len(capture.hidden_states) - 1 else capture.hidden_states[index]
+    last one after the final norm."""
+    return out.last_hidden_state if index == len(out.hidden_states) - 1 else out.hidden_states[index]
 
 
 def chunks(positions: int, chunk_tokens: int) -> list[slice]:
@@ -106,7 +106,7 @@ def chunks(positions: int, chunk_tokens: int) -> list[slice]:
 
 # --- one micro-batch ------------------------------------------------------------------------------------------
 @dataclass
-class MLXBatch:
+class Batch:
     """A checked micro-batch (gemmalab.train.inputs.StepInputs) as MLX arrays."""
 
     ids: mx.array  # int32 [batch, seq]
@@ -124,8 +124,8 @@ class MLXBatch:
         return {name: self.extras[name].reshape(rows, -1) for name in names}
 
 
-def batch_arrays(step: StepInputs) -> MLXBatch:
-    return MLXBatch(
+def batch_arrays(step: StepInputs) -> Batch:
+    return Batch(
         ids=mx.array(step.inputs), targets=mx.array(step.targets), weights=mx.array(step.weights),
         positions=None if step.positions is None else mx.array(step.positions.astype(np.int32)),
         masks=None if step.masks is None else {kind: mx.array(m[:, None]) for kind, m in step.masks.items()},
@@ -134,33 +134,32 @@ def batch_arrays(step: StepInputs) -> MLXBatch:
     )
 
 
-def backbone(model: Gemma3ForCausalLM, batch: MLXBatch) -> tuple[mx.array, Capture | None]:
-    """Final-normed hidden states [batch, seq, hidden], and the Capture of what the batch's aux terms read
-    (None when they read nothing)."""
-    wanted = batch.hidden_layers or batch.attention_layers
-    capture = Capture(attention=frozenset(batch.attention_layers)) if wanted else None
-    hidden = model.model(batch.ids, positions=batch.positions, mask=batch.masks, capture=capture)
-    return hidden, capture
+def backbone(model: Gemma3ForCausalLM, batch: Batch) -> Gemma3Output:
+    """The text model's output: final-normed hidden states [batch, seq, hidden], and the captures the
+    batch's aux terms read."""
+    return model.model(batch.ids, positions=batch.positions, mask=batch.masks,
+                       output_hidden_states=bool(batch.hidden_layers),
+                       output_attentions=frozenset(batch.attention_layers))
 
 
-def aux_loss_sum(loss: LossSpec, batch: MLXBatch, hidden: mx.array, capture: Capture | None) -> mx.array | None:
+def aux_loss_sum(loss: LossSpec, batch: Batch, out: Gemma3Output) -> mx.array | None:
     """The weighted sum of the aux terms of ``loss`` (None when there are none)."""
     total = None
     for term in loss.aux:
         if isinstance(term, HiddenStateMSE):
-            captured = hidden_state(capture, hidden, term.layer)
+            captured = hidden_state(out, term.layer)
         else:
-            captured = capture.attentions[term.layer]
+            captured = out.attentions[term.layer]
         value = term.weight * (aux_term(term, captured, batch.extras[term.targets]) * batch.weights).sum()
         total = value if total is None else total + value
     return total
 
 
-def chunked_loss_sum(model: Gemma3ForCausalLM, batch: MLXBatch, loss: LossSpec, *, chunk_tokens: int) -> float:
+def chunked_loss_sum(model: Gemma3ForCausalLM, batch: Batch, loss: LossSpec, *, chunk_tokens: int) -> float:
     """The whole loss without gradients: the backbone once, then the head terms one chunk at a time, each
     evaluated before the next is built, so one chunk's logits exist at a time; then the aux terms."""
-    hidden, capture = backbone(model, batch)
-    flat = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, hidden]
+    out = backbone(model, batch)
+    flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])  # [batch * seq, hidden]
     targets, weights = batch.targets.reshape(-1), batch.weights.reshape(-1)  # [batch * seq]
     extras = batch.flat_extras(loss.head_extras)
     total = 0.0
@@ -168,7 +167,7 @@ def chunked_loss_sum(model: Gemma3ForCausalLM, batch: MLXBatch, loss: LossSpec, 
         logits = model.logits_from_hidden(flat[part]).astype(mx.float32)  # [chunk, vocab]
         chunk_extras = {name: value[part] for name, value in extras.items()}
         total += chunk_loss(logits, targets[part], weights[part], loss.head, chunk_extras).item()
-    aux = aux_loss_sum(loss, batch, hidden, capture)
+    aux = aux_loss_sum(loss, batch, out)
     return total + (0.0 if aux is None else aux.item())
 
 
@@ -300,7 +299,7 @@ def cast_parameters(model: Gemma3ForCausalLM, precision: str) -> None:
 
 
 # --- the trainer --------------------------------------------------------------------------------------------
-class MLXTrainer:
+class Trainer:
     """gemmalab.train.spec.BackendTrainer for a float32 gemmalab_mlx.model.Gemma3ForCausalLM."""
 
     def __init__(self, model: Gemma3ForCausalLM, spec: TrainSpec):
@@ -334,12 +333,13 @@ class MLXTrainer:
         return self.model.device or mx.default_device()
 
     def _scaled_loss(
-        self, batch: MLXBatch, head_weight: mx.array, loss_scale: float, results: list[HeadLossResult]
+        self, batch: Batch, head_weight: mx.array, loss_scale: float, results: list[HeadLossResult]
     ) -> mx.array:
         """loss_scale * loss sum of one micro-batch (what ``accumulate`` differentiates); appends the
         head's HeadLossResult to ``results``, its ``aux`` holding the unscaled aux terms' sum."""
         cast_parameters(self.model, self.spec.precision)
-        hidden, capture = backbone(self.model, batch)  # [batch, seq, hidden]
+        out = backbone(self.model, batch)
+        hidden = out.last_hidden_state  # [batch, seq, hidden]
         loss, result = fused_head_loss(
             hidden.reshape(-1, hidden.shape[-1]),  # [batch * seq, hidden]
             head_weight,
@@ -351,7 +351,7 @@ class MLXTrainer:
             weight_grad=self._head_trains,
             extras=batch.flat_extras(self.spec.loss.head_extras),
         )
-        result.aux = aux_loss_sum(self.spec.loss, batch, hidden, capture)
+        result.aux = aux_loss_sum(self.spec.loss, batch, out)
         results.append(result)
         return loss if result.aux is None else loss + loss_scale * result.aux
 
@@ -377,7 +377,7 @@ class MLXTrainer:
                        mask=mask, extras=extras)
         batch = batch_arrays(step)
         # The dense float32 head matrix, read (or fused) before value_and_grad swaps in tracers.
-        head_weight = self.head.fuse() if isinstance(self.head, Wrapper) else self.head.weight
+        head_weight = self.model.output_weight()
         untied_head = not self.model.config.tie_word_embeddings
         # Whether anything but the head trains: the tied head is also the embedding, which does.
         backbone_trains = any(
@@ -544,8 +544,8 @@ CANONICAL_NAMES = {
 
 
 __all__ = [
-    "MLXBatch",
-    "MLXTrainer",
+    "Batch",
+    "Trainer",
     "aux_loss_sum",
     "aux_term",
     "backbone",

@@ -6,8 +6,9 @@ package imports torch; importing gemmalab's core never does.
 """
 
 from .backend import TorchBackend
+from .cache import KVCache
 from .model import Gemma3ForCausalLM, Gemma3Output
 
 BACKEND = TorchBackend()
 
-__all__ = ["BACKEND", "Gemma3ForCausalLM", "Gemma3Output", "TorchBackend"]
+__all__ = ["BACKEND", "Gemma3ForCausalLM", "Gemma3Output", "KVCache", "TorchBackend"]

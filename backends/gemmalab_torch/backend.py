@@ -29,11 +29,10 @@ from gemmalab.train.spec import LOSS_CHUNK_TOKENS
 
 from . import linears
 from .cache import KVCache
-from .model import Gemma3ForCausalLM
-from .training import TorchTrainer, batch_tensors, chunked_loss_sum, hidden_state
+from .model import DTYPES, Gemma3ForCausalLM
+from .training import Trainer, batch_arrays, chunked_loss_sum, hidden_state
 from .wrappers import WRAPPERS
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -111,7 +110,7 @@ class TorchBackend:
 
         With ``weights=None`` it is built shape-only on the 'meta' device: no memory, instant at any size.
         """
-        torch_dtype = TORCH_DTYPES[canonical_dtype(dtype)]
+        torch_dtype = DTYPES[canonical_dtype(dtype)]
         with torch.device("meta"):
             model = Gemma3ForCausalLM(config)  # every parameter a shapeless placeholder, nothing allocated
         model.to(torch_dtype).eval().requires_grad_(False)
@@ -180,8 +179,8 @@ class TorchBackend:
             layer_masks = {kind: torch.as_tensor(np.ascontiguousarray(m[:, None]), device=device)
                            for kind, m in masks.items()}  # [batch, 1, seq, seq]
             out = model(torch.as_tensor(ids, dtype=torch.long, device=device),
-                        position_ids=torch.as_tensor(np.ascontiguousarray(positions), dtype=torch.long, device=device),
-                        attention_mask=layer_masks, output_hidden_states=bool(hidden_states),
+                        positions=torch.as_tensor(np.ascontiguousarray(positions), dtype=torch.long, device=device),
+                        mask=layer_masks, output_hidden_states=bool(hidden_states),
                         output_attentions=frozenset(attentions))
             picked = {i: hidden_state(out, i).float().cpu().numpy() for i in hidden_states}
             probs = {i: out.attentions[i].float().cpu().numpy() for i in attentions}
@@ -255,7 +254,7 @@ class TorchBackend:
                 return None
             if logits == "last":
                 hidden = hidden[:, -1]  # [batch, hidden]: the head's one matmul runs on these rows only
-            out = model.compute_logits(hidden).float().cpu().numpy()  # [batch, (n,) vocab]
+            out = model.logits_from_hidden(hidden).float().cpu().numpy()  # [batch, (n,) vocab]
         if model.dtype == torch.float16 and not np.isfinite(out).all():
             raise BackendError(
                 "float16 overflowed inside a layer (non-finite logits): run this model in bfloat16 or float32"
@@ -294,14 +293,14 @@ class TorchBackend:
             torch.mps.empty_cache()
 
     # -- training -------------------------------------------------------------------------------------------
-    def trainer(self, model: Gemma3ForCausalLM, spec) -> TorchTrainer:
-        return TorchTrainer(model, spec)
+    def trainer(self, model: Gemma3ForCausalLM, spec) -> Trainer:
+        return Trainer(model, spec)
 
     def loss_sum(self, model: Gemma3ForCausalLM, inputs, targets, weights, *, chunk_tokens: int = LOSS_CHUNK_TOKENS,
                  label_smoothing: float = 0.0) -> float:
         self._require_weights(model)
         loss = LossSpec(head=(CrossEntropy(label_smoothing=label_smoothing),))
-        batch = batch_tensors(model, prepare(model.config, loss, inputs, targets, weights))
+        batch = batch_arrays(model, prepare(model.config, loss, inputs, targets, weights))
         with torch.inference_mode():
             return float(chunked_loss_sum(model, batch, loss, chunk_tokens=chunk_tokens))
 

@@ -1,4 +1,5 @@
-"""Gemma 3 text model in PyTorch, one file, bottom-up: RMSNorm -> RoPE -> attention -> MLP -> block -> model.
+"""Gemma 3 text model in PyTorch, one file, bottom-up: dtype helpers -> RMSNorm -> rotary embedding -> masks ->
+attention -> MLP -> decoder block -> text model -> causal LM and its head.
 
 Module and parameter names are the Hugging Face ``Gemma3ForCausalLM`` names, so ``state_dict()`` keys are
 exactly gemmalab's canonical names (gemmalab/params.py) and loading a checkpoint is a key map. The
@@ -46,8 +47,17 @@ any mask in that form and nothing is copied per layer (``enable_gqa=True`` only 
 math kernels on CUDA, and flash takes no mask). The folded mask is built once per forward.
 
 Incremental decoding passes a ``cache.KVCache``: each attention layer hands its new keys and values to its
-layer cache and attends over what that returns (a growing buffer on global layers, a ring buffer of
-window size on local layers); positions, RoPE tables and masks then come from the cache (cache.py).
+``cache.LayerCache`` and attends over what that returns (a growing buffer on global layers, a ring buffer
+of window size on local layers); positions, RoPE tables and masks then come from the cache (cache.py).
+
+Names shared with the other backends (gemmalab_mlx.model, gemmalab_jax.model), in this order:
+``DTYPES``, ``dtype_name``, ``RMSNorm``, ``apply_rope``, ``causal_mask``, ``Attention``, ``MLP``,
+``DecoderLayer``, ``Gemma3Output``, ``Gemma3TextModel``, ``soft_cap``, ``select_positions``,
+``Gemma3ForCausalLM`` with ``output_weight()`` and ``logits_from_hidden(hidden)``; its forward takes
+``ids, *, positions, mask, logits_at, cache, output_hidden_states, output_attentions`` and returns a
+``Gemma3Output(logits, last_hidden_state, hidden_states, attentions)``. ``rope_tables`` and ``rotate_half``
+are shared with JAX only (MLX rotates with mx.fast.rope, its ``Rotary``); ``fold_mask`` is PyTorch's alone
+(its GQA layout, see Attention).
 """
 
 from __future__ import annotations
@@ -68,14 +78,25 @@ from gemmalab.errors import InputError
 if TYPE_CHECKING:  # cache.py imports this file; the model only calls the cache's methods
     from .cache import KVCache, LayerCache
 
-# The embedding scale is rounded to the compute dtype (dtypes.round_to); float64 keeps sqrt exact.
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
 # A boolean attention mask is [batch, 1, query, key], True where the query may attend to the key. A caller
 # may pass one for every layer, or one per layer type ({"sliding_attention": ..., "full_attention": ...}).
 MaskArg = Tensor | Mapping[str, Tensor] | None
 # Which sequence positions to compute logits for (see Gemma3ForCausalLM.forward).
 PositionsArg = int | slice | Tensor | None
+
+
+# --------------------------------------------------------------------------------------------------------
+# dtype helpers
+# --------------------------------------------------------------------------------------------------------
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The gemmalab name ("float32", "bfloat16", "float16") of a torch floating dtype."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise InputError(f"torch dtype {dtype} is not one gemmalab computes in: use float32, bfloat16 or float16")
 
 
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
@@ -193,13 +214,13 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor],
         mask: Tensor | None,
         *,
-        kv: LayerCache | None = None,
+        cache: LayerCache | None = None,
         output_attentions: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """x: [batch, seq, hidden]; rope: cos, sin [batch or 1, seq, 1, head_dim]; mask: folded boolean
-        [batch or 1, 1, seq * groups, keys], or None = every key allowed. With a KV cache ``kv``, the new
-        keys and values are stored there and the queries attend over the keys it returns (keys = cached +
-        new); without one, keys = the seq positions of x. Returns the output [batch, seq, hidden] and, when
+        [batch or 1, 1, seq * groups, keys], or None = every key allowed. With a layer cache ``cache``, the
+        new keys and values are stored there and the queries attend over the keys it returns (keys = cached
+        + new); without one, keys = the seq positions of x. Returns the output [batch, seq, hidden] and, when
         asked, the attention probabilities [batch, heads, seq, keys] (fp32, from a non-fused path)."""
         batch, seq, _ = x.shape
         heads, kv_heads, groups, d = self.num_heads, self.num_kv_heads, self.groups, self.head_dim
@@ -218,8 +239,8 @@ class Attention(nn.Module):
         q = q.reshape(batch, kv_heads, seq * groups, d)  # [batch, kv_heads, seq * groups, d]
         k = k.transpose(1, 2)  # [batch, kv_heads, seq, d]
         v = v.transpose(1, 2)  # [batch, kv_heads, seq, d]
-        if kv is not None:
-            k, v = kv.update(k, v)  # [batch, kv_heads, keys, d]: what the mask's key axis refers to
+        if cache is not None:
+            k, v = cache.update(k, v)  # [batch, kv_heads, keys, d]: what the mask's key axis refers to
 
         probs = None
         if output_attentions:
@@ -233,11 +254,14 @@ class Attention(nn.Module):
         out = out.reshape(batch, seq, heads * d)  # [batch, seq, heads * d], head-major as o_proj expects
         return self.o_proj(out), probs
 
-    def _attention_with_probs(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _attention_with_probs(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         """The same attention with the probabilities materialised (for capture; slower, more memory)."""
         compute = _at_least_fp32(q.dtype)
         scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * self.scale  # [batch, kv, seq * g, keys]
-        scores = scores.masked_fill(~mask, float("-inf"))
+        if mask is not None:  # None: a cached decoding step, every key it returns allowed
+            scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         return (probs.to(v.dtype) @ v), probs
 
@@ -283,13 +307,13 @@ class DecoderLayer(nn.Module):
         mask: Tensor | None,
         *,
         dtype: torch.dtype,
-        kv: LayerCache | None = None,
+        cache: LayerCache | None = None,
         output_attentions: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """x: the residual stream [batch, seq, hidden] (fp32 in an fp16 model); ``dtype``: the matmul dtype.
         The pre-norms hand ``dtype`` to the sublayers; the post-norms return the residual's dtype."""
         attn_out, probs = self.self_attn(
-            self.input_layernorm(x, dtype=dtype), rope, mask, kv=kv, output_attentions=output_attentions
+            self.input_layernorm(x, dtype=dtype), rope, mask, cache=cache, output_attentions=output_attentions
         )
         x = x + self.post_attention_layernorm(attn_out, dtype=x.dtype)
         mlp_out = self.mlp(self.pre_feedforward_layernorm(x, dtype=dtype))
@@ -298,16 +322,19 @@ class DecoderLayer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Model
+# Text model
 # --------------------------------------------------------------------------------------------------------
 @dataclass
 class Gemma3Output:
-    """What a forward pass returns. The capture lists are None unless asked for."""
+    """What a forward pass returns, on every backend (the same fields in the same order). The capture lists
+    are None unless asked for."""
 
-    logits: Tensor | None  # [batch, n, vocab] in the compute dtype; n = seq unless logits_at selects
+    logits: Tensor | None  # [batch, n, vocab] in the compute dtype; n = seq unless logits_at selects; None
+    # from the text model alone
     last_hidden_state: Tensor  # after the final norm, [batch, seq, hidden], compute dtype
     hidden_states: list[Tensor] | None = None  # residual stream: embeddings, then after each block
-    attentions: list[Tensor | None] | None = None  # per block, probabilities [batch, heads, seq, seq], fp32 (None where not asked)
+    attentions: list[Tensor | None] | None = None  # per block, probabilities [batch, heads, seq, keys], fp32
+    # (None where not asked)
 
 
 class Gemma3TextModel(nn.Module):
@@ -325,25 +352,25 @@ class Gemma3TextModel(nn.Module):
 
     def forward(
         self,
-        input_ids: Tensor,
+        ids: Tensor,
         *,
-        position_ids: Tensor | None = None,
-        attention_mask: MaskArg = None,
+        positions: Tensor | None = None,
+        mask: MaskArg = None,
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool | Collection[int] = False,
     ) -> Gemma3Output:
-        """input_ids: [batch, seq]. See Gemma3ForCausalLM.forward for the arguments."""
+        """ids: [batch, seq]. See Gemma3ForCausalLM.forward for the arguments; ``logits`` is None."""
         config = self.config
-        batch, seq = input_ids.shape
+        batch, seq = ids.shape
         dtype = self.embed_tokens.weight.dtype  # the matmul dtype
         residual_dtype = torch.float32 if dtype == torch.float16 else dtype  # the fp16 policy (header)
         if cache is not None:
             # Positions, RoPE tables and masks come from the cache (what it holds decides them).
-            if position_ids is not None or attention_mask is not None or output_attentions:
+            if positions is not None or mask is not None:
                 raise InputError(
-                    "a KV cache decides positions and masks: position_ids, attention_mask and "
-                    "output_attentions work on uncached forward passes only"
+                    "a KV cache decides positions and masks: pass positions= and mask= without cache= "
+                    "(or give them to the backend's extend, which plans the cache for them)"
                 )
             if batch != cache.batch or dtype != cache.dtype:
                 raise InputError(
@@ -352,20 +379,20 @@ class Gemma3TextModel(nn.Module):
                 )
             ropes, masks = cache.prepare(seq)  # RoPE spec -> (cos, sin); layer type -> folded mask or None
         else:
-            if position_ids is None:
-                position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)  # [batch, seq]
-            masks = self._masks(position_ids, attention_mask, batch, seq)  # layer type -> folded mask
+            if positions is None:
+                positions = torch.arange(seq, device=ids.device).expand(batch, seq)  # [batch, seq]
+            masks = self._masks(positions, mask, batch, seq)  # layer type -> folded mask
             ropes = {
-                spec: rope_tables(position_ids, spec, config.head_dim, _at_least_fp32(dtype))
+                spec: rope_tables(positions, spec, config.head_dim, _at_least_fp32(dtype))
                 for spec in {config.rope(i) for i in range(config.num_hidden_layers)}
             }
 
         scale = (
-            config.embed_scale(_DTYPE_NAMES[dtype])
-            if dtype in _DTYPE_NAMES
-            else math.sqrt(config.hidden_size)
+            config.embed_scale(dtype_name(dtype))
+            if dtype in DTYPES.values()
+            else math.sqrt(config.hidden_size)  # float64 (debugging) keeps sqrt exact
         )
-        x = self.embed_tokens(input_ids).to(residual_dtype) * scale  # [batch, seq, hidden]
+        x = self.embed_tokens(ids).to(residual_dtype) * scale  # [batch, seq, hidden]
         hidden_states = [x] if output_hidden_states else None
         # True = every layer's probabilities; a collection of layer indices = those layers' only (the
         # others keep the fused kernel). The list has one entry per layer, None where not captured.
@@ -385,7 +412,7 @@ class Gemma3TextModel(nn.Module):
                     ropes[config.rope(i)],
                     masks[layer.layer_type],
                     dtype=dtype,
-                    kv=None if cache is None else cache.layers[i],
+                    cache=None if cache is None else cache.layers[i],
                     output_attentions=with_probs,
                 )
             if hidden_states is not None:
@@ -396,27 +423,60 @@ class Gemma3TextModel(nn.Module):
             cache.advance(seq)
         return Gemma3Output(None, self.norm(x, dtype=dtype), hidden_states, attentions)
 
-    def _masks(self, positions: Tensor, attention_mask: MaskArg, batch: int, seq: int) -> dict[str, Tensor]:
+    def _masks(self, positions: Tensor, mask: MaskArg, batch: int, seq: int) -> dict[str, Tensor]:
         """One folded boolean mask per layer type present, shared by all layers of that type."""
         config = self.config
         masks = {}
         for layer_type in set(config.layer_types):
-            if attention_mask is None:
+            if mask is None:
                 window = config.sliding_window if layer_type == SLIDING else None
-                mask = causal_mask(positions, positions, window)
+                layer_mask = causal_mask(positions, positions, window)
             else:
-                mask = attention_mask[layer_type] if isinstance(attention_mask, Mapping) else attention_mask
-                if mask.dtype != torch.bool:
-                    raise InputError(f"attention_mask must be boolean (True = may attend), got {mask.dtype}")
-                if mask.ndim == 2:
-                    mask = mask[None, None]  # [q, k] -> [1, 1, q, k]
-                if mask.ndim != 4 or mask.shape[1] != 1:
+                layer_mask = mask[layer_type] if isinstance(mask, Mapping) else mask
+                if layer_mask.dtype != torch.bool:
+                    raise InputError(f"mask must be boolean (True = may attend), got {layer_mask.dtype}")
+                if layer_mask.ndim == 2:
+                    layer_mask = layer_mask[None, None]  # [q, k] -> [1, 1, q, k]
+                if layer_mask.ndim != 4 or layer_mask.shape[1] != 1:
                     raise InputError(
-                        f"attention_mask must have shape [batch, 1, seq, seq], got {tuple(mask.shape)}"
+                        f"mask must have shape [batch, 1, seq, seq], got {tuple(layer_mask.shape)}"
                     )
-                mask = mask.to(positions.device).expand(batch, 1, seq, seq)
-            masks[layer_type] = fold_mask(mask, config.num_kv_groups)
+                layer_mask = layer_mask.to(positions.device).expand(batch, 1, seq, seq)
+            masks[layer_type] = fold_mask(layer_mask, config.num_kv_groups)
         return masks
+
+
+# --------------------------------------------------------------------------------------------------------
+# Causal LM and its head
+# --------------------------------------------------------------------------------------------------------
+def soft_cap(logits: Tensor, cap: float | None) -> Tensor:
+    """Gemma's final-logit soft-capping ``tanh(logits / cap) * cap`` (none when ``cap`` is None), in (at
+    least) fp32 and rounded once to the logits' dtype."""
+    if cap is None:
+        return logits
+    capped = torch.tanh(logits.to(_at_least_fp32(logits.dtype)) / cap) * cap
+    return capped.to(logits.dtype)
+
+
+def select_positions(hidden: Tensor, at: PositionsArg) -> Tensor:
+    """hidden [batch, seq, dim] -> [batch, n, dim] at the positions ``at`` (see Gemma3ForCausalLM.forward)."""
+    if at is None:
+        return hidden
+    if isinstance(at, int):
+        seq = hidden.shape[1]
+        if not -seq <= at < seq:
+            raise InputError(f"logits_at={at} is outside the {seq} positions of this input")
+        return hidden[:, at : (at + 1) or None]  # [batch, 1, dim]
+    if isinstance(at, slice):
+        return hidden[:, at]
+    if at.ndim == 1:
+        return hidden[:, at]  # [batch, n, dim]
+    if at.ndim == 2:
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]  # [batch, 1]
+        return hidden[rows, at]  # [batch, n, dim]
+    raise InputError(
+        f"logits_at must be an int, a slice, or a 1-D or 2-D index tensor, got shape {tuple(at.shape)}"
+    )
 
 
 class Gemma3ForCausalLM(nn.Module):
@@ -453,7 +513,7 @@ class Gemma3ForCausalLM(nn.Module):
             return self.model.embed_tokens.weight
         return self.lm_head.weight if isinstance(self.lm_head, nn.Linear) else self.lm_head.fuse()
 
-    def compute_logits(self, hidden: Tensor) -> Tensor:
+    def logits_from_hidden(self, hidden: Tensor) -> Tensor:
         """Output head on final-normed hidden states [..., hidden] -> logits [..., vocab] in the compute
         dtype. Callers that chunk a loss over tokens run the backbone once and this per chunk."""
         # Flatten to 2-D first: on a 3-D *view* (a position slice, a loss chunk) torch's matmul can take a
@@ -463,71 +523,50 @@ class Gemma3ForCausalLM(nn.Module):
             F.linear(rows, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(rows)
         )
         logits = logits.view(*hidden.shape[:-1], logits.shape[-1])  # [..., vocab]
-        cap = self.config.final_logit_softcapping
-        if cap is not None:
-            capped = torch.tanh(logits.to(_at_least_fp32(logits.dtype)) / cap) * cap
-            logits = capped.to(logits.dtype)
-        return logits
+        return soft_cap(logits, self.config.final_logit_softcapping)
 
     def forward(
         self,
-        input_ids: Tensor,
+        ids: Tensor,
         *,
-        position_ids: Tensor | None = None,
-        attention_mask: MaskArg = None,
-        cache: KVCache | None = None,
+        positions: Tensor | None = None,
+        mask: MaskArg = None,
         logits_at: PositionsArg = None,
+        cache: KVCache | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool | Collection[int] = False,
     ) -> Gemma3Output:
         """Run the model on token ids [batch, seq].
 
-        position_ids: [batch, seq] integer positions; default 0..seq-1. RoPE and the built-in masks use them.
-        attention_mask: boolean, True = may attend, shape [batch or 1, 1, seq, seq] (or [seq, seq]). It
-            replaces the built-in causal / sliding-window masks: one tensor for every layer, or a mapping
+        positions: [batch, seq] integer positions; default 0..seq-1. RoPE and the built-in masks use them.
+        mask: boolean, True = may attend, shape [batch or 1, 1, seq, seq] (or [seq, seq]). It replaces the
+            built-in causal / sliding-window masks: one tensor for every layer, or a mapping
             {"sliding_attention": ..., "full_attention": ...}. Every query must be allowed some key.
-        cache: a cache.KVCache (``BACKEND.new_cache``): input_ids are the tokens after those it holds, it
-            stores their keys and values (in place) and decides their positions and masks; outputs cover
-            the new tokens only.
         logits_at: which positions get logits (the 262k-vocab head is the largest matmul of small models):
             None = every position; an int (e.g. -1) = that one position, kept as a length-1 dim; a slice or
             a 1-D index tensor = those positions in every row; a 2-D [batch, n] index tensor = per-row
             positions (e.g. the last real token of right-padded prompts).
+        cache: a cache.KVCache (``BACKEND.new_cache``): ids are the tokens after those it holds, it stores
+            their keys and values (in place) and decides their positions and masks; outputs cover the new
+            tokens only.
         output_hidden_states: also return the residual stream after the embeddings and after every block.
         output_attentions: also return attention probabilities: True = every block's, a collection of
             layer indices = those blocks' only (they take a non-fused, slower path; the others do not).
         """
         out = self.model(
-            input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
+            ids,
+            positions=positions,
+            mask=mask,
             cache=cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
-        out.logits = self.compute_logits(select_positions(out.last_hidden_state, logits_at))
+        out.logits = self.logits_from_hidden(select_positions(out.last_hidden_state, logits_at))
         return out
 
 
-def select_positions(hidden: Tensor, at: PositionsArg) -> Tensor:
-    """hidden [batch, seq, dim] -> [batch, n, dim] at the positions ``at`` (see Gemma3ForCausalLM.forward)."""
-    if at is None:
-        return hidden
-    if isinstance(at, int):
-        return hidden[:, at : (at + 1) or None]  # [batch, 1, dim]
-    if isinstance(at, slice):
-        return hidden[:, at]
-    if at.ndim == 1:
-        return hidden[:, at]  # [batch, n, dim]
-    if at.ndim == 2:
-        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]  # [batch, 1]
-        return hidden[rows, at]  # [batch, n, dim]
-    raise InputError(
-        f"logits_at must be an int, a slice, or a 1-D or 2-D index tensor, got shape {tuple(at.shape)}"
-    )
-
-
 __all__ = [
+    "DTYPES",
     "Attention",
     "DecoderLayer",
     "Gemma3ForCausalLM",
@@ -537,7 +576,10 @@ __all__ = [
     "RMSNorm",
     "apply_rope",
     "causal_mask",
+    "dtype_name",
     "fold_mask",
     "rope_tables",
+    "rotate_half",
     "select_positions",
+    "soft_cap",
 ]

@@ -176,7 +176,7 @@ def chunked_head_loss(matrix: Tensor, hidden: Tensor, targets: Tensor, weights: 
 
 # --- one micro-batch ------------------------------------------------------------------------------------------
 @dataclass
-class TorchBatch:
+class Batch:
     """A checked micro-batch (gemmalab.train.inputs.StepInputs) as tensors on the model's device."""
 
     ids: Tensor  # int64 [batch, seq]
@@ -189,13 +189,13 @@ class TorchBatch:
     attention_layers: tuple[int, ...]
 
 
-def batch_tensors(model: Gemma3ForCausalLM, step: StepInputs) -> TorchBatch:
+def batch_arrays(model: Gemma3ForCausalLM, step: StepInputs) -> Batch:
     device = model.device
 
     def put(array: np.ndarray, dtype: torch.dtype) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
 
-    return TorchBatch(
+    return Batch(
         ids=put(step.inputs, torch.long), targets=put(step.targets, torch.long), weights=put(step.weights, torch.float32),
         positions=None if step.positions is None else put(step.positions, torch.long),
         masks=None if step.masks is None else {kind: put(m[:, None], torch.bool) for kind, m in step.masks.items()},
@@ -210,10 +210,10 @@ def hidden_state(out: Gemma3Output, index: int) -> Tensor:
     return out.last_hidden_state if index == len(out.hidden_states) - 1 else out.hidden_states[index]
 
 
-def chunked_loss_sum(model: Gemma3ForCausalLM, batch: TorchBatch, loss: LossSpec, *, chunk_tokens: int) -> Tensor:
+def chunked_loss_sum(model: Gemma3ForCausalLM, batch: Batch, loss: LossSpec, *, chunk_tokens: int) -> Tensor:
     """The backbone once (capturing what the aux terms read), then the head terms in chunks
     (chunked_head_loss), plus the weighted aux terms: the whole loss sum of ``loss``."""
-    out = model.model(batch.ids, position_ids=batch.positions, attention_mask=batch.masks,
+    out = model.model(batch.ids, positions=batch.positions, mask=batch.masks,
                       output_hidden_states=bool(batch.hidden_layers),
                       output_attentions=frozenset(batch.attention_layers))
     hidden = out.last_hidden_state  # [batch, seq, dim]
@@ -284,7 +284,7 @@ def _rms(x: Tensor) -> float:
     return float(x.float().square().mean().sqrt())
 
 
-class TorchTrainer:
+class Trainer:
     """gemmalab.train.spec.BackendTrainer for a float32 model.Gemma3ForCausalLM."""
 
     def __init__(self, model: Gemma3ForCausalLM, spec: TrainSpec):
@@ -315,7 +315,7 @@ class TorchTrainer:
                    loss_scale: float = 1.0) -> float:
         step = prepare(self.model.config, self.spec.loss, inputs, targets, weights, positions=positions, mask=mask,
                        extras=extras)
-        batch = batch_tensors(self.model, step)
+        batch = batch_arrays(self.model, step)
         with self._autocast():
             loss = chunked_loss_sum(self.model, batch, self.spec.loss, chunk_tokens=self.spec.loss_chunk_tokens)
         (loss * loss_scale).backward()  # .grad of each trainable parameter sums over micro-batches
@@ -376,5 +376,5 @@ class TorchTrainer:
             }
 
 
-__all__ = ["Adafactor", "ChunkedHeadLoss", "TorchBatch", "TorchTrainer", "aux_term", "batch_tensors", "chunked_head_loss",
+__all__ = ["Adafactor", "ChunkedHeadLoss", "Batch", "Trainer", "aux_term", "batch_arrays", "chunked_head_loss",
            "chunked_loss_sum", "cross_entropy", "head_term", "hidden_state", "soft_target_cross_entropy"]
