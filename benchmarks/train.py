@@ -19,7 +19,7 @@ Tokens/s = batch x seq / median step time after one warm-up step; peak memory = 
 Phase profile (``--profile-steps``, torch pair only): after the timed steps, each engine runs more steps of the
 same code with wall-clock marks (torch on the CPU is synchronous, so a mark is where the work ends), set by
 forward hooks on the backbone, a gradient hook on the final hidden states, and wrappers around the loss, the
-optimizer's step and zero_grad (gemmalab: ``TorchTrainer.accumulate`` and ``apply`` themselves, untouched):
+optimizer's step and zero_grad (gemmalab: ``Trainer.accumulate`` and ``apply`` themselves, untouched):
 backbone forward; head + loss forward (gemmalab's fused loss computes the head's gradient here); head + loss
 backward; backbone backward (with the embedding gradient and the tied-weight sum); gradient scaling and
 clipping; AdamW; zero_grad; other (numpy -> tensors, loss readout). Each phase also gets its CPU time (user +
