@@ -32,6 +32,8 @@ from gemmalab.train.spec import TrainSpec, check_optimizer_state
 from .model import Gemma3ForCausalLM, Gemma3Output
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Devices with torch's fused AdamW kernel (torch 2.4+ on the CPU).
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
 # --- the loss terms (gemmalab/train/losses.py has their definitions) --------------------------------------------
@@ -301,9 +303,16 @@ class Trainer:
         groups = [{"params": [p], "name": n} for n, p in self.params.items()]
         opt = spec.optimizer
         if opt.name == "adamw":
+            # torch's fused kernel: one pass over each tensor, where the single-tensor loop makes temporaries the
+            # size of the parameter (the embedding's are 671 MB at 262k ids). On the 270M step it took the
+            # update from 1.96 s to 0.75-1.0 s (benchmarks/results/train-profile-2026-12-02.md); same formula,
+            # rounding differs by about 1 ulp of a step.
+            self.fused = model.device.type in FUSED_ADAMW_DEVICES
             self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=opt.betas, eps=opt.eps,
-                                               weight_decay=opt.weight_decay, foreach=False)
+                                               weight_decay=opt.weight_decay, fused=self.fused or None,
+                                               foreach=None if self.fused else False)
         else:
+            self.fused = False
             self.optimizer = Adafactor(groups, lr=0.0, decay_rate=opt.decay_rate, clip_threshold=opt.clip_threshold,
                                        eps=opt.eps_adafactor, beta1=opt.beta1, weight_decay=opt.weight_decay)
 
@@ -367,10 +376,12 @@ class Trainer:
         self.optimizer.state.clear()
         for name, values in checked.items():
             device = self.params[name].device
+            # torch keeps step counts as float32 (exact for any count below 2^24): on the CPU for the
+            # single-tensor loop (a device tensor would cost a sync per step), on the parameter's device for the
+            # fused kernel, which reads it there
+            step_device = device if self.fused else "cpu"
             self.optimizer.state[self.params[name]] = {
-                # torch keeps step counts as float32 on the CPU (a device tensor would cost a sync per step);
-                # exact for any count below 2^24
-                kind: torch.tensor(float(value[0]), dtype=torch.float32) if kind == "step"
+                kind: torch.tensor(float(value[0]), dtype=torch.float32, device=step_device) if kind == "step"
                 else torch.from_numpy(np.array(value)).to(device)
                 for kind, value in values.items()
             }
