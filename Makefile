@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 GL     := $(VENV)/bin/gemmalab
 PYTEST_ARGS ?=
 
-.PHONY: setup install test check lint demo benchmark clean
+.PHONY: setup install test check lint demo benchmark experiments clean
 
 setup:  ## create .venv with every backend this platform runs (idempotent)
 	./setup.sh
@@ -27,6 +27,9 @@ demo: setup  ## the main job for now: platform and backend check with an exactne
 
 benchmark: setup  ## quick gemmalab bench on every installed backend: a random 270M, prompt 128, generate 32 (full run: gemmalab bench --backend all)
 	$(GL) bench --backend all --quick
+
+experiments: setup  ## the interactive menu over the experiment registry (non-interactive: gemmalab experiments list / run NAME)
+	$(GL) experiments menu
 
 clean:  ## remove caches and build artefacts (keeps .venv; `rm -rf .venv` for a full reset)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

@@ -6,13 +6,14 @@
     generate.py  generate
     bench.py     bench
     train.py     train, eval
+    experiments.py  experiments list, run, menu
 
 Importing this package imports no array framework: each command imports its backend when it runs.
 """
 
 from __future__ import annotations
 
-from . import bench, generate, models, train  # noqa: F401  (each module registers its commands on `app`)
+from . import bench, experiments, generate, models, train  # noqa: F401  (each module registers its commands on `app`)
 from .app import app, console, err_console, main
 
 __all__ = ["app", "console", "err_console", "main"]

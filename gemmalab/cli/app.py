@@ -79,9 +79,9 @@ class _Interrupted(Exception):
     """Ctrl-C inside a command, carried past typer (which would turn it into a silent exit 130)."""
 
 
-def command(*args, **kwargs):
-    """``app.command``, with Ctrl-C inside the command reported by ``main`` (see the module docstring).
-    Every gemmalab command registers through this."""
+def command(*args, on: typer.Typer | None = None, **kwargs):
+    """``app.command`` (or ``on.command`` for a command group, see ``group``), with Ctrl-C inside the
+    command reported by ``main`` (see the module docstring). Every gemmalab command registers through this."""
 
     def register(function):
         @functools.wraps(function)  # typer reads the signature and annotations through __wrapped__
@@ -93,9 +93,16 @@ def command(*args, **kwargs):
                     raise
                 raise _Interrupted(_interrupt_message(err)) from None
 
-        return app.command(*args, **kwargs)(run)
+        return (on or app).command(*args, **kwargs)(run)
 
     return register
+
+
+def group(name: str, help: str) -> typer.Typer:  # noqa: A002  (typer's own word)
+    """A group of subcommands, ``gemmalab NAME ...``; register its commands with ``command(on=group)``."""
+    sub = typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    app.add_typer(sub, name=name)
+    return sub
 
 
 def main(args: list[str] | None = None) -> None:

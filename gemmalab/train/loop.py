@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,11 +263,13 @@ def _progress_line(step: int, total: int, record: dict, started_step: int, elaps
             f"{record['tokens_per_s']:,.0f} tok/s  eta {hours}:{minutes:02d}:{seconds:02d}")
 
 
-def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: bool = False) -> TrainResult:
+def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: bool = False,
+          on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Run (or resume) the training ``config`` describes. Returns where it wrote and what it reached.
 
     ``progress`` shows a rich bar; ``log_lines`` prints a plain line every ``log_every`` steps instead
-    (for output that is not a terminal). Ctrl-C stops after the step in progress, writes a checkpoint and
+    (for output that is not a terminal); ``on_step(record)`` is called after every step with its record
+    (step, loss, lr, tokens/s, and the evaluation figures on evaluation steps), for a caller's own view. Ctrl-C stops after the step in progress, writes a checkpoint and
     raises RunInterrupted, whose message says how to resume."""
     run_dir = check_writable_folder(config.out, what="run folder", fix="choose another --out")
     plan = plan_run(run_dir, config, echo)
@@ -387,6 +390,8 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
                     result.history.append(record)
                     if log_lines:
                         echo(_progress_line(step, config.steps, record, started_step, elapsed))
+                if on_step is not None:
+                    on_step(record)
                 bar.update(step, f"loss {loss:.4f}  {record['tokens_per_s']:,.0f} tok/s  lr {lr:.2e}  "
                                  f"mem {process_peak_rss() / 1e9:.2f} GB")
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:

@@ -1,0 +1,132 @@
+"""The experiment registry, `gemmalab experiments`, and the menu driven with keys as a user drives it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import pytest
+from cli_helpers import assert_clean_failure, run_cli, snapshot
+
+from gemmalab.errors import ConfigError, InputError
+from gemmalab.experiments import REPORT_FILE, get, registry
+from gemmalab.experiments.registry import apply_overrides
+
+# The tiny preset's byte-level vocabulary: a model that learned nothing scores about this perplexity.
+UNIFORM_PERPLEXITY = 256
+
+
+def test_the_registry_lists_train_tiny_with_what_a_user_needs():
+    entries = registry()
+    assert "train-tiny" in entries
+    entry = entries["train-tiny"]
+    assert entry.summary and entry.expected and entry.config_path.is_file()
+    # the config shows its launch command at the top (the torchtune convention)
+    assert "gemmalab experiments run train-tiny" in entry.config_text().split("\n\n")[0]
+    assert set(entry.smoke) <= set(entry.settings())
+
+
+def test_overrides_are_yaml_values_and_a_typo_is_refused():
+    settings = {"steps": 10, "teacher": {"steps": 5, "preset": "tiny"}, "note": None}
+    updated = apply_overrides(settings, ["steps=20", "teacher.preset=gemma-3-270m", "note=[1, 2]"])
+    assert updated == {"steps": 20, "teacher": {"steps": 5, "preset": "gemma-3-270m"}, "note": [1, 2]}
+    assert settings["teacher"]["preset"] == "tiny"  # the config itself is untouched
+    with pytest.raises(ConfigError, match="stepz: no such setting here"):
+        apply_overrides(settings, ["stepz=3"])
+    with pytest.raises(ConfigError, match="steps is not a section"):
+        apply_overrides(settings, ["steps.x=3"])
+    with pytest.raises(ConfigError, match="is not key=value"):
+        apply_overrides(settings, ["steps"])
+    with pytest.raises(InputError, match="did you mean train-tiny"):
+        get("train-tiy")
+
+
+def test_train_tiny_smoke_run_learns_and_writes_its_report_and_plot(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("experiments", "run", "train-tiny", "--smoke", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["experiment"] == "train-tiny" and report["steps"] == 4
+    # real effects of four steps: the loss fell, and the held-out perplexity is below a uniform guess
+    assert report["final_loss"] < report["first_loss"]
+    assert report["eval_perplexity"] < UNIFORM_PERPLEXITY
+    assert math.isclose(report["eval_perplexity"], math.exp(report["eval_loss"]), rel_tol=1e-9)
+    assert report["settings"]["steps"] == 4 and "steps=4" in report["overrides"]
+    assert (out / report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "eval_perplexity" in result.stdout and str(out / REPORT_FILE) in result.stdout
+    # running into the same folder again is refused, and the first report is kept
+    before = snapshot(out)
+    assert_clean_failure(
+        run_cli("experiments", "run", "train-tiny", "--smoke", "--out", str(out)),
+        "already holds",
+        "choose another --out",
+    )
+    assert snapshot(out) == before
+
+
+def test_a_bad_setting_fails_before_anything_is_written(tmp_path):
+    out = tmp_path / "never"
+    assert_clean_failure(
+        run_cli("experiments", "run", "train-tiny", "--set", "stepz=3", "--out", str(out)), "stepz", "known: "
+    )
+    assert not out.exists()
+    assert_clean_failure(run_cli("experiments", "run", "nope"), "no experiment named 'nope'")
+
+
+def test_list_json_names_every_entry():
+    result = run_cli("experiments", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["name"] for r in rows] == list(registry())
+    assert all(Path(r["config"]).is_file() and r["command"].endswith(r["name"]) for r in rows)
+
+
+def test_the_menu_needs_a_terminal():
+    assert_clean_failure(run_cli("experiments", "menu"), "needs a terminal", "gemmalab experiments run")
+
+
+def test_the_menu_driven_by_keys_shows_the_config_runs_and_shows_the_results(tmp_path):
+    from textual.widgets import Input, Static, TextArea
+
+    from gemmalab.experiments.menu import ExperimentMenu
+
+    smoke = [f"{k}={json.dumps(v)}" for k, v in get("train-tiny").smoke.items()]
+
+    async def drive() -> tuple[str, str, str, dict | None]:
+        app = ExperimentMenu(extra_sets=smoke, out_root=tmp_path)
+        async with app.run_test(size=(120, 40)) as pilot:
+            names = list(app.entries)
+            for _ in range(names.index("train-tiny")):
+                await pilot.press("down")
+            await pilot.pause()
+            config_shown = app.query_one("#config", TextArea).text
+            # a typo typed in the settings line: the run fails with the child's one-line reason
+            await pilot.click("#sets")
+            await pilot.press(*"stepz=3", "enter")
+            await _until(pilot, lambda: app.process is None and app.last_error is not None)
+            failed = str(app.query_one("#status", Static).render())
+            app.query_one("#sets", Input).value = ""
+            app.query_one("#entries").focus()
+            await pilot.press("enter")
+            await _until(pilot, lambda: app.process is None and app.last_report is not None)
+            results = str(app.query_one("#results", Static).render())
+            return config_shown, failed, results, app.last_report
+
+    config_shown, failed, results, report = asyncio.run(drive())
+    assert config_shown == get("train-tiny").config_text()
+    assert "failed" in failed and "stepz" in failed
+    assert report is not None and report["steps"] == 4
+    assert "eval_perplexity" in results and f"{report['eval_perplexity']:.4g}" in results
+    written = list(tmp_path.glob(f"train-tiny-*/{REPORT_FILE}"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["final_loss"] == report["final_loss"]
+
+
+async def _until(pilot, condition, timeout: float = 300.0) -> None:
+    waited = 0.0
+    while not condition():
+        if waited > timeout:
+            raise AssertionError("the menu did not finish the run in time")
+        await pilot.pause(0.2)
+        waited += 0.2
