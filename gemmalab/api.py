@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,19 @@ class StreamChunk:
     token: int
     text: str
     is_stop: bool = False
+
+
+@dataclass(eq=False)
+class Cache:
+    """A KV cache of one ``Model`` (``Model.new_cache``), fed by ``Model.extend``. ``native`` is the backend's
+    own cache object; ``length`` counts the tokens stored so far per row (left padding included): the next
+    token gets that index."""
+
+    model: Model = field(repr=False)
+    native: Any = field(repr=False)
+    batch: int
+    pad_lengths: tuple[int, ...]
+    length: int = 0
 
 
 @dataclass
@@ -99,6 +112,63 @@ class Model:
             hidden_states=check_selection(hidden_states, layers + 1, "hidden_states"),
             attentions=check_selection(attentions, layers, "attentions"),
         )
+
+    def new_cache(self, batch: int = 1, pad_lengths: Sequence[int] | None = None) -> Cache:
+        """An empty KV cache for ``batch`` sequences fed in lock-step by ``extend``. ``pad_lengths[r]`` is the
+        number of left-padding tokens at the start of row r: fed like the others, never attended to, and
+        row r's positions count from its first real token."""
+        from .checks import check_cache_request
+
+        batch, pads = check_cache_request(batch, pad_lengths)
+        native = self._backend.new_cache(self.native, batch=batch, pad_lengths=pads)
+        return Cache(self, native, batch, tuple(pads or [0] * batch))
+
+    def extend(
+        self,
+        cache: Cache,
+        ids: Any,
+        *,
+        positions: Any = None,
+        mask: Any = None,
+        write: int | None = None,
+        hidden_states: bool | Sequence[int] = False,
+        attentions: bool | Sequence[int] | None = None,
+    ) -> ForwardOutput:
+        """Feed token ids [batch, n] (a [n] list is batch 1) after everything ``cache`` holds, updating it,
+        and return what ``forward`` returns, for the n new tokens only: ``.logits`` [batch, n, vocab],
+        ``.hidden_states`` [batch, n, hidden] and ``.attentions`` [batch, heads, n, keys] by index.
+
+        ``positions`` ([n] or [batch, n]; default: each row's next positions) drive RoPE and the masks.
+        ``mask`` (boolean [n, n] or [batch, n, n], True = may attend) replaces the causal rule among the new
+        tokens; they see the cached tokens by position (not after their own), local layers keep their
+        window on top. ``write=k`` stores only the first k new tokens (0: look without storing). The rule
+        is the core's cache plan (gemmalab.cache_plan). ``hidden_states`` and ``attentions`` select as in
+        ``forward``. The key axis of ``.attentions[i]`` is the cache's slots as they were before this step,
+        in slot order (on local layers a ring of sliding_window slots: once it has wrapped, not position
+        order), then the n new tokens; ``.key_positions[i]`` [batch, keys] gives the position each key
+        holds (-1 for padding). Generation keeps its own faster path (``generate``)."""
+        from .checks import check_selection
+
+        if not isinstance(cache, Cache):
+            raise InputError(f"cache must come from Model.new_cache, got {type(cache).__name__}")
+        if cache.model is not self:
+            raise InputError("this cache belongs to another model: make one with this model's new_cache")
+        array = np.asarray(ids)
+        if array.ndim == 1:
+            array = array[None, :]
+        array = check_token_ids(array, self.config.vocab_size)
+        if array.shape[0] != cache.batch:
+            raise InputError(
+                f"this cache holds {cache.batch} rows but ids have {array.shape[0]}: give one row each"
+            )
+        layers = self.config.num_hidden_layers
+        out = self._backend.extend_forward(
+            self.native, cache.native, array, positions=positions, mask=mask, write=write,
+            hidden_states=check_selection(hidden_states, layers + 1, "hidden_states"),
+            attentions=check_selection(attentions, layers, "attentions"),
+        )
+        cache.length += array.shape[1] if write is None else int(write)
+        return out
 
     def weights(self) -> dict[str, np.ndarray]:
         """Every parameter under its HF name, as numpy in the model's dtype; wrapped linears fused."""

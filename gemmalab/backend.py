@@ -15,7 +15,7 @@ import importlib
 import os
 import platform
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
@@ -36,11 +36,18 @@ class ForwardOutput:
     ``hidden_states`` follows transformers' ``output_hidden_states``: index 0 is the scaled embeddings, index
     i (1 <= i < layers) the output of block i - 1, index ``layers`` the last block's output after the final
     norm. ``attentions`` maps a layer index to its probabilities [batch, heads, query, key]. Each holds only
-    the indices that were asked for."""
+    the indices that were asked for.
+
+    From a cached step (``Backend.extend_forward``) every array covers the new tokens only, and the key
+    axis of ``attentions[i]`` is the cache plan's layout (gemmalab.cache_plan): the cache's slots as they
+    were before the step, in slot order (a wrapped ring is not in position order), then the new tokens.
+    ``key_positions[i]`` [batch, keys] gives the position each key column holds (cache_plan.NO_POSITION
+    for padding). An uncached pass leaves it empty: its keys are the sequence's own tokens, in order."""
 
     logits: np.ndarray  # [batch, seq, vocab]
     hidden_states: dict[int, np.ndarray]
     attentions: dict[int, np.ndarray]
+    key_positions: dict[int, np.ndarray] = field(default_factory=dict)  # cached steps: [batch, keys] int64
 
 
 @runtime_checkable
@@ -135,6 +142,21 @@ class Backend(Protocol):
         ``positions`` ([n] or [batch, n]), ``mask`` (boolean over the new tokens, [n, n] or [batch, n, n])
         and ``write`` (store only the first ``write`` new tokens; 0 = look without storing) follow the
         core's plan, gemmalab.cache_plan, exactly (reference.CachedReference is the oracle)."""
+
+    def extend_forward(
+        self, model: Any, cache: Any, ids: np.ndarray, *, positions: np.ndarray | None = None,
+        mask: np.ndarray | None = None, write: int | None = None, hidden_states: tuple[int, ...] = (),
+        attentions: tuple[int, ...] = (),
+    ) -> ForwardOutput:
+        """``extend`` with what the model computes inside the step: the same feeding of ids [batch, n] and
+        the same cache update (``positions``, ``mask``, ``write`` as there), returning a ForwardOutput of
+        the new tokens only: float32 logits [batch, n, vocab] of every new position, the hidden states
+        [batch, n, hidden] asked for by index, and the probabilities [batch, heads, n, keys] of the layers
+        in ``attentions`` (only those leave the fused kernel), with ``key_positions`` per captured layer.
+
+        The step always follows the core's plan (CachePlanner.request_plan), even when nothing explicit is
+        asked, so the key axis is the plan's on every backend (ForwardOutput). ``extend`` stays the fast
+        path of generation."""
 
     def cache_nbytes(self, cache: Any) -> dict[str, int]:
         """Bytes held by the cache's key/value buffers, per layer type:

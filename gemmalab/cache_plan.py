@@ -22,10 +22,17 @@ One extend feeds ``n`` new tokens and attends over ``[the cached slots it reads,
 * only the first ``write`` new tokens (default all) are stored, at indices ``length ..``; on a ring, only
   the last ``window`` of those (earlier ones would be overwritten by the same write). A block that is only
   looked at (``write=0``) leaves the cache as it was.
+
+The key axis of a cached step's attention probabilities (``Backend.extend_forward``) is this uniform layout,
+the same on every backend: column c < cached is buffer slot ``read_slots[c]`` as it was *before* the step's
+writes (slot order: on a ring that has wrapped, not position order), then column cached + t is new token t.
+``LayerPlan.key_positions`` [batch, cached + n] names the position each column holds (``NO_POSITION`` for
+padding), so a caller maps the columns onto positions without knowing the ring.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +40,7 @@ import numpy as np
 from .checks import is_count
 from .config import SLIDING, Gemma3Config
 from .errors import InputError
-from .masks import as_mask, as_positions
+from .masks import as_mask, as_positions, check_every_query_sees_a_key
 
 NO_POSITION = -1  # a slot nothing real was written to (padding or not yet filled)
 
@@ -46,6 +53,8 @@ class LayerPlan:
     mask: np.ndarray  # [batch, n, cached + n] bool: True where new query t may attend to the key
     write_slots: np.ndarray  # [w] int: buffer slots the written tokens go to
     write_tokens: np.ndarray  # [w] int: which of the n new tokens goes to each written slot
+    key_positions: np.ndarray  # [batch, cached + n] int64: the position each key of the mask holds
+    # (NO_POSITION: padding), the read slots' as they were before this extend, then the new tokens'
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,11 @@ class ExtendPlan:
     positions: np.ndarray  # [batch, n] int64: RoPE positions of the new tokens
     written: int  # how many of the new tokens are stored (indices length .. length + written - 1)
     layers: dict[str, LayerPlan]  # by layer type
+
+    def key_positions(self, layer_types: Sequence[str], layers: Iterable[int]) -> dict[int, np.ndarray]:
+        """The positions [batch, cached + n] of the key axis of each of ``layers`` (indices into
+        ``layer_types``, the config's): what a captured step's attention columns hold (module docstring)."""
+        return {i: self.layers[layer_types[i]].key_positions for i in layers}
 
 
 @dataclass
@@ -62,14 +76,15 @@ class CachePlanner:
 
     A backend hands an extend's explicit arguments over with ``request`` and reads them back as a plan with
     ``take_plan`` (None when nothing was asked: the backend may then take its own equivalent fast path and
-    ``commit_default``)."""
+    ``commit_default``), or plans the extend itself with ``request_plan`` (a captured step, whose keys must
+    come in the plan's layout even when nothing explicit was asked)."""
 
     config: Gemma3Config
     batch: int
     pad_lengths: list[int] | None = None
     length: int = 0
     slot_positions: dict[str, np.ndarray] = field(default_factory=dict)  # [batch, slots]: NO_POSITION = empty
-    _request: dict | None = None  # the next extend's explicit arguments (request / take_plan)
+    _request: dict | ExtendPlan | None = None  # the next extend's arguments, or its plan (take_plan)
 
     def __post_init__(self) -> None:
         pads = [0] * self.batch if self.pad_lengths is None else list(self.pad_lengths)
@@ -87,9 +102,24 @@ class CachePlanner:
         given = {"positions": positions, "mask": mask, "write": write}
         self._request = {k: v for k, v in given.items() if v is not None} or None
 
+    def request_plan(self, n: int, *, positions: object = None, mask: object = None,
+                     write: int | None = None) -> ExtendPlan:
+        """Plan the next extend of ``n`` tokens now, with or without explicit arguments, and keep the plan
+        for ``take_plan``: the extend then follows it (and its key layout) whatever was asked. Raises
+        InputError, before anything changes, on bad arguments."""
+        self._request = None
+        plan = self.plan(n, positions=positions, mask=mask, write=write)
+        self._request = plan
+        return plan
+
     def take_plan(self, n: int) -> ExtendPlan | None:
         """The plan for the requested arguments and ``n`` new tokens, once; None when none were requested."""
         request, self._request = self._request, None
+        if isinstance(request, ExtendPlan):
+            if request.positions.shape[1] != n:
+                planned = request.positions.shape[1]
+                raise InputError(f"the extend was planned for {planned} tokens but got {n}")
+            return request
         return None if request is None else self.plan(n, **request)
 
     def _default_positions(self, index: np.ndarray) -> np.ndarray:
@@ -122,6 +152,8 @@ class CachePlanner:
         layers = {}
         for kind, slots in self.slot_positions.items():
             layers[kind] = self._layer_plan(kind, slots, at, real_q, explicit, index, int(written))
+        if explicit is not None:  # the default rule lets every query see itself
+            check_every_query_sees_a_key({kind: layer.mask for kind, layer in layers.items()})
         return ExtendPlan(at, int(written), layers)
 
     def _layer_plan(self, kind: str, slots: np.ndarray, at: np.ndarray, real_q: np.ndarray,
@@ -141,7 +173,9 @@ class CachePlanner:
         own[np.arange(n), len(read) + np.arange(n)] = True
         allowed = allowed | (own[None] & ~real_q[:, :, None])
         kept, write_slots = self._written(kind, index[:written])
-        return LayerPlan(read, allowed, write_slots.astype(np.int64), kept.astype(np.int64))
+        new_pos = np.where(index[None, :] >= self.pad[:, None], at, NO_POSITION)  # [batch, n]
+        key_positions = np.concatenate([key_pos, new_pos], axis=1)  # [batch, cached + n]
+        return LayerPlan(read, allowed, write_slots.astype(np.int64), kept.astype(np.int64), key_positions)
 
     def commit(self, plan: ExtendPlan) -> None:
         """Record that the backend stored the plan's written tokens."""

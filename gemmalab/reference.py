@@ -182,25 +182,41 @@ class CachedReference:
         self.values = [np.zeros(shape) for _ in range(config.num_hidden_layers)]
 
     def extend(self, ids: np.ndarray, *, positions: np.ndarray | None = None, mask: np.ndarray | None = None,
-               write: int | None = None) -> np.ndarray:
-        """Logits [batch, n, vocab] of n new tokens after the cached ones (see gemmalab.cache_plan)."""
+               write: int | None = None, capture: bool = False,
+               ) -> np.ndarray | tuple[np.ndarray, dict[str, list[np.ndarray]]]:
+        """Logits [batch, n, vocab] of n new tokens after the cached ones (see gemmalab.cache_plan).
+
+        With ``capture=True`` also returns, as ``forward`` does but for the new tokens only,
+        {"hidden_states": [...] (layers + 1 arrays [batch, n, hidden]), "attentions": [...] (per layer,
+        [batch, heads, n, cached + n] over the plan's key layout), "key_positions": [...] (per layer, the
+        position each key column holds, [batch, cached + n])}."""
         ids = np.asarray(ids)
         plan = self.planner.plan(ids.shape[1], positions=positions, mask=mask, write=write)
         w, eps, config = self.weights, self.config.rms_norm_eps, self.config
         x = w[EMBED][ids] * np.sqrt(config.hidden_size)  # [batch, n, hidden]
+        hidden_states, attentions, key_positions = [x], [], []
         for layer in range(config.num_hidden_layers):
             p = layer_prefix(layer)
             layer_plan = plan.layers[config.layer_types[layer]]
             q, k, v = project_qkv(config, w, layer, rms_norm(x, w[p + "input_layernorm.weight"], eps), plan.positions)
             keys = np.concatenate([self.keys[layer][:, :, layer_plan.read_slots], k], axis=2)
             values = np.concatenate([self.values[layer][:, :, layer_plan.read_slots], v], axis=2)
-            attn_out, _ = attend(config, w, layer, q, keys, values, layer_plan.mask[:, None])
+            attn_out, probs = attend(config, w, layer, q, keys, values, layer_plan.mask[:, None])
             x = x + rms_norm(attn_out, w[p + "post_attention_layernorm.weight"], eps)
             mlp_out = mlp(config, w, layer, rms_norm(x, w[p + "pre_feedforward_layernorm.weight"], eps))
             x = x + rms_norm(mlp_out, w[p + "post_feedforward_layernorm.weight"], eps)
             self._store(layer, layer_plan, k, v)
+            if layer < config.num_hidden_layers - 1:
+                hidden_states.append(x)
+            attentions.append(probs)
+            key_positions.append(layer_plan.key_positions)
         self.planner.commit(plan)
-        return output_head(config, w, rms_norm(x, w[FINAL_NORM], eps))
+        x = rms_norm(x, w[FINAL_NORM], eps)
+        hidden_states.append(x)
+        logits = output_head(config, w, x)
+        if capture:
+            return logits, dict(hidden_states=hidden_states, attentions=attentions, key_positions=key_positions)
+        return logits
 
     def _store(self, layer: int, plan, k: np.ndarray, v: np.ndarray) -> None:
         if len(plan.write_slots) == 0:

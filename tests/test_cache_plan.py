@@ -33,6 +33,7 @@ def test_plan_by_hand_after_the_ring_wraps():
     local = plan.layers["sliding_attention"]
     # keys [slot 0 (pos 3), slot 1 (pos 1), slot 2 (pos 2), the new token (pos 4)]: the window of 3 keeps 2..4
     assert local.mask.tolist() == [[[True, False, True, True]]]
+    assert local.key_positions.tolist() == [[3, 1, 2, 4]]  # what a captured step's key columns hold
     assert local.write_slots.tolist() == [1] and local.write_tokens.tolist() == [0]  # index 4 -> slot 4 % 3
     assert plan.layers["full_attention"].mask.tolist() == [[[True] * 5]]
 

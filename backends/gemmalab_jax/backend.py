@@ -42,7 +42,7 @@ from gemmalab.params import parameter_shapes
 from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
 
 from . import linears
-from .cache import KVCache, extend_step, planned_step
+from .cache import KVCache, extend_step, plan_columns, planned_step
 from .model import Params, abstract_params, forward, layer_rope_tables, unflatten
 from .sharding import Plan, make_mesh
 from .training import Trainer, hidden_state, loss_sum
@@ -72,7 +72,9 @@ def _captured_forward(params: Params, ids: jax.Array, rope: Any, masks: Any, *, 
 _jit_full_logits = jax.jit(_full_logits, static_argnames=("config", "plan"))
 _jit_captured_forward = jax.jit(_captured_forward, static_argnames=("config", "plan", "hidden_states", "attentions"))
 _jit_step = jax.jit(extend_step, static_argnames=("config", "plan", "mode"), donate_argnums=1)
-_jit_planned_step = jax.jit(planned_step, static_argnames=("config", "plan", "mode"), donate_argnums=1)
+_jit_planned_step = jax.jit(
+    planned_step, static_argnames=("config", "plan", "mode", "hidden_states", "attentions"), donate_argnums=1
+)
 
 
 @dataclass
@@ -92,11 +94,19 @@ class JaxModel:
         with self._precision():
             return _jit_full_logits(self.params, ids, rope, config=self.config, plan=self.plan)
 
-    def planned_step(self, buffers: Any, ids: jax.Array, rope: Any, masks: Any, writes: Any, *, mode: str) -> Any:
-        """cache.planned_step on this model's parameters: (logits or None, updated buffers)."""
+    def planned_step(self, buffers: Any, ids: jax.Array, rope: Any, masks: Any, writes: Any, *, mode: str,
+                     hidden_states: tuple[int, ...] = (), attentions: tuple[int, ...] = ()) -> Any:
+        """cache.planned_step on this model's parameters: (logits or None, updated buffers, captured hidden
+        states, captured probabilities); the captures are static (one compiled step per selection)."""
         with self._precision():
+            if not hidden_states and not attentions:  # the step generation compiles, as it always was
+                return _jit_planned_step(
+                    self.params, buffers, ids, rope, masks, writes, config=self.config, plan=self.plan,
+                    mode=mode,
+                )
             return _jit_planned_step(
-                self.params, buffers, ids, rope, masks, writes, config=self.config, plan=self.plan, mode=mode
+                self.params, buffers, ids, rope, masks, writes, config=self.config, plan=self.plan, mode=mode,
+                hidden_states=hidden_states, attentions=attentions,
             )
 
     def step(self, buffers: Any, ids: jax.Array, rope: Any, start: Any, pad: Any, *, mode: str) -> Any:
@@ -293,13 +303,7 @@ class JaxBackend:
         "none" -> None. ``positions``, ``mask`` (over the new tokens) and ``write`` follow the core's cache
         plan (gemmalab.cache_plan) through a step compiled per shape (``planned_step``)."""
         check_logits_mode(logits)
-        if not isinstance(cache, KVCache):
-            raise InputError(f"cache must come from the jax backend's new_cache, got {type(cache).__name__}")
-        ids = self._token_ids(model, ids)
-        if ids.shape[0] != cache.batch:
-            raise InputError(f"this cache holds {cache.batch} rows but ids have {ids.shape[0]}")
-        if cache.plan != model.plan or cache.dtype != model.dtype:
-            raise InputError("this cache was made for another model: make one with new_cache for this model")
+        ids = self._ids_for_cache(model, cache, ids)
         n = ids.shape[1]
         cache.planner.request(positions=positions, mask=mask, write=write)
         extend_plan = cache.planner.take_plan(n)  # None: nothing explicit asked, the plain step serves
@@ -310,14 +314,74 @@ class JaxBackend:
 
             def run(buffers):
                 return model.step(buffers, self._place_ids(model, ids), rope, start, cache.pad, mode=logits)
-        else:
-            cache.reserve(cache.length + max(extend_plan.written, 1))
-            rope = model.rope(extend_plan.positions)
-            masks, writes = cache.planned_inputs(extend_plan)
-            placed = {kind: jax.device_put(m, model.plan.batch_sharding(m.shape)) for kind, m in masks.items()}
 
-            def run(buffers):
-                return model.planned_step(buffers, self._place_ids(model, ids), rope, placed, writes, mode=logits)
+            out, _ = self._donated_step(model, cache, run, n, None)
+        else:
+            out, _ = self._planned(model, cache, ids, extend_plan, mode=logits)
+        if out is None:
+            return None
+        return self._checked(model, np.asarray(out))
+
+    def extend_forward(
+        self, model: JaxModel, cache: KVCache, ids: np.ndarray, *, positions: np.ndarray | None = None,
+        mask: np.ndarray | None = None, write: int | None = None, hidden_states: tuple[int, ...] = (),
+        attentions: tuple[int, ...] = (),
+    ) -> ForwardOutput:
+        """``extend`` returning the logits of every new position and the captures asked for, through the
+        planned step compiled with the captures as static arguments; the probabilities come back over the
+        core's plan layout (gemmalab.backend.ForwardOutput): the step reads whole buffers (static shapes),
+        and the columns of the slots the plan does not read (masked: probability 0) are dropped."""
+        ids = self._ids_for_cache(model, cache, ids)
+        n = ids.shape[1]
+        extend_plan = cache.planner.plan(n, positions=positions, mask=mask, write=write)
+        out, (picked, probs) = self._planned(model, cache, ids, extend_plan, mode="all",
+                                             hidden_states=tuple(hidden_states), attentions=tuple(attentions))
+        kinds = model.config.layer_types
+        laid = {i: np.asarray(p)[..., plan_columns(extend_plan.layers[kinds[i]], p.shape[-1])]
+                for i, p in probs.items()}  # [batch, heads, n, cached + n]
+        return ForwardOutput(
+            self._checked(model, np.asarray(out)),
+            {i: np.asarray(a) for i, a in picked.items()},
+            laid,
+            extend_plan.key_positions(kinds, attentions),
+        )
+
+    def _ids_for_cache(self, model: JaxModel, cache: KVCache, ids: np.ndarray) -> np.ndarray:
+        """Checked int32 token ids [cache.batch, n] to feed after what ``cache`` (made for ``model``)
+        holds."""
+        if not isinstance(cache, KVCache):
+            raise InputError(f"cache must come from the jax backend's new_cache, got {type(cache).__name__}")
+        ids = self._token_ids(model, ids)
+        if ids.shape[0] != cache.batch:
+            raise InputError(f"this cache holds {cache.batch} rows but ids have {ids.shape[0]}")
+        same = cache.config is model.config or cache.config == model.config  # identity first: decoding is hot
+        if not same or cache.plan != model.plan or cache.dtype != model.dtype:
+            raise InputError("this cache was made for another model: make one with new_cache for this model")
+        return ids
+
+    def _planned(self, model: JaxModel, cache: KVCache, ids: np.ndarray, extend_plan: Any, *, mode: str,
+                 **captures: tuple[int, ...]) -> tuple[Any, tuple[dict, dict]]:
+        """The planned step of ``extend_plan``: (logits or None, (captured hidden states, probabilities))."""
+        cache.reserve(cache.length + max(extend_plan.written, 1))
+        rope = model.rope(extend_plan.positions)
+        masks, writes = cache.planned_inputs(extend_plan)
+        placed = {kind: jax.device_put(m, model.plan.batch_sharding(m.shape)) for kind, m in masks.items()}
+
+        def run(buffers):
+            out, updated, picked, probs = model.planned_step(
+                buffers, self._place_ids(model, ids), rope, placed, writes, mode=mode, **captures
+            )
+            return (out, (picked, probs)), updated
+
+        return self._donated_step(model, cache, run, extend_plan.written, extend_plan)[0]
+
+    @staticmethod
+    def _donated_step(
+        model: JaxModel, cache: KVCache, run: Any, written: int, extend_plan: Any
+    ) -> tuple[Any, Any]:
+        """``run(buffers) -> (out, updated buffers)`` with the cache's buffers donated; the cache takes the
+        updated ones (``written`` tokens stored, by ``extend_plan`` when there is one), or gets its own back
+        when the step failed before donating them."""
         buffers = cache.take()
         try:
             out, updated = run(buffers)
@@ -325,11 +389,9 @@ class JaxBackend:
             if not any(b.is_deleted() for pair in buffers for b in pair):  # failed before donating them
                 cache.put(buffers, 0)
             raise
-        cache.put(updated, n if extend_plan is None else extend_plan.written, extend_plan)
+        cache.put(updated, written, extend_plan)
         model.pending = updated
-        if out is None:
-            return None
-        return self._checked(model, np.asarray(out))
+        return out, updated
 
     def cache_nbytes(self, cache: KVCache) -> dict[str, int]:
         """Bytes of the key/value buffers, per layer type (their logical size: a sharded buffer counts once)."""

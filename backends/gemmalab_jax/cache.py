@@ -37,23 +37,40 @@ A step with explicit positions, a mask over its new tokens, or a limit on how ma
 whose layers are ``PlannedLayerCache``): attention reads [every buffer slot, then the new tokens] under the
 plan's mask, laid onto the whole buffer (slots the plan does not read are masked, so shapes stay static),
 and only the plan's tokens are written, into the same slots as above. The core's planner records every
-step either way.
+step either way. With static capture arguments the planned step also returns hidden states and attention
+probabilities, as the uncached captured forward computes them (nothing changes when none are asked).
+
+Outside a jit, ``model.text_model`` (and ``forward``) also take the host ``KVCache`` itself, as the PyTorch
+and MLX models take theirs: the step then runs by the plan (``KVCache.run_step``, jitted as ``host_step``),
+and its attention probabilities come back over the plan's layout [its read slots, then the new tokens].
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Collection
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmalab.cache_plan import CachePlanner, ExtendPlan
+from gemmalab.cache_plan import CachePlanner, ExtendPlan, LayerPlan
 from gemmalab.config import SLIDING, Gemma3Config
 from gemmalab.errors import InputError
 
-from .model import DTYPES, Params, Rope, causal_mask, logits_from_hidden, text_model
+from .model import (
+    DTYPES,
+    Gemma3Output,
+    Params,
+    Rope,
+    causal_mask,
+    layer_rope_tables,
+    logits_from_hidden,
+    text_model,
+)
 from .sharding import Plan
+from .training import hidden_state  # the captured forward's rule (transformers' convention)
 
 MIN_CAPACITY = 16
 Buffers = list[tuple[jax.Array, jax.Array]]  # per layer: (keys, values) [batch, slots, kv_heads, head_dim]
@@ -232,13 +249,59 @@ def planned_step(
     config: Gemma3Config,
     plan: Plan,
     mode: str,
-) -> tuple[jax.Array | None, Buffers]:
+    hidden_states: tuple[int, ...] = (),
+    attentions: tuple[int, ...] = (),
+) -> tuple[jax.Array | None, Buffers, dict[int, jax.Array], dict[int, jax.Array]]:
     """One incremental pass that follows a host plan (gemmalab.cache_plan), jitted by the backend with
     ``buffers`` donated: masks [batch, 1, n, slots + n] per layer type, writes (slots, tokens) per layer type.
-    Returns what ``extend_step`` returns."""
+    Returns what ``extend_step`` returns, then the captures (static: which hidden-state indices, which
+    layers' probabilities), as the uncached captured forward makes them: float32 hidden states [batch, n,
+    hidden] by index and probabilities [batch, heads, n, slots + n] by layer (the keys of ``masks``). With
+    nothing to capture both are empty and the step computes what it always did."""
     cache = StepCache.for_plan(config, buffers, rope, masks, writes, plan)
-    hidden = text_model(params, config, ids, cache=cache, hint=plan.hint).last_hidden_state
-    return _step_logits(params, config, plan, hidden, mode), cache.buffers()
+    out = text_model(
+        params, config, ids, cache=cache, hint=plan.hint, output_hidden_states=bool(hidden_states),
+        output_attentions=frozenset(attentions),
+    )
+    picked = {i: hidden_state(out, i).astype(jnp.float32) for i in hidden_states}
+    probs = {i: out.attentions[i] for i in attentions}
+    return _step_logits(params, config, plan, out.last_hidden_state, mode), cache.buffers(), picked, probs
+
+
+def host_step(
+    params: Params,
+    buffers: Buffers,
+    ids: jax.Array,
+    rope: Rope,
+    masks: dict[str, jax.Array],
+    writes: dict[str, tuple[jax.Array, jax.Array]],
+    *,
+    config: Gemma3Config,
+    plan: Plan,
+    output_hidden_states: bool,
+    output_attentions: bool | frozenset[int],
+    hint: Any,
+) -> tuple[Gemma3Output, Buffers]:
+    """The text model through a planned StepCache (``planned_step``'s layout), returning its Gemma3Output
+    and the updated buffers: what ``KVCache.run_step`` jits (buffers not donated: a failed call leaves the
+    cache as it was)."""
+    cache = StepCache.for_plan(config, buffers, rope, masks, writes, plan)
+    out = text_model(params, config, ids, cache=cache, hint=hint, output_hidden_states=output_hidden_states,
+                     output_attentions=output_attentions)
+    return out, cache.buffers()
+
+
+_jit_host_step = jax.jit(
+    host_step, static_argnames=("config", "plan", "output_hidden_states", "output_attentions", "hint")
+)
+
+
+def plan_columns(layer: LayerPlan, keys: int) -> np.ndarray:
+    """Which columns of a planned step's key axis (``keys`` = the whole buffer's slots, then the n new
+    tokens) make the plan's own layout, [its read slots, then the new tokens]: the columns dropped are the
+    slots the plan does not read, masked in the step (probability 0)."""
+    n = layer.mask.shape[1]
+    return np.concatenate([layer.read_slots, keys - n + np.arange(n)])
 
 
 class KVCache:
@@ -286,6 +349,45 @@ class KVCache:
         else:
             self.planner.commit_default(n)
         self.length += n
+
+    def run_step(self, params: Params, ids: jax.Array, *, output_hidden_states: bool = False,
+                 output_attentions: bool | Collection[int] = False, hint: Any = None) -> Gemma3Output:
+        """One step outside any jit, as PyTorch's and MLX's models take their caches (``model.text_model``
+        called with this host cache comes here): the text model over ``ids`` [batch, n] by the core's plan
+        (the requested one, else the default), through ``host_step`` (jitted, per shape and capture as the
+        backend's planned step). The attention probabilities come back over the plan's own key layout,
+        [its read slots, then the new tokens] (gemmalab.cache_plan), as PyTorch's and MLX's planned steps
+        read them. The buffers and the planner change only once the step is done."""
+        batch, n = ids.shape
+        if batch != self.batch:
+            raise InputError(f"this cache holds {self.batch} rows but ids have {batch}: make a cache for them")
+        extend_plan = self.planner.take_plan(n) or self.planner.plan(n)
+        self.reserve(self.length + max(extend_plan.written, 1))
+
+        def place(array: np.ndarray) -> jax.Array:
+            return jax.device_put(array, self.plan.batch_sharding(array.shape))
+
+        rope = {kind: (place(cos), place(sin))
+                for kind, (cos, sin) in layer_rope_tables(self.config, extend_plan.positions).items()}
+        masks, writes = self.planned_inputs(extend_plan)
+        wanted = True if output_attentions is True else frozenset(output_attentions or ())
+        precise = contextlib.nullcontext()
+        if self.dtype == "float32":
+            precise = jax.default_matmul_precision("highest")
+        with precise:  # as the backend's jitted steps trace float32 models (backend.JaxModel._precision)
+            out, updated = _jit_host_step(
+                params, self.buffers, ids, rope, {kind: place(m) for kind, m in masks.items()}, writes,
+                config=self.config, plan=self.plan, output_hidden_states=bool(output_hidden_states),
+                output_attentions=wanted, hint=hint or self.plan.hint,
+            )
+        self.put(updated, extend_plan.written, extend_plan)
+        if out.attentions is None:
+            return out
+        laid = [
+            None if probs is None else probs[..., plan_columns(extend_plan.layers[kind], probs.shape[-1])]
+            for kind, probs in zip(self.config.layer_types, out.attentions, strict=True)
+        ]
+        return out._replace(attentions=laid)
 
     def planned_inputs(self, extend_plan: ExtendPlan) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
         """The plan laid onto whole buffers: masks [batch, 1, n, slots + n] (unread slots masked) and the

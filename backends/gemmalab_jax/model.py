@@ -85,7 +85,7 @@ from gemmalab.errors import InputError
 from gemmalab.params import parameter_shapes
 
 if TYPE_CHECKING:  # cache.py imports this file; the model only calls the caches' methods
-    from .cache import LayerCache, StepCache
+    from .cache import KVCache, LayerCache, StepCache
 
 Params = dict[str, Any]  # the nested parameter tree described in the module docstring
 Rope = Mapping[str, tuple[jax.Array, jax.Array]]  # layer type -> (cos, sin) [batch or 1, seq, 1, head_dim]
@@ -431,7 +431,7 @@ def text_model(
     *,
     positions: jax.Array | np.ndarray | None = None,
     mask: MaskArg = None,
-    cache: StepCache | None = None,
+    cache: StepCache | KVCache | None = None,
     output_hidden_states: bool = False,
     output_attentions: bool | Collection[int] = False,
     rope: Rope | None = None,
@@ -444,9 +444,11 @@ def text_model(
     rope: layer type -> (cos, sin) of the positions (``layer_rope_tables``, or ``JaxModel.rope`` placed on
     the mesh); default: made here on the host from ``positions``, which must then not be traced. With a
     cache (a ``cache.StepCache``, inside a jitted step) the cache gives the RoPE tables and masks, and each
-    layer's keys and values go to its ``cache.layers[i]``. ``remat`` (training, no cache) rematerialises
-    each decoder block: its backward pass reruns the block from its input instead of reading stored
-    activations, so activation memory holds one block's worth plus each block's input.
+    layer's keys and values go to its ``cache.layers[i]``; with the host ``cache.KVCache`` (outside a jit)
+    the step runs by the core's plan (``KVCache.run_step``), keys in the plan's layout. ``remat``
+    (training, no cache) rematerialises each decoder block: its backward pass reruns the block from its
+    input instead of reading stored activations, so activation memory holds one block's worth plus each
+    block's input.
     """
     seq = ids.shape[1]
     if cache is not None:
@@ -458,6 +460,16 @@ def text_model(
             )
         if remat:
             raise InputError("remat is for training, which runs without a KV cache: drop cache= or remat=")
+        if hasattr(cache, "run_step"):
+            # The host-side cache.KVCache (the backend's new_cache), as PyTorch's and MLX's models take
+            # theirs: it runs this function in one jitted step by the core's plan, and updates itself.
+            if isinstance(ids, jax.core.Tracer):
+                raise InputError(
+                    "a host KVCache cannot enter jax.jit: call the model with it outside the jit, or use "
+                    "the backend's extend / extend_forward (jitted steps)"
+                )
+            return cache.run_step(params, ids, output_hidden_states=output_hidden_states,
+                                  output_attentions=output_attentions, hint=None if hint is no_hint else hint)
         rope, masks, caches = cache.rope, cache.masks, cache.layers
     else:
         if rope is None:
@@ -558,7 +570,7 @@ def forward(
     positions: jax.Array | np.ndarray | None = None,
     mask: MaskArg = None,
     logits_at: PositionsArg = None,
-    cache: StepCache | None = None,
+    cache: StepCache | KVCache | None = None,
     output_hidden_states: bool = False,
     output_attentions: bool | Collection[int] = False,
     rope: Rope | None = None,
@@ -575,7 +587,9 @@ def forward(
         kept as a length-1 dim; a slice or a 1-D index array = those positions in every row; a 2-D
         [batch, n] index array = per-row positions.
     cache: a ``cache.StepCache`` (inside a jitted step of the backend's extend): ids follow what it holds,
-        their keys and values are stored in it, and it decides their positions and masks.
+        their keys and values are stored in it, and it decides their positions and masks. Outside a jit,
+        the host ``cache.KVCache`` itself (``BACKEND.new_cache``): one step by the core's plan, which it
+        records (keys in the plan's layout, gemmalab.cache_plan).
     output_hidden_states: also return the residual stream after the embeddings and after every block.
     output_attentions: also return attention probabilities: True = every block's, a collection of layer
         indices = those blocks' only (they take a non-fused, slower path; the others do not).

@@ -166,6 +166,27 @@ class MLXBackend:
             mx.eval(out, cache.state)
         return np.array(out)
 
+    def extend_forward(
+        self, model: Gemma3ForCausalLM, cache: KVCache, ids: np.ndarray, *,
+        positions: np.ndarray | None = None, mask: np.ndarray | None = None, write: int | None = None,
+        hidden_states: tuple[int, ...] = (), attentions: tuple[int, ...] = (),
+    ) -> ForwardOutput:
+        """``extend`` returning the logits of every new position and the captures asked for, the keys in
+        the core's plan layout (gemmalab.backend.ForwardOutput): the step always follows the plan."""
+        _require_weights(model)
+        ids = _ids_for_cache(model, cache, ids, "extend_forward")
+        plan = cache.planner.request_plan(ids.shape[1], positions=positions, mask=mask, write=write)
+        with mx.stream(model.device or mx.default_device()):
+            out = model(ids, cache=cache, output_hidden_states=bool(hidden_states),
+                        output_attentions=frozenset(attentions))
+            logits = out.logits.astype(mx.float32)  # [batch, n, vocab]
+            picked = {i: hidden_state(out, i).astype(mx.float32) for i in hidden_states}
+            probs = {i: out.attentions[i] for i in attentions}
+            mx.eval(logits, picked, probs, cache.state)
+        return ForwardOutput(np.array(logits), {i: np.array(a) for i, a in picked.items()},
+                             {i: np.array(a) for i, a in probs.items()},
+                             plan.key_positions(model.config.layer_types, attentions))
+
     def greedy_tokens(
         self, model: Gemma3ForCausalLM, cache: KVCache, tokens: np.ndarray
     ) -> Iterator[np.ndarray]:

@@ -238,14 +238,7 @@ class TorchBackend:
         "none" -> None. ``positions``, ``mask`` (over the new tokens) and ``write`` follow the core's cache
         plan (gemmalab.cache_plan)."""
         check_logits_mode(logits)
-        if not isinstance(cache, KVCache):
-            raise InputError(
-                f"cache must come from the torch backend's new_cache, got {type(cache).__name__}"
-            )
-        ids = check_token_ids(ids, model.config.vocab_size)
-        if ids.shape[0] != cache.batch:
-            raise InputError(f"this cache holds {cache.batch} rows but ids have {ids.shape[0]}")
-        self._require_weights(model)
+        ids = self._ids_for_cache(model, cache, ids)
         cache.planner.request(positions=positions, mask=mask, write=write)
         with torch.inference_mode():
             tokens = torch.as_tensor(ids, dtype=torch.long).to(model.device)  # no copy for int64 on CPU
@@ -260,6 +253,43 @@ class TorchBackend:
                 "float16 overflowed inside a layer (non-finite logits): run this model in bfloat16 or float32"
             )
         return out
+
+    def extend_forward(
+        self, model: Gemma3ForCausalLM, cache: KVCache, ids: np.ndarray, *,
+        positions: np.ndarray | None = None, mask: np.ndarray | None = None, write: int | None = None,
+        hidden_states: tuple[int, ...] = (), attentions: tuple[int, ...] = (),
+    ) -> ForwardOutput:
+        """``extend`` returning the logits of every new position and the captures asked for, the keys in
+        the core's plan layout (gemmalab.backend.ForwardOutput): the step always follows the plan."""
+        ids = self._ids_for_cache(model, cache, ids)
+        plan = cache.planner.request_plan(ids.shape[1], positions=positions, mask=mask, write=write)
+        with torch.inference_mode():
+            tokens = torch.as_tensor(ids, dtype=torch.long).to(model.device)
+            out = model.model(tokens, cache=cache, output_hidden_states=bool(hidden_states),
+                              output_attentions=frozenset(attentions))
+            logits = model.logits_from_hidden(out.last_hidden_state).float().cpu().numpy()  # [b, n, vocab]
+            picked = {i: hidden_state(out, i).float().cpu().numpy() for i in hidden_states}
+            probs = {i: out.attentions[i].float().cpu().numpy() for i in attentions}
+        if model.dtype == torch.float16 and not np.isfinite(logits).all():
+            raise BackendError(
+                "float16 overflowed inside a layer (non-finite logits): run this model in bfloat16 or float32"
+            )
+        return ForwardOutput(logits, picked, probs, plan.key_positions(model.config.layer_types, attentions))
+
+    def _ids_for_cache(self, model: Gemma3ForCausalLM, cache: KVCache, ids: np.ndarray) -> np.ndarray:
+        """Checked token ids [cache.batch, n] to feed after what ``cache`` holds."""
+        self._require_weights(model)
+        if not isinstance(cache, KVCache):
+            raise InputError(
+                f"cache must come from the torch backend's new_cache, got {type(cache).__name__}"
+            )
+        same = cache.config is model.config or cache.config == model.config  # identity first: decoding is hot
+        if not same or cache.dtype != model.dtype or cache.device != model.device:
+            raise InputError("this cache was made for another model: make one with new_cache for this model")
+        ids = check_token_ids(ids, model.config.vocab_size)
+        if ids.shape[0] != cache.batch:
+            raise InputError(f"this cache holds {cache.batch} rows but ids have {ids.shape[0]}")
+        return ids
 
     def cache_nbytes(self, cache: KVCache) -> dict[str, int]:
         """Bytes of the key/value buffers the cache holds now, per layer type (0 for a type not present)."""
