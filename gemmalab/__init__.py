@@ -4,7 +4,7 @@ Importing gemmalab imports numpy and no array framework; a backend's framework i
 first used.
 """
 
-from .api import Model, backends, init, load
+from .api import Cache, Model, backends, init, load
 from .config import PRESETS, Gemma3Config, RopeSpec
 from .errors import (
     BackendError,
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "BackendError",
+    "Cache",
     "CheckpointError",
     "ConfigError",
     "Gemma3Config",

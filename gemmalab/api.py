@@ -81,9 +81,11 @@ class Model:
         mask: Any = None,
         hidden_states: bool | Sequence[int] = False,
         attentions: bool | Sequence[int] | None = None,
+        logits: bool = True,
     ) -> ForwardOutput:
         """One pass over token ids [batch, seq] (a [seq] list is batch 1), with what the model computes
-        inside it, as numpy float32.
+        inside it, as numpy float32. ``logits=False`` skips the output head (``.logits`` is None): the
+        cheap way to read hidden states alone, at a 262k vocabulary.
 
         ``positions``: [seq] or [batch, seq] (default 0..seq-1); they drive RoPE and the masks. ``mask``:
         boolean [seq, seq] or [batch, seq, seq], True where a query may attend to a key (the convention of
@@ -110,7 +112,7 @@ class Model:
         return self._backend.forward(
             self.native, array, positions=np.ascontiguousarray(at), masks=per_type,
             hidden_states=check_selection(hidden_states, layers + 1, "hidden_states"),
-            attentions=check_selection(attentions, layers, "attentions"),
+            attentions=check_selection(attentions, layers, "attentions"), logits=bool(logits),
         )
 
     def new_cache(self, batch: int = 1, pad_lengths: Sequence[int] | None = None) -> Cache:

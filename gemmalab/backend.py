@@ -29,6 +29,10 @@ BUILTIN = {"mlx": "gemmalab_mlx", "torch": "gemmalab_torch", "jax": "gemmalab_ja
 ENV_VAR = "GEMMALAB_BACKEND"
 
 
+# ``logits_at`` that runs the output head on no position: a forward pass for its captures only.
+NO_POSITIONS = slice(0, 0)
+
+
 @dataclass
 class ForwardOutput:
     """What ``Backend.forward`` returns, in numpy float32.
@@ -44,7 +48,7 @@ class ForwardOutput:
     ``key_positions[i]`` [batch, keys] gives the position each key column holds (cache_plan.NO_POSITION
     for padding). An uncached pass leaves it empty: its keys are the sequence's own tokens, in order."""
 
-    logits: np.ndarray  # [batch, seq, vocab]
+    logits: np.ndarray | None  # [batch, seq, vocab]; None when the pass was asked for no logits
     hidden_states: dict[int, np.ndarray]
     attentions: dict[int, np.ndarray]
     key_positions: dict[int, np.ndarray] = field(default_factory=dict)  # cached steps: [batch, keys] int64
@@ -87,12 +91,14 @@ class Backend(Protocol):
         masks: Mapping[str, np.ndarray],
         hidden_states: tuple[int, ...] = (),
         attentions: tuple[int, ...] = (),
+        logits: bool = True,
     ) -> ForwardOutput:
         """One uncached pass over int ids [batch, seq] at int ``positions`` [batch, seq] (they drive RoPE),
         with one boolean mask [batch, seq, seq] per layer type (True = may attend), as the core builds them
         (gemmalab.masks.layer_masks: the window of local layers is already in theirs). Returns the logits
         of every position and the captures asked for by index (see ForwardOutput); only the layers in
-        ``attentions`` leave the fused attention kernel."""
+        ``attentions`` leave the fused attention kernel. ``logits=False`` skips the output head (the
+        returned logits are None): a pass for its hidden states, e.g. a distillation teacher's."""
 
     def weights(self, model: Any) -> dict[str, np.ndarray]:
         """Every canonical parameter (params.parameter_shapes) under its name and nothing else, as numpy

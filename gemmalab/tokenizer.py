@@ -154,6 +154,15 @@ class Tokenizer:
             atomic_write_bytes(target, self._sp.serialized_model_proto())
         return target
 
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the whole tokenizer (vocabulary, merges, normalizer, special tokens): two
+        tokenizers with the same fingerprint turn every text into the same ids."""
+        import hashlib
+
+        data = self._hf.to_str().encode("utf-8") if self._hf is not None else self._sp.serialized_model_proto()
+        return hashlib.sha256(data).hexdigest()[:16]
+
     @classmethod
     def from_folder(cls, folder: Path) -> Tokenizer | None:
         """The checkpoint's tokenizer: tokenizer.json preferred, else tokenizer.model; None when it has neither."""

@@ -72,6 +72,18 @@ def test_plain_forward_is_the_logits(backend, tiny):
     assert relative_error(shifted.logits, reference.forward(config, weights, ids, positions=np.arange(ids.shape[1]) + 7)) < 1e-5
 
 
+def test_a_pass_without_logits_gives_the_same_hidden_states(backend, tiny):
+    """logits=False (a distillation teacher's pass) skips the head and keeps the captures exact."""
+    config, _, folder, weights = tiny
+    model = gemmalab.load(folder, backend=backend, dtype="float32")
+    ids = token_ids(config, batch=2, seed=6)
+    _, captured = reference.forward(config, weights, ids, capture=True)
+    last = config.num_hidden_layers
+    out = model.forward(ids, hidden_states=[last], logits=False)
+    assert out.logits is None and sorted(out.hidden_states) == [last]
+    assert relative_error(out.hidden_states[last], captured["hidden_states"][last]) < 1e-5
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"hidden_states": [99]}, "hidden_states index 99"),
     ({"attentions": ["a"]}, "attentions index 'a'"),

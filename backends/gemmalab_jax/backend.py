@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from gemmalab.backend import ForwardOutput
+from gemmalab.backend import NO_POSITIONS, ForwardOutput
 from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
@@ -57,12 +57,13 @@ def _full_logits(params: Params, ids: jax.Array, rope: Any, *, config: Gemma3Con
 
 
 def _captured_forward(params: Params, ids: jax.Array, rope: Any, masks: Any, *, config: Gemma3Config, plan: Plan,
-                      hidden_states: tuple[int, ...], attentions: tuple[int, ...]) -> tuple[Any, ...]:
-    """float32 (logits, {index: hidden state}, {layer: probabilities}) of one uncached pass with explicit
-    RoPE tables and masks per layer type; hidden states in transformers' convention (ForwardOutput)."""
+                      hidden_states: tuple[int, ...], attentions: tuple[int, ...], logits: bool = True) -> tuple[Any, ...]:
+    """float32 (logits or None, {index: hidden state}, {layer: probabilities}) of one uncached pass with
+    explicit RoPE tables and masks per layer type; hidden states in transformers' convention (ForwardOutput)."""
     out = forward(params, config, ids, mask=masks, rope=rope, hint=plan.hint,
-                  output_hidden_states=bool(hidden_states), output_attentions=frozenset(attentions))
-    logits = out.logits.astype(jnp.float32)
+                  output_hidden_states=bool(hidden_states), output_attentions=frozenset(attentions),
+                  logits_at=None if logits else NO_POSITIONS)
+    logits = out.logits.astype(jnp.float32) if logits else None
     return (logits, {i: hidden_state(out, i).astype(jnp.float32) for i in hidden_states},
             {i: out.attentions[i] for i in attentions})
 
@@ -70,7 +71,8 @@ def _captured_forward(params: Params, ids: jax.Array, rope: Any, masks: Any, *, 
 # Module-level, with the config and plan static: models of the same config on the same mesh share compiled
 # functions (the cache key also holds every input's shape, dtype and sharding).
 _jit_full_logits = jax.jit(_full_logits, static_argnames=("config", "plan"))
-_jit_captured_forward = jax.jit(_captured_forward, static_argnames=("config", "plan", "hidden_states", "attentions"))
+_jit_captured_forward = jax.jit(_captured_forward,
+                                static_argnames=("config", "plan", "hidden_states", "attentions", "logits"))
 _jit_step = jax.jit(extend_step, static_argnames=("config", "plan", "mode"), donate_argnums=1)
 _jit_planned_step = jax.jit(
     planned_step, static_argnames=("config", "plan", "mode", "hidden_states", "attentions"), donate_argnums=1
@@ -245,16 +247,19 @@ class JaxBackend:
         masks: Mapping[str, np.ndarray],
         hidden_states: tuple[int, ...] = (),
         attentions: tuple[int, ...] = (),
+        logits: bool = True,
     ) -> ForwardOutput:
         ids = self._token_ids(model, ids)
         layer_masks = {kind: jax.device_put(np.ascontiguousarray(m[:, None]), model.plan.batch_sharding(m[:, None].shape))
                        for kind, m in masks.items()}  # [batch, 1, seq, seq]
         with model._precision():
-            logits, picked, probs = _jit_captured_forward(
+            head, picked, probs = _jit_captured_forward(
                 model.params, self._place_ids(model, ids), model.rope(np.asarray(positions)), layer_masks,
                 config=model.config, plan=model.plan, hidden_states=tuple(hidden_states), attentions=tuple(attentions),
+                logits=logits,
             )
-        return ForwardOutput(self._checked(model, np.asarray(logits)), {i: np.asarray(a) for i, a in picked.items()},
+        head = self._checked(model, np.asarray(head)) if logits else None
+        return ForwardOutput(head, {i: np.asarray(a) for i, a in picked.items()},
                              {i: np.asarray(a) for i, a in probs.items()})
 
     def weights(self, model: JaxModel) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from gemmalab.backend import ForwardOutput
+from gemmalab.backend import NO_POSITIONS, ForwardOutput
 from gemmalab.checkpoint import Weights
 from gemmalab.checks import check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
@@ -124,18 +124,20 @@ class MLXBackend:
         masks: Mapping[str, np.ndarray],
         hidden_states: tuple[int, ...] = (),
         attentions: tuple[int, ...] = (),
+        logits: bool = True,
     ) -> ForwardOutput:
         _require_weights(model)
         ids = _token_ids(model, ids)
         with mx.stream(model.device or mx.default_device()):
             layer_masks = {kind: mx.array(np.ascontiguousarray(m[:, None])) for kind, m in masks.items()}
             out = model(ids, positions=mx.array(positions.astype(np.int32)), mask=layer_masks,
-                        output_hidden_states=bool(hidden_states), output_attentions=frozenset(attentions))
-            logits = out.logits.astype(mx.float32)
+                        output_hidden_states=bool(hidden_states), output_attentions=frozenset(attentions),
+                        logits_at=None if logits else NO_POSITIONS)
+            head = out.logits.astype(mx.float32) if logits else None
             picked = {i: hidden_state(out, i).astype(mx.float32) for i in hidden_states}
             probs = {i: out.attentions[i] for i in attentions}
-            mx.eval(logits, picked, probs)
-        return ForwardOutput(np.array(logits), {i: np.array(a) for i, a in picked.items()},
+            mx.eval(head, picked, probs)
+        return ForwardOutput(np.array(head) if logits else None, {i: np.array(a) for i, a in picked.items()},
                              {i: np.array(a) for i, a in probs.items()})
 
     # -- generation --------------------------------------------------------------------------------------

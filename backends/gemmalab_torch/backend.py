@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gemmalab.backend import ForwardOutput
+from gemmalab.backend import NO_POSITIONS, ForwardOutput
 from gemmalab.checkpoint import Weights
 from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
@@ -171,6 +171,7 @@ class TorchBackend:
         masks: Mapping[str, np.ndarray],
         hidden_states: tuple[int, ...] = (),
         attentions: tuple[int, ...] = (),
+        logits: bool = True,
     ) -> ForwardOutput:
         ids = check_token_ids(ids, model.config.vocab_size)
         self._require_weights(model)
@@ -181,11 +182,11 @@ class TorchBackend:
             out = model(torch.as_tensor(ids, dtype=torch.long, device=device),
                         positions=torch.as_tensor(np.ascontiguousarray(positions), dtype=torch.long, device=device),
                         mask=layer_masks, output_hidden_states=bool(hidden_states),
-                        output_attentions=frozenset(attentions))
+                        output_attentions=frozenset(attentions), logits_at=None if logits else NO_POSITIONS)
             picked = {i: hidden_state(out, i).float().cpu().numpy() for i in hidden_states}
             probs = {i: out.attentions[i].float().cpu().numpy() for i in attentions}
-            logits = out.logits.float().cpu().numpy()
-        return ForwardOutput(logits, picked, probs)
+            head = out.logits.float().cpu().numpy() if logits else None
+        return ForwardOutput(head, picked, probs)
 
     def weights(self, model: Gemma3ForCausalLM) -> dict[str, np.ndarray]:
         """Every canonical parameter under its canonical name, in the model's dtype; the tied head once, as
