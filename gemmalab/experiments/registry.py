@@ -23,6 +23,7 @@ import yaml
 from ..checkpoint import atomic_write_json
 from ..errors import ConfigError, InputError
 from ..outputs import check_writable_folder, writing
+from ..train.config import read_yaml_mapping
 
 # Where the registry is read from: the repository's experiments/ folder, or another one named here.
 ENV_VAR = "GEMMALAB_EXPERIMENTS"
@@ -109,15 +110,8 @@ def get(name: str, folder: Path | None = None) -> Experiment:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"experiment config {path} does not exist")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML ({err}): fix the file") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path} must hold a mapping of setting: value")
-    return loaded
+    """An experiment's YAML settings (one ConfigError line for a missing or malformed file)."""
+    return read_yaml_mapping(path)
 
 
 def apply_overrides(settings: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

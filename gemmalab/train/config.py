@@ -158,7 +158,7 @@ class TrainConfig:
         strings, then explicit flag values (None = unset)."""
         values: dict[str, Any] = dict(base or {})
         if file is not None:
-            values.update(_read_yaml(Path(file)))
+            values.update(read_yaml_mapping(Path(file)))
         for item in sets or []:
             key, sep, raw = item.partition("=")
             if not sep:
@@ -181,7 +181,8 @@ class TrainConfig:
         return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file holding a mapping (a config), or one ConfigError line saying what is wrong with it."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
