@@ -179,9 +179,14 @@ class Backend(Protocol):
         """Start a new peak-memory measurement (no-op where peak_memory returns None)."""
 
     # -- training: the tensor work of gemmalab.train (the loop itself lives in the core) -----------------
-    def trainer(self, model: Any, spec: Any) -> Any:
+    def trainer(self, model: Any, spec: Any, companions: Mapping[str, Any] | None = None) -> Any:
         """A ``gemmalab.train.spec.BackendTrainer`` for ``model`` (built in float32) following ``spec``
-        (a ``gemmalab.train.spec.TrainSpec``): the optimizer, the chunked loss and a gradient accumulator."""
+        (a ``gemmalab.train.spec.TrainSpec``): the optimizer, the chunked loss and a gradient accumulator.
+
+        ``companions`` maps a name to another model built by this backend (``build``, any dtype: e.g. a bf16
+        teacher beside a float32 student), read by the loss's Distillation terms (``Distillation.teacher``;
+        checked by gemmalab.train.spec.check_companions). Companions are frozen: never trained, no gradient
+        computed for them, never in the trainer's gradients, optimizer state or ``weights(trainer.model)``."""
 
     def loss_sum(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from train_oracles import tiny_setup
+from train_oracles import check_directional_derivative, tiny_setup
 
 from gemmalab import masks, reference
 from gemmalab.backend import get_backend
@@ -108,15 +108,9 @@ def oracle_loss(spec, config, weights, inputs, targets, loss_weights, extras, po
 
 def check_gradient(grads, spec, config, weights, batch, extras, names, positions=None, mask=None, seed=0):
     """grads . d against the central difference of the oracle along a random direction d over ``names``."""
-    rng = np.random.default_rng(seed)
-    w64 = {k: v.astype(np.float64) for k, v in weights.items()}
-    direction = {name: rng.normal(size=w64[name].shape) for name in names}
-    analytic = sum(float(np.sum(grads[name].astype(np.float64) * direction[name])) for name in names)
-    h = 1e-6  # whole-matrix directions: larger steps leave the linear regime (1e-4 is 0.5% off)
-    shifted = [{k: v + sign * h * direction[k] if k in direction else v for k, v in w64.items()} for sign in (1, -1)]
-    numeric = (oracle_loss(spec, config, shifted[0], *batch, extras, positions, mask)
-               - oracle_loss(spec, config, shifted[1], *batch, extras, positions, mask)) / (2 * h)
-    assert analytic == pytest.approx(numeric, rel=2e-3), names[:2]
+    check_directional_derivative(
+        grads, lambda w: oracle_loss(spec, config, w, *batch, extras, positions, mask), weights, names, seed
+    )
 
 
 def below(config, layer: int, weights) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
 from gemmalab import reference
 from gemmalab.config import Gemma3Config
@@ -76,6 +77,19 @@ def naive_loss_sum(logits: np.ndarray, targets: np.ndarray, weights: np.ndarray,
 def reference_loss_sum(config, weights, inputs, targets, loss_weights, label_smoothing: float = 0.0) -> float:
     """The loss of the float64 numpy reference model: the oracle for values and finite differences."""
     return naive_loss_sum(reference.forward(config, weights, inputs), targets, loss_weights, label_smoothing)
+
+
+def check_directional_derivative(grads, loss_of, weights, names, seed: int = 0) -> None:
+    """grads . d against the central difference of ``loss_of(float64 weights)`` along a random direction d
+    over the parameters ``names``: one check of every listed gradient at once."""
+    rng = np.random.default_rng(seed)
+    w64 = {k: v.astype(np.float64) for k, v in weights.items()}
+    direction = {name: rng.normal(size=w64[name].shape) for name in names}
+    analytic = sum(float(np.sum(grads[name].astype(np.float64) * direction[name])) for name in names)
+    h = 1e-6  # whole-matrix directions: larger steps leave the linear regime (1e-4 is 0.5% off)
+    shifted = [{k: v + sign * h * direction[k] if k in direction else v for k, v in w64.items()} for sign in (1, -1)]
+    numeric = (loss_of(shifted[0]) - loss_of(shifted[1])) / (2 * h)
+    assert analytic == pytest.approx(numeric, rel=2e-3), list(names)[:2]
 
 
 def tiny_setup(seed: int = 0, batch: int = 2, seq: int = 20, **overrides):

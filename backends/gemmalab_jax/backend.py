@@ -419,9 +419,10 @@ class JaxBackend:
         """No-op: JAX has no API to reset the peak (see peak_memory)."""
 
     # -- training: the tensor work of gemmalab.train (training.py) -------------------------------------------
-    def trainer(self, model: JaxModel, spec: TrainSpec) -> Trainer:
-        """A gemmalab.train.spec.BackendTrainer for ``model`` (built in float32) following ``spec``."""
-        return Trainer(model, spec)
+    def trainer(self, model: JaxModel, spec: TrainSpec, companions: Mapping[str, JaxModel] | None = None) -> Trainer:
+        """A gemmalab.train.spec.BackendTrainer for ``model`` (built in float32) following ``spec``, with the
+        frozen ``companions`` its Distillation terms read."""
+        return Trainer(model, spec, companions)
 
     def loss_sum(
         self,

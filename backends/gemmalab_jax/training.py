@@ -43,6 +43,11 @@ The optimizer state crosses the boundary in spec.py's names, translated leaf by 
 optax's paths (``adamw.0.mu``, ``adafactor.0.v_row``, ...) renamed, its int32 0-d count as the int64 [1]
 step, its [1] placeholders dropped, R and C swapped where optax keeps them under each other's names (a
 matrix with more rows than columns), and the momentum negated (optax averages -u, spec.py u).
+
+Companion models (frozen distillation teachers, ``Trainer(..., companions=)``) enter ``accumulate`` as their
+own parameter trees, an argument that is never differentiated, in their own dtype; their backbone runs once
+under ``stop_gradient`` and their output head per chunk inside the loss's scan, beside the student's. The
+step's scalars (a scheduled temperature) are traced arguments: a new value each step compiles nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -62,8 +68,17 @@ from gemmalab.checks import is_count
 from gemmalab.config import Gemma3Config
 from gemmalab.errors import BackendError, InputError
 from gemmalab.train.inputs import StepInputs, prepare
-from gemmalab.train.losses import LOG_FLOOR, AuxTerm, CrossEntropy, HeadTerm, HiddenStateMSE, LossSpec
-from gemmalab.train.spec import OptimizerSpec, TrainSpec, check_optimizer_state
+from gemmalab.train.losses import (
+    LOG_FLOOR,
+    AuxTerm,
+    CrossEntropy,
+    Distillation,
+    HeadTerm,
+    HiddenStateMSE,
+    LossSpec,
+    shared_vocab,
+)
+from gemmalab.train.spec import OptimizerSpec, TrainSpec, check_companions, check_optimizer_state
 
 from .model import (
     DTYPES,
@@ -77,6 +92,7 @@ from .model import (
     no_hint,
     output_weight,
     rebuild,
+    soft_cap,
     text_model,
 )
 from .sharding import Plan
@@ -88,8 +104,37 @@ COMPUTE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 # --- the loss terms (gemmalab/train/losses.py has their definitions) --------------------------------------------
-def head_term(term: HeadTerm, logits: jax.Array, targets: jax.Array, extras: Mapping[str, jax.Array]) -> jax.Array:
-    """One head term's per-position loss [chunk] of float32 logits [chunk, vocab] (its weight not applied)."""
+def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    return (jnp.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+
+
+def divergence(student: jax.Array, teacher: jax.Array, term: Distillation, temperature: float | jax.Array) -> jax.Array:
+    """Per-position divergence [n] of float32 logits [n, shared] (losses.divergence has the formulas); the
+    temperature may be traced (a scheduled one: no recompilation when it changes)."""
+    log_s = jax.nn.log_softmax(student / temperature, axis=-1)
+    log_t = jax.nn.log_softmax(teacher / temperature, axis=-1)
+    kind, beta = term.divergence, term.beta
+    if kind == "fkl" or (kind == "jsd" and beta == 0):
+        per_position = _kl(log_t, log_s)
+    elif kind == "rkl" or (kind == "jsd" and beta == 1):
+        per_position = _kl(log_s, log_t)
+    elif kind == "jsd":
+        log_m = jnp.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))  # the mixture
+        per_position = beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+    else:
+        per_position = 0.5 * jnp.abs(jnp.exp(log_t) - jnp.exp(log_s)).sum(axis=-1)
+    return temperature**2 * per_position if term.t2_scaling else per_position
+
+
+def head_term(term: HeadTerm, logits: jax.Array, targets: jax.Array, extras: Mapping[str, jax.Array],
+              companions: Mapping[str, jax.Array] | None = None,
+              scalars: Mapping[str, jax.Array] | None = None) -> jax.Array:
+    """One head term's per-position loss [chunk] of float32 logits [chunk, vocab] (its weight not applied);
+    ``companions`` holds each companion's float32 logits of the chunk over the shared ids [chunk, shared],
+    ``scalars`` the step's (traced) scalars."""
+    if isinstance(term, Distillation):
+        teacher = companions[term.teacher]
+        return divergence(logits[:, : teacher.shape[-1]], teacher, term, term.temperature_at(scalars))
     if isinstance(term, CrossEntropy):
         lse = jax.nn.logsumexp(logits, axis=-1)  # [chunk]
         nll = lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]  # -log p(target)
@@ -109,6 +154,89 @@ def aux_term(term: AuxTerm, captured: jax.Array, target: jax.Array) -> jax.Array
     return (target * (jnp.log(jnp.maximum(target, LOG_FLOOR)) - log_p)).sum(axis=-1).mean(axis=1)
 
 
+@dataclass(frozen=True)
+class CompanionHead:
+    """A frozen companion model's side of the head loss, inside the jitted step (a closure of the chunk loop,
+    not a pytree): its parameters (constants: never differentiated), its final-normed hidden states
+    [n, its hidden] (computed under stop_gradient), its config, the number of ids it shares with the student
+    and its sharding hint."""
+
+    params: Params
+    hidden: jax.Array
+    config: Gemma3Config
+    shared: int
+    hint: Hint = no_hint
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits [chunk, shared] of hidden states [chunk, its hidden]: the matmul in the companion's
+        dtype accumulating in float32, then its own soft-cap in float32. The logits are restricted, not the
+        matrix: a sliced [vocab, hidden] operand could be copied whole for every chunk."""
+        logits = jnp.matmul(hidden, output_weight(self.params).T, preferred_element_type=jnp.float32)
+        logits = self.hint(logits, ("batch", "vocab"))
+        return jax.lax.stop_gradient(soft_cap(logits, self.config.final_logit_softcapping)[:, : self.shared])
+
+
+def head_term_sums(
+    params: Params,
+    config: Gemma3Config,
+    hidden: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    chunk_tokens: int,
+    terms: tuple[HeadTerm, ...] = (CrossEntropy(),),
+    extras: Mapping[str, jax.Array] | None = None,
+    hint: Hint = no_hint,
+    companions: Mapping[str, CompanionHead] | None = None,
+    scalars: Mapping[str, jax.Array] | None = None,
+) -> jax.Array:
+    """[terms]: per head term, the sum over positions of weights * its per-position loss (its weight not
+    applied), float32, of final-normed hidden states [n, hidden] against int targets [n], with the output
+    head (``model.logits_from_hidden``: tied or not, soft-capped or not) run on at most ``chunk_tokens``
+    positions at a time; ``extras`` are the terms' per-position inputs [n, ...], ``companions`` the frozen
+    teachers the Distillation terms read (their hidden states are chunked alongside, their heads run per
+    chunk), ``scalars`` the step's traced scalars.
+
+    The chunks go through ``lax.scan`` with a checkpointed body: the backward pass recomputes each
+    chunk's [chunk, vocab] logits (the companions' too) from its hidden states instead of reading them from
+    the forward pass, so [n, vocab] logits never exist (at Gemma's 262k vocabulary they would be 1 MB per
+    position). The last chunk is padded with weight-0 positions: zero hidden states (and extras) give
+    finite logits and losses, so they add 0.
+    """
+    n, dim = hidden.shape
+    chunk = min(chunk_tokens, n)
+    count = -(-n // chunk)
+    pad = count * chunk - n
+    companions = dict(companions or {})
+    scalars = dict(scalars or {})
+
+    def chunked(x: jax.Array) -> jax.Array:  # [n, ...] -> [chunks, chunk, ...], padded with zeros
+        return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(count, chunk, *x.shape[1:])
+
+    extras = {name: chunked(value.astype(jnp.float32)) for name, value in (extras or {}).items()}
+    teacher_hidden = {name: chunked(head.hidden) for name, head in companions.items()}
+
+    # scan already keeps the chunks apart, so CSE cannot undo the recomputation (jax.checkpoint docs)
+    @partial(jax.checkpoint, prevent_cse=False)
+    def chunk_sums(h: jax.Array, t: jax.Array, w: jax.Array, ex: dict[str, jax.Array],
+                   th: dict[str, jax.Array]) -> jax.Array:
+        logits = logits_from_hidden(params, config, h, hint).astype(jnp.float32)  # [chunk, vocab]
+        teachers = {name: companions[name].logits(value) for name, value in th.items()}  # [chunk, shared]
+        return jnp.stack([jnp.sum(head_term(term, logits, t, ex, teachers, scalars) * w) for term in terms])
+
+    def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+        return total + chunk_sums(*xs), None
+
+    xs = (chunked(hidden), chunked(targets), chunked(weights.astype(jnp.float32)), extras, teacher_hidden)
+    sums, _ = jax.lax.scan(body, jnp.zeros(len(terms), jnp.float32), xs)
+    return sums
+
+
+def _weighted(terms: tuple[HeadTerm | AuxTerm, ...], sums: jax.Array) -> jax.Array:
+    """sum of each term's weight times its sum: the loss sum."""
+    return jnp.sum(jnp.asarray([term.weight for term in terms], jnp.float32) * sums)
+
+
 def head_loss_sum(
     params: Params,
     config: Gemma3Config,
@@ -120,46 +248,74 @@ def head_loss_sum(
     terms: tuple[HeadTerm, ...] = (CrossEntropy(),),
     extras: Mapping[str, jax.Array] | None = None,
     hint: Hint = no_hint,
+    companions: Mapping[str, CompanionHead] | None = None,
+    scalars: Mapping[str, jax.Array] | None = None,
 ) -> jax.Array:
-    """sum over positions of weights * the head ``terms`` (each times its weight), float32, of final-normed
-    hidden states [n, hidden] against int targets [n], with the output head (``model.logits_from_hidden``:
-    tied or not, soft-capped or not) run on at most ``chunk_tokens`` positions at a time; ``extras`` are the
-    terms' per-position inputs [n, ...].
-
-    The chunks go through ``lax.scan`` with a checkpointed body: the backward pass recomputes each
-    chunk's [chunk, vocab] logits from its hidden states instead of reading them from the forward pass,
-    so [n, vocab] logits never exist (at Gemma's 262k vocabulary they would be 1 MB per position). The
-    last chunk is padded with weight-0 positions: zero hidden states (and extras) give finite logits and
-    losses, so they add 0.
-    """
-    n, dim = hidden.shape
-    chunk = min(chunk_tokens, n)
-    count = -(-n // chunk)
-    pad = count * chunk - n
-
-    def chunked(x: jax.Array) -> jax.Array:  # [n, ...] -> [chunks, chunk, ...], padded with zeros
-        return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(count, chunk, *x.shape[1:])
-
-    extras = {name: chunked(value.astype(jnp.float32)) for name, value in (extras or {}).items()}
-
-    # scan already keeps the chunks apart, so CSE cannot undo the recomputation (jax.checkpoint docs)
-    @partial(jax.checkpoint, prevent_cse=False)
-    def chunk_loss(h: jax.Array, t: jax.Array, w: jax.Array, ex: dict[str, jax.Array]) -> jax.Array:
-        logits = logits_from_hidden(params, config, h, hint).astype(jnp.float32)  # [chunk, vocab]
-        return sum(term.weight * jnp.sum(head_term(term, logits, t, ex) * w) for term in terms)
-
-    def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
-        return total + chunk_loss(*xs), None
-
-    xs = (chunked(hidden), chunked(targets), chunked(weights.astype(jnp.float32)), extras)
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
-    return total
+    """sum over positions of weights * the head ``terms`` (each times its weight), float32: the weighted
+    sum of ``head_term_sums`` (which see)."""
+    sums = head_term_sums(params, config, hidden, targets, weights, chunk_tokens=chunk_tokens, terms=terms,
+                          extras=extras, hint=hint, companions=companions, scalars=scalars)
+    return _weighted(tuple(terms), sums)
 
 
 def hidden_state(out: Gemma3Output, index: int) -> jax.Array:
     """Hidden state ``index`` in transformers' convention: the residual stream after ``index`` blocks, the
     last one after the final norm."""
     return out.last_hidden_state if index == len(out.hidden_states) - 1 else out.hidden_states[index]
+
+
+def chunked_term_sums(
+    params: Params,
+    config: Gemma3Config,
+    ids: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    rope: Rope,
+    *,
+    chunk_tokens: int,
+    loss: LossSpec = LossSpec(),
+    masks: Masks | None = None,
+    extras: Mapping[str, jax.Array] | None = None,
+    remat: bool = False,
+    hint: Hint = no_hint,
+    head_params: Params | None = None,
+    companions: Mapping[str, CompanionHead] | None = None,
+    scalars: Mapping[str, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(the whole loss sum of ``loss``, the per-term sums [head terms + aux terms] with the terms' weights not
+    applied): the backbone once on ids [batch, seq] (with ``masks``, else the built-in causal ones for
+    positions 0 .. seq-1; capturing what the aux terms read), then ``head_term_sums`` over the flattened
+    positions, then the aux terms. ``remat`` rematerialises each decoder block; ``head_params`` (default
+    ``params``) are the parameters the output head reads, in their dtype; ``companions`` and ``scalars``
+    are those of ``head_term_sums``."""
+    extras = dict(extras or {})
+    hidden_layers, attention_layers = loss.hidden_layers(), loss.attention_layers()
+    out = text_model(  # masks None: the built-in ones of positions 0 .. seq-1, one for every row
+        params, config, ids, mask=masks, rope=rope, hint=hint, remat=remat,
+        output_hidden_states=bool(hidden_layers), output_attentions=frozenset(attention_layers),
+    )
+    head_params = params if head_params is None else head_params
+    hidden = out.last_hidden_state.astype(output_weight(head_params).dtype)
+    rows = ids.shape[0] * ids.shape[1]
+    head_sums = head_term_sums(
+        head_params,
+        config,
+        hidden.reshape(rows, hidden.shape[-1]),  # [batch * seq, hidden]
+        targets.reshape(-1),
+        weights.reshape(-1),
+        chunk_tokens=chunk_tokens,
+        terms=loss.head,
+        extras={name: extras[name].reshape(rows, -1) for name in loss.head_extras},
+        hint=hint,
+        companions=companions,
+        scalars=scalars,
+    )
+    aux_sums = []
+    for term in loss.aux:
+        captured = hidden_state(out, term.layer) if isinstance(term, HiddenStateMSE) else out.attentions[term.layer]
+        aux_sums.append(jnp.sum(aux_term(term, captured, extras[term.targets]) * weights))
+    sums = jnp.concatenate([head_sums, jnp.stack(aux_sums)]) if aux_sums else head_sums
+    return _weighted(loss.head + loss.aux, sums), sums
 
 
 def chunked_loss_sum(
@@ -177,36 +333,35 @@ def chunked_loss_sum(
     remat: bool = False,
     hint: Hint = no_hint,
     head_params: Params | None = None,
+    companions: Mapping[str, CompanionHead] | None = None,
+    scalars: Mapping[str, jax.Array] | None = None,
 ) -> jax.Array:
-    """The whole loss sum of ``loss``: the backbone once on ids [batch, seq] (with ``masks``, else the
-    built-in causal ones for positions 0 .. seq-1; capturing what the aux terms read), then
-    ``head_loss_sum`` over the flattened positions, plus the weighted aux terms. ``remat``
-    rematerialises each decoder block; ``head_params`` (default ``params``) are the parameters the output
-    head reads, in their dtype."""
-    extras = dict(extras or {})
-    hidden_layers, attention_layers = loss.hidden_layers(), loss.attention_layers()
-    out = text_model(  # masks None: the built-in ones of positions 0 .. seq-1, one for every row
-        params, config, ids, mask=masks, rope=rope, hint=hint, remat=remat,
-        output_hidden_states=bool(hidden_layers), output_attentions=frozenset(attention_layers),
+    """The whole loss sum of ``loss`` (``chunked_term_sums``'s first value, which see)."""
+    total, _ = chunked_term_sums(
+        params, config, ids, targets, weights, rope, chunk_tokens=chunk_tokens, loss=loss, masks=masks,
+        extras=extras, remat=remat, hint=hint, head_params=head_params, companions=companions, scalars=scalars,
     )
-    head_params = params if head_params is None else head_params
-    hidden = out.last_hidden_state.astype(output_weight(head_params).dtype)
-    rows = ids.shape[0] * ids.shape[1]
-    total = head_loss_sum(
-        head_params,
-        config,
-        hidden.reshape(rows, hidden.shape[-1]),  # [batch * seq, hidden]
-        targets.reshape(-1),
-        weights.reshape(-1),
-        chunk_tokens=chunk_tokens,
-        terms=loss.head,
-        extras={name: extras[name].reshape(rows, -1) for name in loss.head_extras},
-        hint=hint,
-    )
-    for term in loss.aux:
-        captured = hidden_state(out, term.layer) if isinstance(term, HiddenStateMSE) else out.attentions[term.layer]
-        total = total + term.weight * jnp.sum(aux_term(term, captured, extras[term.targets]) * weights)
     return total
+
+
+# A companion as the jitted step sees it: (name, config, plan), static.
+CompanionSpec = tuple[str, Gemma3Config, Plan]
+
+
+def companion_heads(
+    companion_params: Mapping[str, Params], specs: tuple[CompanionSpec, ...], batch: Batch, student_vocab: int
+) -> dict[str, CompanionHead]:
+    """Each companion's backbone once on the batch's ids, with its own RoPE tables and masks (batch.companions),
+    in its own dtype, under stop_gradient (its parameters are a separate, never differentiated argument of
+    the step anyway): the final hidden states flattened [batch * seq, its hidden]."""
+    heads = {}
+    for name, config, plan in specs:
+        rope, masks = batch.companions[name]
+        out = text_model(companion_params[name], config, batch.ids, mask=masks, rope=rope, hint=plan.hint)
+        hidden = jax.lax.stop_gradient(out.last_hidden_state)
+        heads[name] = CompanionHead(companion_params[name], hidden.reshape(-1, hidden.shape[-1]), config,
+                                    shared_vocab(student_vocab, config.vocab_size), plan.hint)
+    return heads
 
 
 def _loss_sum(
@@ -227,6 +382,7 @@ def _loss_sum(
 def _accumulate(
     trainable: dict[str, jax.Array],
     frozen: dict[str, jax.Array],
+    companion_params: dict[str, Params],
     accumulator: dict[str, jax.Array],
     batch: Batch,
     loss_scale: jax.Array,
@@ -238,15 +394,19 @@ def _accumulate(
     loss: LossSpec,
     compute: str,
     remat: bool,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(unscaled loss sum, accumulator + d(loss_scale * loss sum)/d(trainable)) for one micro-batch;
-    ``structure`` is the parameter tree's (hashable, so static: a wrapped model compiles its own step)."""
+    companions: tuple[CompanionSpec, ...] = (),
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(unscaled loss sum, per-term sums, accumulator + d(loss_scale * loss sum)/d(trainable)) for one
+    micro-batch; ``structure`` is the parameter tree's (hashable, so static: a wrapped model compiles its
+    own step). ``companion_params`` are the frozen companions' parameters (in their own dtype: never cast,
+    never differentiated), ``companions`` their static (name, config, plan)."""
+    heads = companion_heads(companion_params, companions, batch, config.vocab_size)
 
-    def scaled_loss(trainable: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def scaled_loss(trainable: dict[str, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         # The cast is inside the differentiated function: gradients flow back through it to float32.
         master = rebuild(structure, {**trainable, **frozen})  # wrappers (linears.py) kept
         params = jax.tree.map(lambda p: p.astype(DTYPES[compute]), master)
-        value = chunked_loss_sum(
+        value, sums = chunked_term_sums(
             params,
             config,
             batch.ids,
@@ -263,11 +423,13 @@ def _accumulate(
             # the residual stream: the logit gradients (~1/vocab times the loss scale: 6e-5 at 262k ids and a
             # scale of 16) would be float16 subnormals, rounded to a few bits.
             head_params=master if compute == "float16" else None,
+            companions=heads,
+            scalars=batch.scalars,
         )
-        return value * loss_scale, value
+        return value * loss_scale, (value, sums)
 
-    (_, value), grads = jax.value_and_grad(scaled_loss, has_aux=True)(trainable)
-    return value, jax.tree.map(jnp.add, accumulator, grads)
+    (_, (value, sums)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(trainable)
+    return value, sums, jax.tree.map(jnp.add, accumulator, grads)
 
 
 def _apply(
@@ -312,7 +474,7 @@ def _apply(
 _jit_loss_sum = jax.jit(_loss_sum, static_argnames=("config", "plan", "chunk_tokens", "loss"))
 _jit_accumulate = jax.jit(
     _accumulate,
-    static_argnames=("structure", "config", "plan", "chunk_tokens", "loss", "compute", "remat"),
+    static_argnames=("structure", "config", "plan", "chunk_tokens", "loss", "compute", "remat", "companions"),
     donate_argnames=("accumulator",),
 )
 _jit_apply = jax.jit(
@@ -361,23 +523,38 @@ class Batch(NamedTuple):
     rope: Rope  # RoPE tables of the batch's positions
     masks: Masks | None  # layer type -> bool [batch, 1, seq, seq]; None = the built-in causal masks
     extras: dict[str, jax.Array]  # float32
+    scalars: dict[str, jax.Array]  # float32 0-d: traced, so a new value (a scheduled temperature) never recompiles
+    companions: dict[str, tuple[Rope, Masks | None]]  # each companion's RoPE tables and masks (its own config's)
 
 
-def batch_arrays(model: JaxModel, step: StepInputs, rope: Rope | None = None) -> Batch:
+def batch_arrays(model: JaxModel, step: StepInputs, rope: Rope | None = None,
+                 companions: Mapping[str, tuple[JaxModel, Rope | None]] | None = None) -> Batch:
     """The batch on the model's mesh; ``rope`` (the tables of positions 0 .. seq-1, which a trainer
-    caches) is used when the batch has no explicit positions."""
+    caches) is used when the batch has no explicit positions. ``companions`` maps a companion's name to
+    (its model, its cached tables of positions 0 .. seq-1 or None)."""
 
     def put(array: np.ndarray) -> jax.Array:
         return jax.device_put(array, model.plan.batch_sharding(array.shape))
 
-    if step.positions is not None:
-        rope = model.rope(step.positions)
-    elif rope is None:
-        rope = model.rope(_positions(step.inputs.shape[1]))
+    def put_masks(per_type: dict[str, np.ndarray]) -> Masks:
+        return {kind: put(m[:, None]) for kind, m in per_type.items()}
+
+    def tables(owner: JaxModel, cached: Rope | None) -> Rope:
+        if step.positions is not None:
+            return owner.rope(step.positions)
+        return cached if cached is not None else owner.rope(_positions(step.inputs.shape[1]))
+
+    masks = None if step.masks is None else put_masks(step.masks)
+    companion_inputs = {}
+    for name, (companion, cached) in (companions or {}).items():
+        per_type = None if step.companion_masks is None else step.companion_masks[name]
+        # the student's placed masks when prepare shared them
+        placed = None if per_type is None else masks if per_type is step.masks else put_masks(per_type)
+        companion_inputs[name] = (tables(companion, cached), placed)
     return Batch(
-        ids=put(step.inputs), targets=put(step.targets), weights=put(step.weights), rope=rope,
-        masks=None if step.masks is None else {kind: put(m[:, None]) for kind, m in step.masks.items()},
-        extras={name: put(value) for name, value in step.extras.items()},
+        ids=put(step.inputs), targets=put(step.targets), weights=put(step.weights), rope=tables(model, rope),
+        masks=masks, extras={name: put(value) for name, value in step.extras.items()},
+        scalars={name: jnp.float32(value) for name, value in step.scalars.items()}, companions=companion_inputs,
     )
 
 
@@ -417,11 +594,32 @@ def _check_chunk(chunk_tokens: int) -> None:
 
 
 # --- the trainer --------------------------------------------------------------------------------------------
+def frozen_companions(model: JaxModel, loss: LossSpec, companions: Mapping[str, JaxModel] | None) -> dict[str, JaxModel]:
+    """The companion models the loss reads (checked by spec.check_companions). They are frozen by
+    construction: their parameters enter the jitted step as an argument that is never differentiated, and no
+    update ever touches them."""
+    from .backend import JaxModel  # the backend module imports this one
+
+    companions = dict(companions or {})
+    for name, companion in companions.items():
+        if not isinstance(companion, JaxModel):
+            raise InputError(f"companion {name!r} is a {type(companion).__name__}, not a model of this backend: "
+                             "build it with the same backend's build(...)")
+        if companion is model:
+            raise InputError(f"companion {name!r} is the model being trained: a companion is frozen, so build a "
+                             "separate copy (backend.build(config, backend.weights(model), dtype=...))")
+        if companion.shape_only:
+            raise InputError(f"companion {name!r} was built shape-only (weights=None): build it with weights")
+    check_companions(loss, model.config, {name: c.config for name, c in companions.items()})
+    return companions
+
+
 class Trainer:
     """gemmalab.train.spec.BackendTrainer for a float32 ``JaxModel``; ``trainer.model.params`` holds the
-    current weights after every step (new arrays: the old ones are donated to the update)."""
+    current weights after every step (new arrays: the old ones are donated to the update). ``companions``
+    (name -> a JaxModel of any dtype) are the frozen models the loss's Distillation terms read."""
 
-    def __init__(self, model: JaxModel, spec: TrainSpec):
+    def __init__(self, model: JaxModel, spec: TrainSpec, companions: Mapping[str, JaxModel] | None = None):
         if model.shape_only:
             raise BackendError(
                 "this model was built shape-only (weights=None): build it with weights to train"
@@ -432,6 +630,9 @@ class Trainer:
                 "build it with dtype='float32' and choose the compute precision in the spec"
             )
         self.model, self.spec = model, spec
+        self.companions = frozen_companions(model, spec.loss, companions)
+        self.term_names = spec.loss.term_names()
+        self._term_sums: jax.Array | None = None  # of the last accumulate
         self.compute = COMPUTE_DTYPES[spec.precision]
         self.transform = optimizer_transform(spec.optimizer)
         self.names = list(flatten(model.params))  # canonical; the tied head once
@@ -439,7 +640,7 @@ class Trainer:
         self.states: dict[str, Any] = {}  # optax state per parameter, made at its first update
         self.accumulator: dict[str, jax.Array] = {}  # float32, one entry per trainable parameter
         self._scale_arrays: dict[str, jax.Array] = {}
-        self._rope: dict[int, Rope] = {}  # RoPE tables per sequence length
+        self._rope: dict[tuple[str | None, int], Rope] = {}  # RoPE tables per (companion or None, seq length)
         self.set_lr_scales({})
 
     def accumulate(
@@ -451,23 +652,27 @@ class Trainer:
         positions: np.ndarray | None = None,
         mask: np.ndarray | None = None,
         extras: Mapping[str, np.ndarray] | None = None,
+        scalars: Mapping[str, float] | None = None,
         loss_scale: float = 1.0,
     ) -> float:
         """Forward and backward on one micro-batch; adds d(loss_scale * loss_sum)/d(params) to the
-        accumulated gradients of the trainable parameters. Returns the unscaled loss sum."""
+        accumulated gradients of the trainable parameters. Returns the unscaled loss sum. The scalars are
+        traced arguments of the compiled step: a new temperature every step compiles nothing."""
         step = prepare(self.model.config, self.spec.loss, inputs, targets, weights, positions=positions,
-                       mask=mask, extras=extras)
-        seq = step.inputs.shape[1]
-        if step.positions is None and seq not in self._rope:
-            self._rope[seq] = self.model.rope(_positions(seq))
-        batch = batch_arrays(self.model, step, self._rope.get(seq))
+                       mask=mask, extras=extras, scalars=scalars,
+                       companions={name: c.config for name, c in self.companions.items()})
+        batch = batch_arrays(
+            self.model, step, self._cached_rope(None, self.model, step),
+            {name: (c, self._cached_rope(name, c, step)) for name, c in self.companions.items()},
+        )
         flat = flatten(self.model.params)
         trainable = {name: flat[name] for name in self.accumulator}
         frozen = {name: value for name, value in flat.items() if name not in self.accumulator}
         with _matmul_precision(self.compute):
-            loss, self.accumulator = _jit_accumulate(
+            loss, self._term_sums, self.accumulator = _jit_accumulate(
                 trainable,
                 frozen,
+                {name: c.params for name, c in self.companions.items()},
                 self.accumulator,
                 batch,
                 jnp.float32(loss_scale),
@@ -478,8 +683,24 @@ class Trainer:
                 loss=self.spec.loss,
                 compute=self.compute,
                 remat=self.spec.grad_checkpointing,
+                companions=tuple((name, c.config, c.plan) for name, c in self.companions.items()),
             )
         return float(loss)
+
+    def _cached_rope(self, name: str | None, owner: JaxModel, step: StepInputs) -> Rope | None:
+        """The RoPE tables of positions 0 .. seq-1 for the student (name None) or a companion, made once per
+        sequence length; None for a batch with explicit positions (batch_arrays makes those)."""
+        if step.positions is not None:
+            return None
+        key = (name, step.inputs.shape[1])
+        if key not in self._rope:
+            self._rope[key] = owner.rope(_positions(key[1]))
+        return self._rope[key]
+
+    def term_sums(self) -> dict[str, float]:
+        if self._term_sums is None:
+            return {}
+        return dict(zip(self.term_names, np.asarray(self._term_sums, np.float64).tolist(), strict=True))
 
     def gradients(self) -> dict[str, np.ndarray]:
         """The accumulated gradients of the trainable parameters, float32 numpy, canonical names."""
@@ -645,12 +866,18 @@ def _optax_leaf(values: Mapping[str, np.ndarray], kind: str | None, path: str, l
 
 __all__ = [
     "Batch",
+    "CompanionHead",
     "Trainer",
     "aux_term",
     "batch_arrays",
     "chunked_loss_sum",
+    "chunked_term_sums",
+    "companion_heads",
+    "divergence",
+    "frozen_companions",
     "head_loss_sum",
     "head_term",
+    "head_term_sums",
     "hidden_state",
     "loss_sum",
     "optimizer_transform",

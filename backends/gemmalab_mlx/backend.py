@@ -256,9 +256,10 @@ class MLXBackend:
         return linears.fuse(model)
 
     # -- training ----------------------------------------------------------------------------------------
-    def trainer(self, model: Gemma3ForCausalLM, spec: TrainSpec) -> Trainer:
+    def trainer(self, model: Gemma3ForCausalLM, spec: TrainSpec,
+                companions: Mapping[str, Gemma3ForCausalLM] | None = None) -> Trainer:
         _require_weights(model)
-        return Trainer(model, spec)
+        return Trainer(model, spec, companions)
 
     def loss_sum(
         self,

@@ -24,6 +24,10 @@ scaled rate; spec.py keeps the moment of the unscaled update and decays by ``lr`
 ``1 - t^-decay_rate``): that computes the factored second moments (over the last two axes, for every
 parameter with >= 2 dims, as spec.py), the update clipping and the first moment exactly, and this file
 applies ``p * (1 - lr * wd) - lr * max(eps2, rms(p)) * u``.
+
+Companion models (frozen distillation teachers, ``Trainer(..., companions=)``) are frozen modules outside the
+student's ``value_and_grad``: their backbone runs first, in their own dtype, and is evaluated; their output
+head runs per chunk inside ``fused_head_loss`` beside the student's, as a constant of the chunk's gradient.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,8 +45,17 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from gemmalab.errors import InputError
 from gemmalab.train.inputs import StepInputs, prepare
-from gemmalab.train.losses import LOG_FLOOR, AuxTerm, CrossEntropy, HeadTerm, HiddenStateMSE, LossSpec
-from gemmalab.train.spec import TrainSpec, check_optimizer_state
+from gemmalab.train.losses import (
+    LOG_FLOOR,
+    AuxTerm,
+    CrossEntropy,
+    Distillation,
+    HeadTerm,
+    HiddenStateMSE,
+    LossSpec,
+    shared_vocab,
+)
+from gemmalab.train.spec import TrainSpec, check_companions, check_optimizer_state
 
 from .linears import Wrapper
 from .model import Gemma3ForCausalLM, Gemma3Output, soft_cap
@@ -69,10 +82,39 @@ def soft_target_cross_entropy(logits: mx.array, probs: mx.array, temperature: fl
     return temperature**2 * -(probs * log_p).sum(axis=-1)
 
 
-def head_term(term: HeadTerm, logits: mx.array, targets: mx.array, extras: Mapping[str, mx.array]) -> mx.array:
-    """One head term's per-position loss [chunk] (its weight not applied)."""
+def _log_softmax(z: mx.array) -> mx.array:
+    return z - mx.logsumexp(z, axis=-1, keepdims=True)
+
+
+def _kl(log_p: mx.array, log_q: mx.array) -> mx.array:
+    return (mx.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+
+
+def divergence(student: mx.array, teacher: mx.array, term: Distillation, temperature: float) -> mx.array:
+    """Per-position divergence [n] of float32 logits [n, shared] (losses.divergence has the formulas)."""
+    log_s, log_t = _log_softmax(student / temperature), _log_softmax(teacher / temperature)
+    kind, beta = term.divergence, term.beta
+    if kind == "fkl" or (kind == "jsd" and beta == 0):
+        per_position = _kl(log_t, log_s)
+    elif kind == "rkl" or (kind == "jsd" and beta == 1):
+        per_position = _kl(log_s, log_t)
+    elif kind == "jsd":
+        log_m = mx.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))  # the mixture
+        per_position = beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+    else:
+        per_position = 0.5 * mx.abs(mx.exp(log_t) - mx.exp(log_s)).sum(axis=-1)
+    return temperature**2 * per_position if term.t2_scaling else per_position
+
+
+def head_term(term: HeadTerm, logits: mx.array, targets: mx.array, extras: Mapping[str, mx.array],
+              companions: Mapping[str, mx.array] | None = None, scalars: Mapping[str, float] | None = None) -> mx.array:
+    """One head term's per-position loss [chunk] (its weight not applied); ``companions`` holds each
+    companion's float32 logits of the chunk over the shared ids [chunk, shared]."""
     if isinstance(term, CrossEntropy):
         return cross_entropy(logits, targets, term.label_smoothing)
+    if isinstance(term, Distillation):
+        teacher = companions[term.teacher]
+        return divergence(logits[:, : teacher.shape[-1]], teacher, term, term.temperature_at(scalars))
     return soft_target_cross_entropy(logits, extras[term.targets], term.temperature)
 
 
@@ -84,11 +126,54 @@ def aux_term(term: AuxTerm, captured: mx.array, target: mx.array) -> mx.array:
     return (target * (mx.log(mx.maximum(target, LOG_FLOOR)) - log_p)).sum(axis=-1).mean(axis=1)
 
 
+def chunk_term_sums(
+    logits: mx.array, targets: mx.array, weights: mx.array, terms: tuple[HeadTerm, ...], extras: Mapping[str, mx.array],
+    companions: Mapping[str, mx.array] | None = None, scalars: Mapping[str, float] | None = None,
+) -> mx.array:
+    """[terms]: per head term, the sum over the chunk of weights * its per-position loss (its weight not
+    applied), of float32 logits [n, vocab]; ``companions`` are the companions' logits of the chunk."""
+    return mx.stack([(head_term(term, logits, targets, extras, companions, scalars) * weights).sum() for term in terms])
+
+
 def chunk_loss(
-    logits: mx.array, targets: mx.array, weights: mx.array, terms: tuple[HeadTerm, ...], extras: Mapping[str, mx.array]
+    logits: mx.array, targets: mx.array, weights: mx.array, terms: tuple[HeadTerm, ...], extras: Mapping[str, mx.array],
+    companions: Mapping[str, mx.array] | None = None, scalars: Mapping[str, float] | None = None,
 ) -> mx.array:
     """sum over the chunk of weights * the head terms, each times its weight, of float32 logits [n, vocab]."""
-    return sum(term.weight * (head_term(term, logits, targets, extras) * weights).sum() for term in terms)
+    sums = chunk_term_sums(logits, targets, weights, terms, extras, companions, scalars)
+    return (sums * mx.array([term.weight for term in terms], dtype=mx.float32)).sum()
+
+
+@dataclass
+class CompanionHead:
+    """A frozen companion model's side of the head loss for one micro-batch: its final-normed hidden states
+    [n, its hidden] (its dtype, evaluated outside any gradient transformation, so no graph is kept behind
+    them), its output matrix, its soft-cap, and the number of ids it shares with the student."""
+
+    hidden: mx.array
+    matrix: mx.array
+    softcap: float | None
+    shared: int
+
+    def logits(self, part: slice) -> mx.array:
+        """float32 soft-capped logits [chunk, shared] of the positions ``part``, constants for the gradient.
+        The logits are restricted, not the matrix: a sliced matrix could be copied whole on every call."""
+        logits = (self.hidden[part] @ self.matrix.T).astype(mx.float32)
+        return mx.stop_gradient(soft_cap(logits, self.softcap)[:, : self.shared])
+
+
+def companion_heads(companions: Mapping[str, Gemma3ForCausalLM], batch: Batch, student_vocab: int) -> dict[str, CompanionHead]:
+    """Each companion's backbone once on the batch's ids, positions and (its own) masks, in its own dtype,
+    evaluated here (before the student's gradient transformation is traced)."""
+    heads = {}
+    for name, companion in companions.items():
+        masks = None if batch.companion_masks is None else batch.companion_masks[name]
+        hidden = mx.stop_gradient(companion.model(batch.ids, positions=batch.positions, mask=masks).last_hidden_state)
+        hidden = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, its hidden]
+        mx.eval(hidden)
+        heads[name] = CompanionHead(hidden, companion.output_weight(), companion.config.final_logit_softcapping,
+                                    shared_vocab(student_vocab, companion.config.vocab_size))
+    return heads
 
 
 def hidden_state(out: Gemma3Output, index: int) -> mx.array:
@@ -117,6 +202,8 @@ class Batch:
     extras: dict[str, mx.array]  # float32
     hidden_layers: tuple[int, ...]
     attention_layers: tuple[int, ...]
+    scalars: dict[str, float] = field(default_factory=dict)
+    companion_masks: dict[str, dict[str, mx.array]] | None = None  # like masks, per companion
 
     def flat_extras(self, names: tuple[str, ...]) -> dict[str, mx.array]:
         """The named per-position extras flattened like the positions: [batch * seq, ...]."""
@@ -125,12 +212,19 @@ class Batch:
 
 
 def batch_arrays(step: StepInputs) -> Batch:
+    def put_masks(per_type: dict[str, np.ndarray]) -> dict[str, mx.array]:
+        return {kind: mx.array(m[:, None]) for kind, m in per_type.items()}
+
+    masks = None if step.masks is None else put_masks(step.masks)
+    companion_masks = None if step.companion_masks is None else {  # the student's when prepare shared them
+        name: masks if per_type is step.masks else put_masks(per_type) for name, per_type in step.companion_masks.items()
+    }
     return Batch(
         ids=mx.array(step.inputs), targets=mx.array(step.targets), weights=mx.array(step.weights),
-        positions=None if step.positions is None else mx.array(step.positions.astype(np.int32)),
-        masks=None if step.masks is None else {kind: mx.array(m[:, None]) for kind, m in step.masks.items()},
+        positions=None if step.positions is None else mx.array(step.positions.astype(np.int32)), masks=masks,
         extras={name: mx.array(value) for name, value in step.extras.items()},
         hidden_layers=step.hidden_layers, attention_layers=step.attention_layers,
+        scalars=dict(step.scalars), companion_masks=companion_masks,
     )
 
 
@@ -142,31 +236,44 @@ def backbone(model: Gemma3ForCausalLM, batch: Batch) -> Gemma3Output:
                        output_attentions=frozenset(batch.attention_layers))
 
 
-def aux_loss_sum(loss: LossSpec, batch: Batch, out: Gemma3Output) -> mx.array | None:
-    """The weighted sum of the aux terms of ``loss`` (None when there are none)."""
-    total = None
+def aux_term_sums(loss: LossSpec, batch: Batch, out: Gemma3Output) -> list[mx.array]:
+    """Per aux term of ``loss``, the sum of weights * its per-position loss (its weight not applied)."""
+    sums = []
     for term in loss.aux:
         if isinstance(term, HiddenStateMSE):
             captured = hidden_state(out, term.layer)
         else:
             captured = out.attentions[term.layer]
-        value = term.weight * (aux_term(term, captured, batch.extras[term.targets]) * batch.weights).sum()
-        total = value if total is None else total + value
+        sums.append((aux_term(term, captured, batch.extras[term.targets]) * batch.weights).sum())
+    return sums
+
+
+def aux_loss_sum(loss: LossSpec, batch: Batch, out: Gemma3Output, sums: list[mx.array] | None = None) -> mx.array | None:
+    """The weighted sum of the aux terms of ``loss`` (None when there are none), from their ``sums``
+    (aux_term_sums) when already computed."""
+    sums = aux_term_sums(loss, batch, out) if sums is None else sums
+    total = None
+    for term, value in zip(loss.aux, sums, strict=True):
+        total = term.weight * value if total is None else total + term.weight * value
     return total
 
 
-def chunked_loss_sum(model: Gemma3ForCausalLM, batch: Batch, loss: LossSpec, *, chunk_tokens: int) -> float:
+def chunked_loss_sum(model: Gemma3ForCausalLM, batch: Batch, loss: LossSpec, *, chunk_tokens: int,
+                     companions: Mapping[str, Gemma3ForCausalLM] | None = None) -> float:
     """The whole loss without gradients: the backbone once, then the head terms one chunk at a time, each
-    evaluated before the next is built, so one chunk's logits exist at a time; then the aux terms."""
+    evaluated before the next is built, so one chunk's logits exist at a time; then the aux terms.
+    ``companions`` are the frozen models the Distillation terms read."""
     out = backbone(model, batch)
     flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])  # [batch * seq, hidden]
     targets, weights = batch.targets.reshape(-1), batch.weights.reshape(-1)  # [batch * seq]
     extras = batch.flat_extras(loss.head_extras)
+    heads = companion_heads(companions or {}, batch, model.config.vocab_size) if loss.companions else {}
     total = 0.0
     for part in chunks(flat.shape[0], chunk_tokens):
         logits = model.logits_from_hidden(flat[part]).astype(mx.float32)  # [chunk, vocab]
         chunk_extras = {name: value[part] for name, value in extras.items()}
-        total += chunk_loss(logits, targets[part], weights[part], loss.head, chunk_extras).item()
+        teachers = {name: head.logits(part) for name, head in heads.items()}
+        total += chunk_loss(logits, targets[part], weights[part], loss.head, chunk_extras, teachers, batch.scalars).item()
     aux = aux_loss_sum(loss, batch, out)
     return total + (0.0 if aux is None else aux.item())
 
@@ -179,6 +286,8 @@ class HeadLossResult:
     loss: float = 0.0
     weight_grad: mx.array | None = None
     aux: mx.array | None = None  # the aux terms' unscaled sum, set by the trainer
+    term_sums: np.ndarray | None = None  # float64 [head terms]: each head term's sum, its weight not applied
+    aux_sums: list[mx.array] = field(default_factory=list)  # each aux term's sum, set by the trainer
 
 
 def fused_head_loss(
@@ -192,10 +301,13 @@ def fused_head_loss(
     loss_scale: float,
     weight_grad: bool,
     extras: Mapping[str, mx.array] | None = None,
+    companions: Mapping[str, CompanionHead] | None = None,
+    scalars: Mapping[str, float] | None = None,
 ) -> tuple[mx.array, HeadLossResult]:
     """The output head and the head terms of ``spec.loss`` on final-normed hidden states [n, hidden] (with
-    ``extras``, the terms' per-position inputs [n, ...]), in chunks of
-    ``spec.loss_chunk_tokens`` positions, doing the work of the backward pass in the forward pass.
+    ``extras``, the terms' per-position inputs [n, ...], ``companions``, the frozen teachers the Distillation
+    terms read, whose chunk logits are built and dropped beside the student's, and the step's ``scalars``),
+    in chunks of ``spec.loss_chunk_tokens`` positions, doing the work of the backward pass in the forward pass.
 
     Returns ``loss_scale * loss sum`` as an array differentiable with respect to ``hidden`` (the gradient
     is computed here and handed out by the backward pass), and a ``HeadLossResult`` that holds the
@@ -210,17 +322,21 @@ def fused_head_loss(
     backward pass), and with it every intermediate buffer. A copy made from host memory has no graph.
     """
     compute_dtype = COMPUTE_DTYPES[spec.precision]
-    result = HeadLossResult()
+    terms = spec.loss.head
+    result = HeadLossResult(term_sums=np.zeros(len(terms)))
+    term_weights = mx.array([term.weight for term in terms], dtype=mx.float32)
 
     extras = dict(extras or {})
+    companions = dict(companions or {})
 
     def part_loss(
-        h: mx.array, w: mx.array, t: mx.array, wt: mx.array, ex: dict[str, mx.array]
-    ) -> tuple[mx.array, mx.array]:
+        h: mx.array, w: mx.array, t: mx.array, wt: mx.array, ex: dict[str, mx.array], teachers: dict[str, mx.array]
+    ) -> tuple[mx.array, mx.array, mx.array]:
         w = w if compute_dtype is None else w.astype(compute_dtype)
         logits = soft_cap(h @ w.T, logit_cap).astype(mx.float32)  # [chunk, vocab]
-        loss = chunk_loss(logits, t, wt, spec.loss.head, ex)
-        return loss * loss_scale, loss  # the gradient is of the first
+        sums = chunk_term_sums(logits, t, wt, terms, ex, teachers, scalars)
+        loss = (sums * term_weights).sum()
+        return loss * loss_scale, loss, sums  # the gradient is of the first
 
     hidden_grads: list[mx.array] = []  # float32 [chunk, hidden] each, no graph behind them
 
@@ -231,11 +347,14 @@ def fused_head_loss(
         weight_sum = None  # float32 numpy [vocab, hidden]: added to in place, one buffer for all chunks
         for part in chunks(hidden.shape[0], spec.loss_chunk_tokens):
             chunk_extras = {name: value[part] for name, value in extras.items()}
-            (_, loss), grads = grad_fn(hidden[part], head_weight, targets[part], weights[part], chunk_extras)
+            teachers = {name: head.logits(part) for name, head in companions.items()}
+            (_, loss, sums), grads = grad_fn(hidden[part], head_weight, targets[part], weights[part], chunk_extras,
+                                             teachers)
             d_hidden, d_weight = grads if weight_grad else (grads, None)
             d_hidden = d_hidden.astype(mx.float32)
-            mx.eval(loss, d_hidden, d_weight)
+            mx.eval(loss, sums, d_hidden, d_weight)
             result.loss += loss.item()
+            result.term_sums += np.array(sums, np.float64)
             hidden_grads.append(mx.array(np.asarray(d_hidden)))
             if d_weight is not None:
                 d_weight = np.asarray(d_weight)  # a view of MLX's buffer
@@ -299,10 +418,32 @@ def cast_parameters(model: Gemma3ForCausalLM, precision: str) -> None:
 
 
 # --- the trainer --------------------------------------------------------------------------------------------
-class Trainer:
-    """gemmalab.train.spec.BackendTrainer for a float32 gemmalab_mlx.model.Gemma3ForCausalLM."""
+def frozen_companions(model: Gemma3ForCausalLM, loss: LossSpec,
+                      companions: Mapping[str, Gemma3ForCausalLM] | None) -> dict[str, Gemma3ForCausalLM]:
+    """The companion models the loss reads (checked by spec.check_companions), frozen (``Module.freeze``);
+    they are never part of the student's gradient transformation either (companion_heads)."""
+    companions = dict(companions or {})
+    for name, companion in companions.items():
+        if not isinstance(companion, Gemma3ForCausalLM):
+            raise InputError(f"companion {name!r} is a {type(companion).__name__}, not a model of this backend: "
+                             "build it with the same backend's build(...)")
+        if companion is model:
+            raise InputError(f"companion {name!r} is the model being trained: a companion is frozen, so build a "
+                             "separate copy (backend.build(config, backend.weights(model), dtype=...))")
+        if companion.shape_only:
+            raise InputError(f"companion {name!r} was built shape-only (weights=None): build it with weights")
+    check_companions(loss, model.config, {name: c.config for name, c in companions.items()})
+    for companion in companions.values():
+        companion.freeze()
+    return companions
 
-    def __init__(self, model: Gemma3ForCausalLM, spec: TrainSpec):
+
+class Trainer:
+    """gemmalab.train.spec.BackendTrainer for a float32 gemmalab_mlx.model.Gemma3ForCausalLM, with frozen
+    ``companions`` (name -> a model of any dtype built by this backend) for the loss's Distillation terms."""
+
+    def __init__(self, model: Gemma3ForCausalLM, spec: TrainSpec,
+                 companions: Mapping[str, Gemma3ForCausalLM] | None = None):
         if model.dtype != "float32":
             raise InputError(
                 f"training needs the model in float32 (master weights), got {model.dtype}: "
@@ -313,6 +454,9 @@ class Trainer:
         if spec.optimizer.name not in ("adamw", "adafactor"):
             raise InputError(f"optimizer must be 'adamw' or 'adafactor', got {spec.optimizer.name!r}")
         self.model, self.spec = model, spec
+        self.companions = frozen_companions(model, spec.loss, companions)
+        self.term_names = spec.loss.term_names()
+        self._term_sums: dict[str, float] = {}  # of the last accumulate
         model.model.gradient_checkpointing = spec.grad_checkpointing
         # canonical names (the tied head once), and wrapped linears' <linear>.base.weight and <linear>.<param>
         self.names = [name for name, _ in tree_flatten(model.parameters())]
@@ -333,10 +477,12 @@ class Trainer:
         return self.model.device or mx.default_device()
 
     def _scaled_loss(
-        self, batch: Batch, head_weight: mx.array, loss_scale: float, results: list[HeadLossResult]
+        self, batch: Batch, head_weight: mx.array, loss_scale: float, results: list[HeadLossResult],
+        companions: dict[str, CompanionHead],
     ) -> mx.array:
         """loss_scale * loss sum of one micro-batch (what ``accumulate`` differentiates); appends the
-        head's HeadLossResult to ``results``, its ``aux`` holding the unscaled aux terms' sum."""
+        head's HeadLossResult to ``results``, its ``aux`` holding the unscaled aux terms' sum. ``companions``
+        are the frozen teachers' evaluated hidden states (constants here)."""
         cast_parameters(self.model, self.spec.precision)
         out = backbone(self.model, batch)
         hidden = out.last_hidden_state  # [batch, seq, hidden]
@@ -350,8 +496,11 @@ class Trainer:
             loss_scale=loss_scale,
             weight_grad=self._head_trains,
             extras=batch.flat_extras(self.spec.loss.head_extras),
+            companions=companions,
+            scalars=batch.scalars,
         )
-        result.aux = aux_loss_sum(self.spec.loss, batch, out)
+        result.aux_sums = aux_term_sums(self.spec.loss, batch, out)
+        result.aux = aux_loss_sum(self.spec.loss, batch, out, result.aux_sums)
         results.append(result)
         return loss if result.aux is None else loss + loss_scale * result.aux
 
@@ -364,6 +513,7 @@ class Trainer:
         positions: np.ndarray | None = None,
         mask: np.ndarray | None = None,
         extras: Mapping[str, np.ndarray] | None = None,
+        scalars: Mapping[str, float] | None = None,
         loss_scale: float = 1.0,
     ) -> float:
         """Forward and backward on one micro-batch; adds d(loss_scale * loss_sum)/d(params) to the
@@ -372,9 +522,12 @@ class Trainer:
         One ``nn.value_and_grad`` over the trainable parameters, the head weight excepted: fused_head_loss
         computes its gradient (and the hidden states') chunk by chunk in the forward pass, and the
         transformation carries the hidden states' gradient back through the backbone, with the aux terms'.
+        The companions' backbones run first, outside the transformation, and are evaluated: the student's
+        gradient never reaches them, and their graphs are not kept.
         """
         step = prepare(self.model.config, self.spec.loss, inputs, targets, weights, positions=positions,
-                       mask=mask, extras=extras)
+                       mask=mask, extras=extras, scalars=scalars,
+                       companions={name: c.config for name, c in self.companions.items()})
         batch = batch_arrays(step)
         # The dense float32 head matrix, read (or fused) before value_and_grad swaps in tracers.
         head_weight = self.model.output_weight()
@@ -385,18 +538,20 @@ class Trainer:
         )
         results: list[HeadLossResult] = []
         grads: dict[str, mx.array] = {}
+        with mx.stream(self._stream):  # in their own dtype: outside the student's compute-precision scope
+            heads = companion_heads(self.companions, batch, self.model.config.vocab_size)
         with mx.stream(self._stream), compute_precision(self.model, self.spec.precision):
             if backbone_trains:
                 if untied_head:  # its gradient comes from fused_head_loss, not from the transformation
                     self.model.lm_head.freeze()
                 try:
-                    _, tree = self._loss_and_grad(batch, head_weight, loss_scale, results)
+                    _, tree = self._loss_and_grad(batch, head_weight, loss_scale, results, heads)
                 finally:
                     if untied_head:
                         self._freeze_by_scales()
                 grads = dict(tree_flatten(tree))
             else:  # only the untied head trains, or nothing: no backbone gradients at all
-                self._scaled_loss(batch, head_weight, loss_scale, results)
+                self._scaled_loss(batch, head_weight, loss_scale, results, heads)
             for name, grad in self._head_gradients(results[0].weight_grad).items():
                 grads[name] = grads[name] + grad if name in grads else grad
             for name, grad in grads.items():
@@ -404,7 +559,12 @@ class Trainer:
                 self.grads[name] = grad if previous is None else previous + grad
             mx.eval(self.grads)
             aux = results[0].aux
+            sums = [*results[0].term_sums.tolist(), *(value.item() for value in results[0].aux_sums)]
+        self._term_sums = dict(zip(self.term_names, sums, strict=True))
         return results[0].loss + (0.0 if aux is None else aux.item())
+
+    def term_sums(self) -> dict[str, float]:
+        return dict(self._term_sums)
 
     @property
     def _head_trains(self) -> bool:
@@ -545,17 +705,23 @@ CANONICAL_NAMES = {
 
 __all__ = [
     "Batch",
+    "CompanionHead",
     "Trainer",
     "aux_loss_sum",
     "aux_term",
+    "aux_term_sums",
     "backbone",
     "batch_arrays",
     "cast_parameters",
     "chunk_loss",
+    "chunk_term_sums",
     "chunked_loss_sum",
     "chunks",
+    "companion_heads",
     "compute_precision",
     "cross_entropy",
+    "divergence",
+    "frozen_companions",
     "fused_head_loss",
     "head_term",
     "hidden_state",

@@ -324,8 +324,8 @@ class TorchBackend:
             torch.mps.empty_cache()
 
     # -- training -------------------------------------------------------------------------------------------
-    def trainer(self, model: Gemma3ForCausalLM, spec) -> Trainer:
-        return Trainer(model, spec)
+    def trainer(self, model: Gemma3ForCausalLM, spec, companions: Mapping[str, Gemma3ForCausalLM] | None = None) -> Trainer:
+        return Trainer(model, spec, companions)
 
     def loss_sum(self, model: Gemma3ForCausalLM, inputs, targets, weights, *, chunk_tokens: int = LOSS_CHUNK_TOKENS,
                  label_smoothing: float = 0.0) -> float:

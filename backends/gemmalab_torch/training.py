@@ -5,13 +5,17 @@ AdamW is ``torch.optim.AdamW``, which computes spec.py's formula as it stands. A
 ``torch.optim.Adafactor`` (torch 2.13) caps the step size at 1/sqrt(t), and guards the second moment with
 ``clamp(min=eps1**2)``, which for eps1 = 1e-30 underflows to 0 in float32, so a parameter row whose
 gradient is all zero (the embedding row of a token absent from the batch) gets 0 * inf = NaN.
+
+Companion models (frozen distillation teachers, ``Trainer(..., companions=)``) have ``requires_grad`` off on
+every parameter and run under ``no_grad`` in their own dtype (outside the student's autocast): their backbone
+once per micro-batch, their output head per chunk beside the student's, inside ``ChunkedHeadLoss``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,11 +27,13 @@ from gemmalab.train.losses import (
     LOG_FLOOR,
     AuxTerm,
     CrossEntropy,
+    Distillation,
     HeadTerm,
     HiddenStateMSE,
     LossSpec,
+    shared_vocab,
 )
-from gemmalab.train.spec import TrainSpec, check_optimizer_state
+from gemmalab.train.spec import TrainSpec, check_companions, check_optimizer_state
 
 from .model import Gemma3ForCausalLM, Gemma3Output
 
@@ -49,10 +55,36 @@ def soft_target_cross_entropy(logits: Tensor, probs: Tensor, temperature: float)
     return temperature**2 * -(probs * torch.log_softmax(logits / temperature, dim=-1)).sum(-1)
 
 
-def head_term(term: HeadTerm, logits: Tensor, targets: Tensor, extras: Mapping[str, Tensor]) -> Tensor:
-    """One head term's per-position loss [chunk] (its weight not applied)."""
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def divergence(student: Tensor, teacher: Tensor, term: Distillation, temperature: float) -> Tensor:
+    """Per-position divergence [n] of float32 logits [n, shared] (losses.divergence has the formulas)."""
+    log_s = torch.log_softmax(student / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher / temperature, dim=-1)
+    kind, beta = term.divergence, term.beta
+    if kind == "fkl" or (kind == "jsd" and beta == 0):
+        per_position = _kl(log_t, log_s)
+    elif kind == "rkl" or (kind == "jsd" and beta == 1):
+        per_position = _kl(log_s, log_t)
+    elif kind == "jsd":
+        log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))  # the mixture
+        per_position = beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+    else:
+        per_position = 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1)
+    return temperature**2 * per_position if term.t2_scaling else per_position
+
+
+def head_term(term: HeadTerm, logits: Tensor, targets: Tensor, extras: Mapping[str, Tensor],
+              companions: Mapping[str, Tensor] | None = None, scalars: Mapping[str, float] | None = None) -> Tensor:
+    """One head term's per-position loss [chunk] (its weight not applied); ``companions`` holds each
+    companion's float32 logits of the chunk over the shared ids [chunk, shared]."""
     if isinstance(term, CrossEntropy):
         return cross_entropy(logits, targets, term.label_smoothing)
+    if isinstance(term, Distillation):
+        teacher = companions[term.teacher]
+        return divergence(logits[:, : teacher.shape[-1]], teacher, term, term.temperature_at(scalars))
     return soft_target_cross_entropy(logits, extras[term.targets], term.temperature)
 
 
@@ -76,11 +108,16 @@ class ChunkedHeadLoss(torch.autograd.Function):
     d(loss)/d(logits) comes from autograd on the chunk, except for plain cross-entropy, whose formula is
     written out in place to keep its speed and memory: weight * (softmax - (1 - eps) * onehot(target) -
     eps / vocab), times the soft-cap's derivative (1 - tanh^2) when the model caps its logits.
+
+    Companion models (``CompanionHead``, frozen teachers) have their chunk's logits computed beside the
+    student's, without gradients, and dropped with them. Returns (the weighted total, the per-term sums
+    [terms] with the terms' weights not applied; not differentiable).
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, matrix: Tensor, targets: Tensor, weights: Tensor, terms: tuple[HeadTerm, ...],
-                chunk: int, softcap: float | None, extra_names: tuple[str, ...], *extra_values: Tensor) -> Tensor:
+                chunk: int, softcap: float | None, companions: Mapping[str, CompanionHead],
+                scalars: Mapping[str, float], extra_names: tuple[str, ...], *extra_values: Tensor) -> tuple[Tensor, Tensor]:
         compute = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
             else matrix.dtype
         grad_h, grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -93,17 +130,19 @@ class ChunkedHeadLoss(torch.autograd.Function):
             matrix_g = matrix_c if grad_dtype == compute else matrix.to(grad_dtype)
             grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if grad_h else None
             grad_matrix = torch.zeros_like(matrix, dtype=torch.float32) if grad_w else None
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            sums = torch.zeros(len(terms), dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk):
                 part = slice(start, start + chunk)
                 h, t, w = hidden[part].to(compute), targets[part], weights[part]
                 logits = (h @ matrix_c.T).float()  # [c, vocab]
                 chunk_extras = {name: value[part] for name, value in extras.items()}
                 if len(terms) == 1 and isinstance(terms[0], CrossEntropy):
-                    loss, d_logits = _cross_entropy_and_grad(logits, t, w, terms[0], softcap, grad_h or grad_w)
+                    term_sum, d_logits = _cross_entropy_and_grad(logits, t, w, terms[0], softcap, grad_h or grad_w)
                 else:
-                    loss, d_logits = _terms_and_grad(logits, t, w, terms, chunk_extras, softcap, grad_h or grad_w)
-                total += loss
+                    teachers = {name: head.logits(part) for name, head in companions.items()}
+                    term_sum, d_logits = _terms_and_grad(logits, t, w, terms, chunk_extras, softcap,
+                                                         grad_h or grad_w, teachers, scalars)
+                sums += term_sum
                 if d_logits is None:
                     continue
                 d_c = d_logits.to(grad_dtype)
@@ -113,13 +152,32 @@ class ChunkedHeadLoss(torch.autograd.Function):
                     grad_matrix.add_((d_c.T @ h.to(grad_dtype)).float())
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_matrix) if g is not None))
         ctx.has = (grad_h, grad_w)
-        return total
+        ctx.mark_non_differentiable(sums)
+        total = (sums * torch.tensor([term.weight for term in terms], device=sums.device)).sum()
+        return total, sums
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):
+    def backward(ctx, grad_output: Tensor, _grad_sums: Tensor):
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) * grad_output if needed else None for needed in ctx.has]
-        return (*grads, None, None, None, None, None, None, *([None] * (len(ctx.needs_input_grad) - 8)))
+        return (*grads, *([None] * (len(ctx.needs_input_grad) - 2)))
+
+
+@dataclass
+class CompanionHead:
+    """A frozen companion model's side of the head loss for one micro-batch: its final-normed hidden states
+    [n, its hidden] (in its dtype, computed without gradients), its output matrix restricted to the ids it
+    shares with the student [shared, its hidden] (losses.shared_vocab: the 64 extra ids of a 262208 vocabulary
+    are never computed), and its own soft-cap."""
+
+    hidden: Tensor
+    matrix: Tensor
+    softcap: float | None
+
+    def logits(self, part: slice) -> Tensor:
+        """float32 soft-capped logits [chunk, shared] of the positions ``part``."""
+        with torch.no_grad():
+            return _soft_cap((self.hidden[part] @ self.matrix.T).float(), self.softcap)[0]
 
 
 def _soft_cap(logits: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
@@ -131,14 +189,14 @@ def _soft_cap(logits: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | N
 
 def _cross_entropy_and_grad(logits: Tensor, t: Tensor, w: Tensor, term: CrossEntropy, softcap: float | None,
                             needs_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """(weighted loss sum, d/d(raw logits) or None) of one chunk's cross-entropy, the gradient written out
-    in the logits' own buffer (see ChunkedHeadLoss)."""
+    """(loss sum, its weight not applied; d(weight * loss)/d(raw logits) or None) of one chunk's
+    cross-entropy, the gradient written out in the logits' own buffer (see ChunkedHeadLoss)."""
     smoothing, vocab = term.label_smoothing, logits.shape[-1]
     logits, capped = _soft_cap(logits, softcap)
     lse = torch.logsumexp(logits, dim=-1)  # [c]
     nll = lse - logits.gather(-1, t[:, None])[:, 0]
     per_token = nll if smoothing == 0 else (1 - smoothing) * nll + smoothing * (lse - logits.mean(-1))
-    loss = term.weight * (per_token * w).sum()
+    loss = (per_token * w).sum()
     if not needs_grad:
         return loss, None
     d_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
@@ -152,28 +210,37 @@ def _cross_entropy_and_grad(logits: Tensor, t: Tensor, w: Tensor, term: CrossEnt
 
 
 def _terms_and_grad(logits: Tensor, t: Tensor, w: Tensor, terms: tuple[HeadTerm, ...], extras: Mapping[str, Tensor],
-                    softcap: float | None, needs_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """(weighted loss sum, d/d(raw logits) or None) of one chunk under any head terms, by autograd on the
-    chunk alone."""
+                    softcap: float | None, needs_grad: bool, companions: Mapping[str, Tensor],
+                    scalars: Mapping[str, float]) -> tuple[Tensor, Tensor | None]:
+    """(the terms' loss sums [terms], their weights not applied; d(weighted sum)/d(raw logits) or None) of
+    one chunk under any head terms, by autograd on the chunk alone; ``companions`` are the companions'
+    logits of the chunk (constants)."""
     with torch.enable_grad():
         raw = logits.requires_grad_(needs_grad)
         z, _ = _soft_cap(raw, softcap)
-        loss = sum(term.weight * (head_term(term, z, t, extras) * w).sum() for term in terms)
+        sums = torch.stack([(head_term(term, z, t, extras, companions, scalars) * w).sum() for term in terms])
         if not needs_grad:
-            return loss.detach(), None
+            return sums.detach(), None
+        loss = sum(term.weight * value for term, value in zip(terms, sums, strict=True))
         (d_logits,) = torch.autograd.grad(loss, raw)
-    return loss.detach(), d_logits
+    return sums.detach(), d_logits
 
 
 def chunked_head_loss(matrix: Tensor, hidden: Tensor, targets: Tensor, weights: Tensor, *, terms: tuple[HeadTerm, ...],
-                      chunk_tokens: int, softcap: float | None = None,
-                      extras: Mapping[str, Tensor] | None = None) -> Tensor:
+                      chunk_tokens: int, softcap: float | None = None, extras: Mapping[str, Tensor] | None = None,
+                      companions: Mapping[str, CompanionHead] | None = None, scalars: Mapping[str, float] | None = None,
+                      term_sums: list[Tensor] | None = None) -> Tensor:
     """sum(weights * head terms) of final hidden states [n, dim] against the output ``matrix`` [vocab, dim]
     (logits soft-capped at ``softcap`` when given), ``chunk_tokens`` positions at a time; ``extras`` are the
-    terms' per-position inputs [n, ...]."""
+    terms' per-position inputs [n, ...], ``companions`` the frozen teachers the Distillation terms read,
+    ``scalars`` the step's scalars. ``term_sums``, when given, receives the per-term sums [terms] (weights not
+    applied)."""
     extras = dict(extras or {})
-    return ChunkedHeadLoss.apply(hidden, matrix, targets, weights.float(), tuple(terms), chunk_tokens, softcap,
-                                 tuple(extras), *extras.values())
+    total, sums = ChunkedHeadLoss.apply(hidden, matrix, targets, weights.float(), tuple(terms), chunk_tokens, softcap,
+                                        dict(companions or {}), dict(scalars or {}), tuple(extras), *extras.values())
+    if term_sums is not None:
+        term_sums.append(sums)
+    return total
 
 
 # --- one micro-batch ------------------------------------------------------------------------------------------
@@ -189,6 +256,8 @@ class Batch:
     extras: dict[str, Tensor]  # float32
     hidden_layers: tuple[int, ...]
     attention_layers: tuple[int, ...]
+    scalars: dict[str, float] = field(default_factory=dict)
+    companion_masks: dict[str, dict[str, Tensor]] | None = None  # like masks, per companion
 
 
 def batch_arrays(model: Gemma3ForCausalLM, step: StepInputs) -> Batch:
@@ -197,12 +266,19 @@ def batch_arrays(model: Gemma3ForCausalLM, step: StepInputs) -> Batch:
     def put(array: np.ndarray, dtype: torch.dtype) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
 
+    def put_masks(per_type: dict[str, np.ndarray]) -> dict[str, Tensor]:
+        return {kind: put(m[:, None], torch.bool) for kind, m in per_type.items()}
+
+    masks = None if step.masks is None else put_masks(step.masks)
+    companion_masks = None if step.companion_masks is None else {  # the student's when prepare shared them
+        name: masks if per_type is step.masks else put_masks(per_type) for name, per_type in step.companion_masks.items()
+    }
     return Batch(
         ids=put(step.inputs, torch.long), targets=put(step.targets, torch.long), weights=put(step.weights, torch.float32),
-        positions=None if step.positions is None else put(step.positions, torch.long),
-        masks=None if step.masks is None else {kind: put(m[:, None], torch.bool) for kind, m in step.masks.items()},
+        positions=None if step.positions is None else put(step.positions, torch.long), masks=masks,
         extras={name: put(value, torch.float32) for name, value in step.extras.items()},
         hidden_layers=step.hidden_layers, attention_layers=step.attention_layers,
+        scalars=dict(step.scalars), companion_masks=companion_masks,
     )
 
 
@@ -212,21 +288,45 @@ def hidden_state(out: Gemma3Output, index: int) -> Tensor:
     return out.last_hidden_state if index == len(out.hidden_states) - 1 else out.hidden_states[index]
 
 
-def chunked_loss_sum(model: Gemma3ForCausalLM, batch: Batch, loss: LossSpec, *, chunk_tokens: int) -> Tensor:
+def companion_heads(companions: Mapping[str, Gemma3ForCausalLM], batch: Batch, student_vocab: int) -> dict[str, CompanionHead]:
+    """Each companion's backbone once on the batch's ids, positions and (its own) masks, without gradients,
+    in its own dtype (outside any autocast: a bf16 teacher stays bf16, an fp32 one fp32), with its output
+    matrix restricted to the shared ids."""
+    heads = {}
+    for name, companion in companions.items():
+        masks = None if batch.companion_masks is None else batch.companion_masks[name]
+        with torch.no_grad(), torch.autocast(companion.device.type, enabled=False):
+            hidden = companion.model(batch.ids, positions=batch.positions, mask=masks).last_hidden_state
+            shared = shared_vocab(student_vocab, companion.config.vocab_size)
+            heads[name] = CompanionHead(hidden.reshape(-1, hidden.shape[-1]), companion.output_weight()[:shared],
+                                        companion.config.final_logit_softcapping)
+    return heads
+
+
+def chunked_loss_sum(model: Gemma3ForCausalLM, batch: Batch, loss: LossSpec, *, chunk_tokens: int,
+                     companions: Mapping[str, Gemma3ForCausalLM] | None = None,
+                     term_sums: list[Tensor] | None = None) -> Tensor:
     """The backbone once (capturing what the aux terms read), then the head terms in chunks
-    (chunked_head_loss), plus the weighted aux terms: the whole loss sum of ``loss``."""
+    (chunked_head_loss), plus the weighted aux terms: the whole loss sum of ``loss``. ``companions`` are the
+    frozen models the Distillation terms read; ``term_sums``, when given, receives the per-term sums (the
+    head's [head terms], then one 0-d tensor per aux term; weights not applied)."""
     out = model.model(batch.ids, positions=batch.positions, mask=batch.masks,
                       output_hidden_states=bool(batch.hidden_layers),
                       output_attentions=frozenset(batch.attention_layers))
     hidden = out.last_hidden_state  # [batch, seq, dim]
     dim = hidden.shape[-1]
     head_extras = {name: batch.extras[name].reshape(hidden.shape[0] * hidden.shape[1], -1) for name in loss.head_extras}
+    heads = companion_heads(companions or {}, batch, model.config.vocab_size) if loss.companions else {}
     total = chunked_head_loss(model.output_weight(), hidden.reshape(-1, dim), batch.targets.reshape(-1),
                               batch.weights.reshape(-1), terms=loss.head, chunk_tokens=chunk_tokens,
-                              softcap=model.config.final_logit_softcapping, extras=head_extras)
+                              softcap=model.config.final_logit_softcapping, extras=head_extras, companions=heads,
+                              scalars=batch.scalars, term_sums=term_sums)
     for term in loss.aux:
         captured = hidden_state(out, term.layer) if isinstance(term, HiddenStateMSE) else out.attentions[term.layer]
-        total = total + term.weight * (aux_term(term, captured, batch.extras[term.targets]) * batch.weights).sum()
+        term_sum = (aux_term(term, captured, batch.extras[term.targets]) * batch.weights).sum()
+        if term_sums is not None:
+            term_sums.append(term_sum.detach()[None])
+        total = total + term.weight * term_sum
     return total
 
 
@@ -286,14 +386,41 @@ def _rms(x: Tensor) -> float:
     return float(x.float().square().mean().sqrt())
 
 
-class Trainer:
-    """gemmalab.train.spec.BackendTrainer for a float32 model.Gemma3ForCausalLM."""
+def frozen_companions(model: Gemma3ForCausalLM, loss: LossSpec,
+                      companions: Mapping[str, Gemma3ForCausalLM] | None) -> dict[str, Gemma3ForCausalLM]:
+    """The companion models the loss reads (checked by spec.check_companions), frozen: in eval mode, their
+    parameters without requires_grad, so autograd never records them (they also run under no_grad)."""
+    companions = dict(companions or {})
+    for name, companion in companions.items():
+        if not isinstance(companion, Gemma3ForCausalLM):
+            raise InputError(f"companion {name!r} is a {type(companion).__name__}, not a model of this backend: "
+                             "build it with the same backend's build(...)")
+        if companion is model:
+            raise InputError(f"companion {name!r} is the model being trained: a companion is frozen, so build a "
+                             "separate copy (backend.build(config, backend.weights(model), dtype=...))")
+        if companion.device != model.device:
+            raise InputError(f"companion {name!r} is on {companion.device}, the student on {model.device}: build both "
+                             "on one device")
+    check_companions(loss, model.config, {name: c.config for name, c in companions.items()})
+    for companion in companions.values():
+        companion.eval()
+        companion.requires_grad_(False)
+    return companions
 
-    def __init__(self, model: Gemma3ForCausalLM, spec: TrainSpec):
+
+class Trainer:
+    """gemmalab.train.spec.BackendTrainer for a float32 model.Gemma3ForCausalLM, with frozen ``companions``
+    (name -> a model of any dtype built by this backend) for the loss's Distillation terms."""
+
+    def __init__(self, model: Gemma3ForCausalLM, spec: TrainSpec,
+                 companions: Mapping[str, Gemma3ForCausalLM] | None = None):
         if model.dtype != torch.float32:
             raise InputError(f"training needs the model in float32 (master weights), got {model.dtype}: "
                              "build it with dtype='float32' and choose the compute precision in the spec")
         self.model, self.spec = model, spec
+        self.companions = frozen_companions(model, spec.loss, companions)
+        self.term_names = spec.loss.term_names()
+        self._term_sums: list[Tensor] = []  # of the last accumulate
         self.model.train()
         self.model.model.gradient_checkpointing = spec.grad_checkpointing
         self.params = dict(model.named_parameters())  # canonical names; the tied head appears once
@@ -320,15 +447,23 @@ class Trainer:
         dtype = AUTOCAST.get(self.spec.precision)
         return torch.autocast(self.model.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def accumulate(self, inputs, targets, weights, *, positions=None, mask=None, extras=None,
+    def accumulate(self, inputs, targets, weights, *, positions=None, mask=None, extras=None, scalars=None,
                    loss_scale: float = 1.0) -> float:
         step = prepare(self.model.config, self.spec.loss, inputs, targets, weights, positions=positions, mask=mask,
-                       extras=extras)
+                       extras=extras, scalars=scalars,
+                       companions={name: c.config for name, c in self.companions.items()})
         batch = batch_arrays(self.model, step)
+        self._term_sums = []
         with self._autocast():
-            loss = chunked_loss_sum(self.model, batch, self.spec.loss, chunk_tokens=self.spec.loss_chunk_tokens)
+            loss = chunked_loss_sum(self.model, batch, self.spec.loss, chunk_tokens=self.spec.loss_chunk_tokens,
+                                    companions=self.companions, term_sums=self._term_sums)
         (loss * loss_scale).backward()  # .grad of each trainable parameter sums over micro-batches
         return float(loss.detach())
+
+    def term_sums(self) -> dict[str, float]:
+        if not self._term_sums:
+            return {}
+        return dict(zip(self.term_names, torch.cat(self._term_sums).tolist(), strict=True))
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.params.items() if p.requires_grad and p.grad is not None]
@@ -387,5 +522,6 @@ class Trainer:
             }
 
 
-__all__ = ["Adafactor", "ChunkedHeadLoss", "Batch", "Trainer", "aux_term", "batch_arrays", "chunked_head_loss",
-           "chunked_loss_sum", "cross_entropy", "head_term", "hidden_state", "soft_target_cross_entropy"]
+__all__ = ["Adafactor", "ChunkedHeadLoss", "Batch", "CompanionHead", "Trainer", "aux_term", "batch_arrays",
+           "chunked_head_loss", "chunked_loss_sum", "companion_heads", "cross_entropy", "divergence",
+           "frozen_companions", "head_term", "hidden_state", "soft_target_cross_entropy"]

@@ -3,15 +3,17 @@
 A batch is token ids, next-token targets and per-position loss weights, and optionally: explicit
 ``positions`` ([seq] or [batch, seq]; they drive RoPE and the masks), a boolean ``mask`` ([seq, seq] or
 [batch, seq, seq], True = may attend; it replaces the causal rule and local layers keep their window on top,
-gemmalab.masks) and ``extras``, the named per-batch inputs the loss terms read (gemmalab.train.losses).
+gemmalab.masks) and ``extras``, the named per-batch inputs the loss terms read (gemmalab.train.losses), and
+``scalars``, the named per-step numbers they read (a scheduled distillation temperature).
 ``prepare`` validates all of it against the model's config and the loss spec, builds each layer type's
-mask in numpy, and says which tensors the trainer must capture.
+mask in numpy (for the student and for each companion model, whose sliding window may differ), and says
+which tensors the trainer must capture.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,7 +21,7 @@ from .. import masks as mask_rules
 from ..checks import check_token_ids
 from ..config import Gemma3Config
 from ..errors import InputError
-from .losses import AttentionKL, HiddenStateMSE, LossSpec, SoftTargetCrossEntropy
+from .losses import AttentionKL, Distillation, HiddenStateMSE, LossSpec, SoftTargetCrossEntropy
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class StepInputs:
     extras: dict[str, np.ndarray]  # float32, as the loss terms name them
     hidden_layers: tuple[int, ...]  # hidden-state indices to capture (transformers' convention)
     attention_layers: tuple[int, ...]  # layers whose attention probabilities to capture
+    scalars: dict[str, float] = field(default_factory=dict)  # as the loss terms name them
+    # companion name -> its masks per layer type (its own sliding window), with ``masks``; else None
+    companion_masks: dict[str, dict[str, np.ndarray]] | None = None
 
 
 def prepare(
@@ -47,10 +52,15 @@ def prepare(
     positions: object = None,
     mask: object = None,
     extras: Mapping[str, object] | None = None,
+    scalars: Mapping[str, float] | None = None,
+    companions: Mapping[str, Gemma3Config] | None = None,
 ) -> StepInputs:
-    """The checked micro-batch (see the module docstring); one InputError line for anything wrong."""
+    """The checked micro-batch (see the module docstring); one InputError line for anything wrong.
+    ``companions`` are the configs of the companion models (by name) that run on the same ids."""
     vocab = config.vocab_size
     ids, tgt = check_token_ids(inputs, vocab), check_token_ids(targets, vocab)
+    companions = dict(companions or {})
+    _check_companion_ids(ids, companions)
     w = np.asarray(weights)
     if ids.shape != tgt.shape or ids.shape != w.shape:
         raise InputError(
@@ -60,13 +70,14 @@ def prepare(
         raise InputError(f"loss weights must be numbers (float32), got {w.dtype}")
     batch, seq = ids.shape
 
-    at = per_type = None
+    at = per_type = companion_masks = None
     if positions is not None or mask is not None:
         at = np.ascontiguousarray(mask_rules.as_positions(positions, batch, seq))
         explicit = None if mask is None else mask_rules.as_mask(mask, batch, seq, seq)
-        per_type = mask_rules.layer_masks(config, at, explicit)
-        mask_rules.check_every_query_sees_a_key(per_type)
-        per_type = {kind: np.ascontiguousarray(m) for kind, m in per_type.items()}
+        per_type = _layer_masks(config, at, explicit)
+        # A companion with the student's window shares its masks (the same arrays, not copies).
+        companion_masks = {name: per_type if other.sliding_window == config.sliding_window
+                           else _layer_masks(other, at, explicit) for name, other in companions.items()}
 
     return StepInputs(
         inputs=ids.astype(np.int32),
@@ -77,7 +88,51 @@ def prepare(
         extras=_extras(config, loss, dict(extras or {}), batch, seq),
         hidden_layers=_layers(loss.hidden_layers(), config.num_hidden_layers + 1, "hidden state"),
         attention_layers=_layers(loss.attention_layers(), config.num_hidden_layers, "attention"),
+        scalars=_scalars(loss, dict(scalars or {})),
+        companion_masks=companion_masks,
     )
+
+
+def _layer_masks(config: Gemma3Config, positions: np.ndarray, explicit: np.ndarray | None) -> dict[str, np.ndarray]:
+    per_type = mask_rules.layer_masks(config, positions, explicit)
+    mask_rules.check_every_query_sees_a_key(per_type)
+    return {kind: np.ascontiguousarray(m) for kind, m in per_type.items()}
+
+
+def _check_companion_ids(ids: np.ndarray, companions: Mapping[str, Gemma3Config]) -> None:
+    """A companion embeds the student's input ids too: each must be one of its ids (a teacher with a smaller
+    vocabulary than the student's cannot read the student's last ids; JAX would read a fill value silently)."""
+    high = int(ids.max())
+    for name, other in companions.items():
+        if high >= other.vocab_size:
+            raise InputError(f"input id {high} is outside the vocabulary of the companion model {name!r} "
+                             f"({other.vocab_size} ids): feed ids below {other.vocab_size}, or distil from a teacher "
+                             "whose vocabulary covers the student's")
+
+
+def _scalars(loss: LossSpec, given: dict[str, float]) -> dict[str, float]:
+    """The step's scalars the loss reads, as floats: each present, read by a term, finite, and > 0 where a
+    term reads it as a temperature."""
+    needed = loss.scalars
+    missing = [name for name in needed if name not in given]
+    if missing:
+        raise InputError(f"the loss reads the scalar {missing[0]!r}, which this step does not pass: "
+                         f"pass scalars={{{missing[0]!r}: value}}")
+    unread = sorted(set(given) - set(needed))
+    if unread:
+        raise InputError(f"the step passes the scalar {unread[0]!r}, which no loss term reads: "
+                         "drop it, or name it in a term (e.g. Distillation(temperature_input=...))")
+    temperatures = {t.temperature_input for t in loss.head if isinstance(t, Distillation)}
+    out = {}
+    for name in needed:
+        value = given[name]
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
+                or not np.isfinite(value):
+            raise InputError(f"the scalar {name!r} must be a finite number, got {value!r}")
+        if name in temperatures and value <= 0:
+            raise InputError(f"the scalar {name!r} is a temperature and must be > 0, got {value!r}")
+        out[name] = float(value)
+    return out
 
 
 def _layers(layers: tuple[int, ...], count: int, what: str) -> tuple[int, ...]:

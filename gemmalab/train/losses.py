@@ -15,6 +15,24 @@ So ``[batch, seq, vocab]`` logits never exist, whichever terms are chosen:
 * ``SoftTargetCrossEntropy``: cross-entropy against given probabilities q [batch, seq, vocab] at temperature
   T: ``T^2 * -sum_v q_v log softmax(z / T)_v``. The T^2 keeps the gradient's scale independent of T (Hinton
   et al. 2015, "Distilling the knowledge in a neural network", section 2).
+* ``Distillation``: a divergence between the student's distribution and a frozen *companion* model's (the
+  teacher, ``Distillation.teacher`` names it), whose own output head runs in the same chunk loop on its own
+  final hidden states, so its [batch, seq, vocab] logits never exist either. Both logits are first restricted
+  to the shared vocabulary (``shared_vocab``: the first min(V_student, V_teacher) ids), then, with
+  ``p_s = softmax(z_s / T)`` and ``p_t = softmax(z_t / T)`` over those ids:
+
+  - ``fkl``: forward KL, ``KL(p_t || p_s) = sum_v p_t (log p_t - log p_s)`` (mode-covering; Hinton's KD);
+  - ``rkl``: reverse KL, ``KL(p_s || p_t)`` (mode-seeking; MiniLLM, Gu et al. 2024);
+  - ``jsd``: the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 1) as TRL computes it
+    (``GKDTrainer.generalized_jsd_loss``): with ``m = (1 - beta) p_s + beta p_t``,
+    ``beta KL(p_t || m) + (1 - beta) KL(p_s || m)``; by TRL's convention beta = 0 is *defined* as forward KL
+    and beta = 1 as reverse KL (the mixture formula itself tends to 0 at both ends);
+  - ``tvd``: total variation, ``0.5 * sum_v |p_t - p_s|``;
+
+  each times ``T^2`` when ``t2_scaling`` (as for the soft targets above; TRL has no such factor). T is the
+  term's ``temperature``, or the per-step scalar ``temperature_input`` names (a temperature schedule,
+  gemmalab.train.schedules.ValueSchedule). ``distillation_loss`` builds the usual mixture
+  ``alpha * CE + (1 - alpha) * KD``.
 
 Auxiliary terms (``LossSpec.aux``) read a captured tensor, with gradients flowing back through it:
 
@@ -29,6 +47,7 @@ Auxiliary terms (``LossSpec.aux``) read a captured tensor, with gradients flowin
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +62,16 @@ LOG_FLOOR = 1e-30
 def _check_weight(weight: float, what: str) -> None:
     if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
         raise InputError(f"the weight of {what} must be a finite number >= 0, got {weight!r}")
+
+
+def _is_number(value: object) -> bool:
+    """A real number (numpy's too), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (_is_number(temperature) and math.isfinite(temperature) and temperature > 0):
+        raise InputError(f"the temperature must be a finite number > 0, got {temperature!r}")
 
 
 def _check_layer(layer: int, what: str) -> None:
@@ -77,8 +106,7 @@ class SoftTargetCrossEntropy:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise InputError(f"the temperature must be a finite number > 0, got {self.temperature}")
+        _check_temperature(self.temperature)
         _check_weight(self.weight, "the soft-target cross-entropy")
 
     @property
@@ -121,7 +149,58 @@ class AttentionKL:
         return (self.targets,)
 
 
-HeadTerm = CrossEntropy | SoftTargetCrossEntropy
+DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """A divergence (``DIVERGENCES``, see the module docstring) of the student's distribution from the
+    companion model ``teacher``'s, over their shared vocabulary, at temperature ``temperature`` or, when
+    ``temperature_input`` names one, at the per-step scalar of that name (``accumulate(scalars=...)``)."""
+
+    divergence: str = "fkl"
+    beta: float = 0.5  # jsd only: the teacher's share of the mixture (0 = forward KL, 1 = reverse KL)
+    temperature: float = 2.0
+    t2_scaling: bool = True
+    teacher: str = "teacher"
+    temperature_input: str | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise InputError(f"unknown divergence {self.divergence!r}: choose one of {', '.join(DIVERGENCES)}")
+        if not (_is_number(self.beta) and 0.0 <= self.beta <= 1.0):
+            raise InputError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.beta!r}")
+        _check_temperature(self.temperature)
+        if not (isinstance(self.teacher, str) and self.teacher):
+            raise InputError(f"a distillation term needs the name of its companion model, got teacher={self.teacher!r}")
+        if self.temperature_input is not None and not (isinstance(self.temperature_input, str) and self.temperature_input):
+            raise InputError(f"temperature_input must be the name of a per-step scalar or None, got {self.temperature_input!r}")
+        _check_weight(self.weight, "a distillation term")
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def companions(self) -> tuple[str, ...]:
+        return (self.teacher,)
+
+    @property
+    def scalars(self) -> tuple[str, ...]:
+        return () if self.temperature_input is None else (self.temperature_input,)
+
+    def temperature_at(self, scalars: Mapping[str, float] | None) -> float:
+        """The temperature of this step: the scalar ``temperature_input`` names, else ``temperature``."""
+        if self.temperature_input is None:
+            return self.temperature
+        if not scalars or self.temperature_input not in scalars:
+            raise InputError(f"the distillation term reads its temperature from the scalar {self.temperature_input!r}: "
+                             f"pass scalars={{{self.temperature_input!r}: value}}")
+        return scalars[self.temperature_input]
+
+
+HeadTerm = CrossEntropy | SoftTargetCrossEntropy | Distillation
 AuxTerm = HiddenStateMSE | AttentionKL
 
 
@@ -139,7 +218,7 @@ class LossSpec:
         if not self.head:
             raise InputError("a loss needs at least one term on the logits (e.g. CrossEntropy())")
         for term in self.head:
-            if not isinstance(term, (CrossEntropy, SoftTargetCrossEntropy)):
+            if not isinstance(term, (CrossEntropy, SoftTargetCrossEntropy, Distillation)):
                 raise InputError(f"{type(term).__name__} is not a loss on the logits: put it in aux=")
         for term in self.aux:
             if not isinstance(term, (HiddenStateMSE, AttentionKL)):
@@ -154,6 +233,28 @@ class LossSpec:
     def head_extras(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(name for term in self.head for name in term.extras))
 
+    @property
+    def companions(self) -> tuple[str, ...]:
+        """Names of the companion models (frozen teachers) the terms read, each once, in order."""
+        return tuple(dict.fromkeys(t.teacher for t in self.head if isinstance(t, Distillation)))
+
+    @property
+    def scalars(self) -> tuple[str, ...]:
+        """Names of the per-step scalars the terms read (``accumulate(scalars=...)``), each once, in order."""
+        return tuple(dict.fromkeys(name for t in self.head if isinstance(t, Distillation) for name in t.scalars))
+
+    def term_names(self) -> tuple[str, ...]:
+        """One unique name per term, head terms then aux terms (the keys of per-component metrics):
+        ``cross_entropy``, ``soft_target_cross_entropy``, ``distillation``, ``hidden_mse_<layer>``,
+        ``attention_kl_<layer>``, with ``_2``, ``_3``, ... on the second and later use of a name."""
+        seen: dict[str, int] = {}
+        names = []
+        for term in self.head + self.aux:
+            base = _term_name(term)
+            seen[base] = seen.get(base, 0) + 1
+            names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+        return tuple(names)
+
     def hidden_layers(self) -> tuple[int, ...]:
         """Hidden-state indices the aux terms read (the trainer captures these), sorted."""
         return tuple(sorted({t.layer for t in self.aux if isinstance(t, HiddenStateMSE)}))
@@ -166,6 +267,38 @@ class LossSpec:
     def plain_cross_entropy(self) -> bool:
         """One cross-entropy term and nothing else: the case backends give a hand-written fused gradient."""
         return len(self.head) == 1 and isinstance(self.head[0], CrossEntropy) and not self.aux
+
+
+def _term_name(term: HeadTerm | AuxTerm) -> str:
+    if isinstance(term, HiddenStateMSE):
+        return f"hidden_mse_{term.layer}"
+    if isinstance(term, AttentionKL):
+        return f"attention_kl_{term.layer}"
+    return {CrossEntropy: "cross_entropy", SoftTargetCrossEntropy: "soft_target_cross_entropy",
+            Distillation: "distillation"}[type(term)]
+
+
+def distillation_loss(
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    label_smoothing: float = 0.0,
+    *,
+    t2_scaling: bool = True,
+    teacher: str = "teacher",
+    temperature_input: str | None = None,
+) -> LossSpec:
+    """``alpha * CE + (1 - alpha) * KD``: the label-smoothed cross-entropy on the hard targets and a
+    Distillation term from companion ``teacher``. Both terms are kept whatever alpha (a weight may be 0), so
+    per-component metrics always show both."""
+    if not (_is_number(alpha) and 0.0 <= alpha <= 1.0):
+        raise InputError(f"alpha (the cross-entropy's share of the loss) must be in [0, 1], got {alpha!r}")
+    return LossSpec(head=(
+        CrossEntropy(label_smoothing=label_smoothing, weight=float(alpha)),
+        Distillation(divergence=divergence, beta=beta, temperature=temperature, t2_scaling=t2_scaling,
+                     teacher=teacher, temperature_input=temperature_input, weight=1.0 - float(alpha)),
+    ))
 
 
 # --- numpy definitions --------------------------------------------------------------------------------------
@@ -202,11 +335,106 @@ def attention_kl(probs: np.ndarray, target: np.ndarray) -> np.ndarray:
     return kl.mean(axis=1)
 
 
-def head_term(term: HeadTerm, logits: np.ndarray, targets: np.ndarray, extras: dict[str, np.ndarray]) -> np.ndarray:
-    """The per-position loss of one head term (without its weight)."""
+def shared_vocab(student_vocab: int, teacher_vocab: int) -> int:
+    """The number of ids a student and a teacher both score: the first ``min`` of their vocabularies. Gemma 3
+    4B and larger have 262208 ids, 1B and 270M 262144, the 64 extra ones at the end: the first 262144 ids
+    are the same tokens in every size."""
+    return min(int(student_vocab), int(teacher_vocab))
+
+
+def restrict(logits: np.ndarray, shared: int) -> np.ndarray:
+    """Logits [..., vocab] restricted to the first ``shared`` ids. The softmax of the restricted logits is
+    the model's distribution restricted to the shared ids and renormalised over them (p_v / sum_shared p),
+    so a teacher's mass on ids the student cannot produce is dropped, not pushed onto the others unevenly."""
+    return np.asarray(logits)[..., :shared]
+
+
+def _kl(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
+    """KL(p || q) over the last axis, from log-probabilities (finite: computed by log_softmax)."""
+    return (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+
+
+def divergence(
+    student_logits: np.ndarray,
+    teacher_logits: np.ndarray,
+    kind: str,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    t2_scaling: bool = True,
+) -> np.ndarray:
+    """Per-position divergence [...] of float logits [..., vocab] (both already restricted to the same ids,
+    ``restrict``), in float64: the formulas of the module docstring. Every logarithm is a log-softmax (and
+    the jsd mixture's a log-sum-exp of them), so none meets 0 and no LOG_FLOOR is needed."""
+    if kind not in DIVERGENCES:
+        raise InputError(f"unknown divergence {kind!r}: choose one of {', '.join(DIVERGENCES)}")
+    z_s, z_t = np.asarray(student_logits, np.float64), np.asarray(teacher_logits, np.float64)
+    if z_s.shape != z_t.shape:
+        raise InputError(f"student and teacher logits have shapes {list(z_s.shape)} and {list(z_t.shape)}: "
+                         "restrict both to shared_vocab(...) ids first")
+    log_s, log_t = log_softmax(z_s / temperature), log_softmax(z_t / temperature)
+    if kind == "fkl" or (kind == "jsd" and beta == 0):
+        per_position = _kl(log_t, log_s)
+    elif kind == "rkl" or (kind == "jsd" and beta == 1):
+        per_position = _kl(log_s, log_t)
+    elif kind == "jsd":
+        log_m = np.logaddexp(log_s + np.log1p(-beta), log_t + np.log(beta))  # log((1 - beta) p_s + beta p_t)
+        per_position = beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+    else:
+        per_position = 0.5 * np.abs(np.exp(log_t) - np.exp(log_s)).sum(axis=-1)
+    return temperature**2 * per_position if t2_scaling else per_position
+
+
+def head_term(
+    term: HeadTerm,
+    logits: np.ndarray,
+    targets: np.ndarray,
+    extras: dict[str, np.ndarray],
+    companion_logits: dict[str, np.ndarray] | None = None,
+    scalars: dict[str, float] | None = None,
+) -> np.ndarray:
+    """The per-position loss of one head term (without its weight); ``companion_logits`` holds each
+    companion's full (soft-capped) logits [batch, seq, its vocab], ``scalars`` the step's scalars."""
     if isinstance(term, CrossEntropy):
         return cross_entropy(logits, targets, term.label_smoothing)
-    return soft_target_cross_entropy(logits, extras[term.targets], term.temperature)
+    if isinstance(term, SoftTargetCrossEntropy):
+        return soft_target_cross_entropy(logits, extras[term.targets], term.temperature)
+    if not companion_logits or term.teacher not in companion_logits:
+        raise InputError(f"the distillation term reads the companion {term.teacher!r}: pass its logits in "
+                         f"companion_logits={{{term.teacher!r}: array}}")
+    teacher = np.asarray(companion_logits[term.teacher])
+    shared = shared_vocab(np.shape(logits)[-1], teacher.shape[-1])
+    return divergence(restrict(logits, shared), restrict(teacher, shared), term.divergence, beta=term.beta,
+                      temperature=term.temperature_at(scalars), t2_scaling=term.t2_scaling)
+
+
+def aux_term(term: AuxTerm, extras: dict[str, np.ndarray], hidden_states: dict[int, np.ndarray] | None,
+             attentions: dict[int, np.ndarray] | None) -> np.ndarray:
+    """The per-position loss of one auxiliary term (without its weight), from the captured tensors."""
+    if isinstance(term, HiddenStateMSE):
+        return hidden_state_mse(hidden_states[term.layer], extras[term.targets])
+    return attention_kl(attentions[term.layer], extras[term.targets])
+
+
+def term_sums(
+    spec: LossSpec,
+    logits: np.ndarray,
+    targets: np.ndarray,
+    weights: np.ndarray,
+    extras: dict[str, np.ndarray] | None = None,
+    hidden_states: dict[int, np.ndarray] | None = None,
+    attentions: dict[int, np.ndarray] | None = None,
+    *,
+    companion_logits: dict[str, np.ndarray] | None = None,
+    scalars: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """{term name (``spec.term_names()``): sum over positions of position weight * per-position loss}, the
+    term's own weight not applied, in float64: the definition of the trainers' ``term_sums()``."""
+    extras = extras or {}
+    w = np.asarray(weights, np.float64)
+    per_position = [head_term(term, logits, targets, extras, companion_logits, scalars) for term in spec.head]
+    per_position += [aux_term(term, extras, hidden_states, attentions) for term in spec.aux]
+    return {name: float(np.sum(w * value)) for name, value in zip(spec.term_names(), per_position, strict=True)}
 
 
 def loss_sum(
@@ -217,35 +445,41 @@ def loss_sum(
     extras: dict[str, np.ndarray] | None = None,
     hidden_states: dict[int, np.ndarray] | None = None,
     attentions: dict[int, np.ndarray] | None = None,
+    *,
+    companion_logits: dict[str, np.ndarray] | None = None,
+    scalars: dict[str, float] | None = None,
 ) -> float:
-    """The whole loss of ``spec`` from full logits [batch, seq, vocab] and the captured tensors it reads, in
-    float64: the definition the chunked backends compute."""
-    extras = extras or {}
-    w = np.asarray(weights, np.float64)
-    total = sum(term.weight * np.sum(w * head_term(term, logits, targets, extras)) for term in spec.head)
-    for term in spec.aux:
-        if isinstance(term, HiddenStateMSE):
-            per_position = hidden_state_mse(hidden_states[term.layer], extras[term.targets])
-        else:
-            per_position = attention_kl(attentions[term.layer], extras[term.targets])
-        total += term.weight * np.sum(w * per_position)
-    return float(total)
+    """The whole loss of ``spec`` from full logits [batch, seq, vocab], the captured tensors it reads and
+    the companions' full logits, in float64: the definition the chunked backends compute (each term's sum,
+    ``term_sums``, times its weight)."""
+    sums = term_sums(spec, logits, targets, weights, extras, hidden_states, attentions,
+                     companion_logits=companion_logits, scalars=scalars)
+    terms = spec.head + spec.aux
+    return float(sum(term.weight * sums[name] for name, term in zip(spec.term_names(), terms, strict=True)))
 
 
 __all__ = [
+    "DIVERGENCES",
     "LOG_FLOOR",
     "AttentionKL",
     "AuxTerm",
     "CrossEntropy",
+    "Distillation",
     "HeadTerm",
     "HiddenStateMSE",
     "LossSpec",
     "SoftTargetCrossEntropy",
     "attention_kl",
+    "aux_term",
     "cross_entropy",
+    "distillation_loss",
+    "divergence",
     "head_term",
     "hidden_state_mse",
     "log_softmax",
     "loss_sum",
+    "restrict",
+    "shared_vocab",
     "soft_target_cross_entropy",
+    "term_sums",
 ]

@@ -1,4 +1,5 @@
-"""Learning-rate schedules: the learning rate of every optimizer update, as a plain function of its index.
+"""Schedules: the learning rate of every optimizer update, and any other per-step value (a distillation
+temperature), as plain functions of the step index.
 
 ``step`` counts updates already applied (0 for the first update). Warmup rises linearly from lr/warmup to
 lr over the first ``warmup`` updates; then the schedule decays over the remaining ``total - warmup``:
@@ -12,6 +13,14 @@ was, step for step, and trains the extra steps as a new cycle of the same schedu
 as a new run of that length) to the peak lr, then decay to ``min_lr`` at step N. This is a warm restart
 (SGDR, Loshchilov & Hutter 2017): a finished cosine run sits at min_lr, and continuing there would barely
 train. ``Cycles`` holds the boundaries, which the run saves, so every later resume computes the same rates.
+
+``ValueSchedule`` moves any other value from ``start`` (step 0) to ``end`` (step ``total``, and after), with
+no warmup: a distillation temperature annealed from soft to sharp targets (fed to the trainer as the
+per-step scalar a ``Distillation(temperature_input=...)`` term reads):
+
+* constant: start (``end`` is ignored);
+* linear:   ``start + (end - start) * step / total``;
+* cosine:   ``end + (start - end) * (1 + cos(pi * step / total)) / 2``.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 
 ScheduleName = Literal["constant", "linear", "cosine"]
 SCHEDULES = ("constant", "linear", "cosine")
@@ -99,4 +108,33 @@ class Cycles:
         raise AssertionError("unreachable: bounds has at least two entries")
 
 
-__all__ = ["SCHEDULES", "Cycles", "Schedule", "ScheduleName", "warmup_steps_for"]
+@dataclass(frozen=True)
+class ValueSchedule:
+    """A value from ``start`` at step 0 to ``end`` at step ``total`` (held there after), by ``kind``: one of
+    SCHEDULES (see the module docstring)."""
+
+    kind: ScheduleName
+    start: float
+    end: float
+    total: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise InputError(f"unknown value schedule {self.kind!r}: choose one of {', '.join(SCHEDULES)}")
+        if isinstance(self.total, bool) or not isinstance(self.total, int) or self.total < 1:
+            raise InputError(f"a value schedule needs total >= 1 steps, got {self.total!r}")
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise InputError(f"a value schedule's {name} must be a finite number, got {value!r}")
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "constant":
+            return float(self.start)
+        progress = min(max(step, 0), self.total) / self.total  # held at the ends outside [0, total]
+        if self.kind == "linear":
+            return self.start + (self.end - self.start) * progress
+        return self.end + (self.start - self.end) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+__all__ = ["SCHEDULES", "Cycles", "Schedule", "ScheduleName", "ValueSchedule", "warmup_steps_for"]

@@ -67,6 +67,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..checks import is_count
+from ..config import Gemma3Config
 from ..errors import CheckpointError, InputError
 from .losses import LossSpec
 
@@ -151,12 +153,22 @@ class BackendTrainer(Protocol):
         positions: np.ndarray | None = None,
         mask: np.ndarray | None = None,
         extras: Mapping[str, np.ndarray] | None = None,
+        scalars: Mapping[str, float] | None = None,
         loss_scale: float = 1.0,
     ) -> float:
         """Forward and backward on one micro-batch; adds d(loss_scale * loss_sum)/d(params) to the
         accumulated gradients of the trainable parameters. Returns the unscaled loss sum (a float): every
-        term of ``spec.loss``, weighted. ``positions``, ``mask`` and ``extras`` are those of
-        gemmalab.train.inputs.prepare, which every backend calls to check them."""
+        term of ``spec.loss``, weighted. ``positions``, ``mask``, ``extras`` and ``scalars`` (the step's
+        named scalars the terms read, e.g. a scheduled distillation temperature; a changed value never
+        recompiles anything) are those of gemmalab.train.inputs.prepare, which every backend calls to check
+        them. The companion models the trainer was given (``Backend.trainer(..., companions=)``) run on
+        the same ids, positions and masks, frozen: no gradient is computed for them."""
+
+    def term_sums(self) -> dict[str, float]:
+        """The last ``accumulate``'s per-term sums, keyed by ``spec.loss.term_names()``: sum over positions of
+        position weight * the term's per-position loss, the term's own weight not applied (the numpy
+        definition is gemmalab.train.losses.term_sums). For per-component metrics (e.g. the cross-entropy and
+        the distillation parts of a KD loss)."""
 
     def gradients(self) -> dict[str, np.ndarray]:
         """The accumulated (un-normalised, un-clipped) gradients of the trainable parameters, float32,
@@ -184,6 +196,24 @@ class BackendTrainer(Protocol):
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore what any backend's ``optimizer_state`` returned, checked with
         ``check_optimizer_state`` (a state that does not fit raises CheckpointError)."""
+
+
+def check_companions(loss: LossSpec, student: Gemma3Config, companions: Mapping[str, Gemma3Config]) -> None:
+    """Refuse, in one InputError line, companion models (frozen teachers, by name -> config) that do not fit
+    ``loss``: one a term reads and is missing, one given that no term reads, or a config without a known
+    vocabulary size (the shared vocabulary, losses.shared_vocab, is computed from both)."""
+    missing = [name for name in loss.companions if name not in companions]
+    if missing:
+        raise InputError(f"the loss distils from the companion model {missing[0]!r}, which the trainer was not given: "
+                         f"pass companions={{{missing[0]!r}: backend.build(teacher_config, teacher_weights, dtype=...)}}")
+    unread = sorted(set(companions) - set(loss.companions))
+    if unread:
+        raise InputError(f"the trainer was given the companion model {unread[0]!r}, which no loss term reads: drop it, "
+                         f"or add a Distillation(teacher={unread[0]!r}) term")
+    for what, config in [("the student", student), *((f"companion {n!r}", c) for n, c in companions.items())]:
+        vocab = getattr(config, "vocab_size", None)
+        if not (is_count(vocab) and vocab >= 1):
+            raise InputError(f"{what} has no known vocabulary size (vocab_size={vocab!r}): build it from a Gemma3Config")
 
 
 def optimizer_state_by_parameter(
@@ -274,6 +304,7 @@ __all__ = [
     "OptimizerSpec",
     "Precision",
     "TrainSpec",
+    "check_companions",
     "check_optimizer_state",
     "expected_state_names",
     "optimizer_state_by_parameter",
