@@ -12,7 +12,7 @@ from typing import Any
 
 from gemmalab.backend import resolve_backend_name
 from gemmalab.experiments import Experiment
-from gemmalab.experiments.plots import line_plot
+from gemmalab.experiments.plots import columns, line_plot
 from gemmalab.train import TrainConfig, train
 
 
@@ -34,7 +34,7 @@ def run(settings: dict[str, Any], out: Path, progress, log) -> dict[str, Any]:
         held_out.append((result.steps, result.eval_loss))
     plot = line_plot(
         out / "loss.png",
-        {"training loss": _columns(curve), "held-out loss": _columns(held_out)},
+        {"training loss": columns(curve), "held-out loss": columns(held_out)},
         title=f"train-tiny: {config.preset} on the embedded corpus ({backend})",
         xlabel="step",
         ylabel="loss (nats per token)",
@@ -51,10 +51,6 @@ def run(settings: dict[str, Any], out: Path, progress, log) -> dict[str, Any]:
         "checkpoint": str(result.checkpoint),
         "plot": plot.name,
     }
-
-
-def _columns(points: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
-    return [x for x, _ in points], [y for _, y in points]
 
 
 EXPERIMENT = Experiment(

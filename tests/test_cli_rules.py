@@ -368,7 +368,7 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130():
     assert process.stdout.read(8)  # tokens are streaming: the command is running
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == 130, err.decode()
     assert err.decode().strip().splitlines() == ["error: interrupted (Ctrl-C)"]
 
 

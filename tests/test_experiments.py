@@ -66,6 +66,24 @@ def test_train_tiny_smoke_run_learns_and_writes_its_report_and_plot(tmp_path):
     assert snapshot(out) == before
 
 
+def test_distill_tiny_smoke_run_reports_the_gap_it_closes(tmp_path):
+    from gemmalab.experiments.registry import run
+
+    entry = get("distill-tiny")
+    assert set(entry.smoke) <= {f"{section}.{key}" for section, values in entry.settings().items()
+                                if isinstance(values, dict) for key in values} | set(entry.settings())
+    smoke = [f"{k}={json.dumps(v)}" for k, v in entry.smoke.items()]
+    report = run(entry, tmp_path / "run", overrides=smoke)
+    assert json.loads((tmp_path / "run" / REPORT_FILE).read_text()) == json.loads(json.dumps(report))
+    plain, kd, teacher = report["ppl_plain"], report["ppl_kd"], report["ppl_teacher"]
+    # real effects at a few steps: the teacher (twice the steps) beats the plain student, everyone beats a
+    # uniform guess, and gap_closed is the documented formula of the three perplexities
+    assert teacher < plain < UNIFORM_PERPLEXITY and kd < UNIFORM_PERPLEXITY
+    assert report["gap_closed"] == pytest.approx((plain - kd) / (plain - teacher), rel=1e-12)
+    assert 0.0 <= report["top1_agreement_kd"] <= 1.0 and report["kl_kd"] > 0
+    assert (tmp_path / "run" / report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_bad_setting_fails_before_anything_is_written(tmp_path):
     out = tmp_path / "never"
     assert_clean_failure(

@@ -158,7 +158,7 @@ def test_yaml_then_set_then_flags(tmp_path):
     assert (config.steps, config.lr, config.optimizer, config.max_grad_norm) == (20, 1e-3, "adafactor", None)
 
 
-@pytest.mark.parametrize(("item", "message"), [("lrr=1", "unknown training setting"), ("steps=x", "steps must be int"),
+@pytest.mark.parametrize(("item", "message"), [("lrr=1", "unknown setting"), ("steps=x", "steps must be int"),
                                                ("optimizer=sgd", "not one of adamw"), ("lr", "not key=value")])
 def test_bad_settings_name_the_problem(item, message):
     with pytest.raises(ConfigError, match=message):

@@ -102,8 +102,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(backend, tmp_p
     make_trainer = real.trainer
     calls = {"n": 0}
 
-    def trainer_with_a_fault(model, spec):
-        inner = make_trainer(model, spec)
+    def trainer_with_a_fault(model, spec, **kwargs):
+        inner = make_trainer(model, spec, **kwargs)
         accumulate = inner.accumulate
 
         def faulty(*args, **kwargs):

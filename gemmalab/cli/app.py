@@ -79,28 +79,39 @@ class _Interrupted(Exception):
     """Ctrl-C inside a command, carried past typer (which would turn it into a silent exit 130)."""
 
 
+def _reported(function):
+    """``function`` with Ctrl-C inside it reported by ``main`` (see the module docstring)."""
+
+    @functools.wraps(function)  # typer reads the signature and annotations through __wrapped__
+    def run(*call_args, **call_kwargs):
+        try:
+            return function(*call_args, **call_kwargs)
+        except KeyboardInterrupt as err:
+            if _debug["on"]:
+                raise
+            raise _Interrupted(_interrupt_message(err)) from None
+
+    return run
+
+
 def command(*args, on: typer.Typer | None = None, **kwargs):
     """``app.command`` (or ``on.command`` for a command group, see ``group``), with Ctrl-C inside the
     command reported by ``main`` (see the module docstring). Every gemmalab command registers through this."""
 
     def register(function):
-        @functools.wraps(function)  # typer reads the signature and annotations through __wrapped__
-        def run(*call_args, **call_kwargs):
-            try:
-                return function(*call_args, **call_kwargs)
-            except KeyboardInterrupt as err:
-                if _debug["on"]:
-                    raise
-                raise _Interrupted(_interrupt_message(err)) from None
-
-        return (on or app).command(*args, **kwargs)(run)
+        return (on or app).command(*args, **kwargs)(_reported(function))
 
     return register
 
 
-def group(name: str, help: str) -> typer.Typer:  # noqa: A002  (typer's own word)
-    """A group of subcommands, ``gemmalab NAME ...``; register its commands with ``command(on=group)``."""
-    sub = typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+def group(name: str, help: str, run=None) -> typer.Typer:  # noqa: A002  (typer's own word)
+    """A group of subcommands, ``gemmalab NAME ...``; register its commands with ``command(on=group)``.
+    ``run``: a command of its own for ``gemmalab NAME [OPTIONS]`` with no subcommand (it receives the typer
+    context first, and returns at once when a subcommand was named)."""
+    sub = typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                      invoke_without_command=run is not None)
+    if run is not None:
+        sub.callback(invoke_without_command=True)(_reported(run))
     app.add_typer(sub, name=name)
     return sub
 

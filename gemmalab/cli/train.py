@@ -21,19 +21,23 @@ def _h(name: str) -> str:
     return TrainConfig.meaning(name)
 
 
-def _list_settings(value: bool) -> None:
-    if not value:
-        return
-    table = Table(title="training settings (YAML keys, --set key=value, and flags where one exists)")
+def print_settings(config_class: type[TrainConfig]) -> None:
+    """The table of every setting of ``config_class`` (``--list-settings``), then exit."""
+    table = Table(title=f"{config_class.command} settings (YAML keys, --set key=value, and flags where one exists)")
     for column in ("setting", "type", "default"):
         table.add_column(column, no_wrap=True)
     table.add_column("meaning", ratio=1)
-    for name, kind, default, meaning in TrainConfig.settings():
+    for name, kind, default, meaning in config_class.settings():
         shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
         table.add_row(name, kind, shown, meaning)
     console.print(table)
     console.print("optional settings take none (or null); flags win over --set, which wins over --config")
     raise typer.Exit()
+
+
+def _list_settings(value: bool) -> None:
+    if value:
+        print_settings(TrainConfig)
 
 
 @command()

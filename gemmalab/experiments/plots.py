@@ -45,4 +45,9 @@ def line_plot(
     return path
 
 
-__all__ = ["line_plot"]
+def columns(points: Sequence[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """(x values, y values) of a list of (x, y) points: a ``line_plot`` series."""
+    return [x for x, _ in points], [y for _, y in points]
+
+
+__all__ = ["columns", "line_plot"]

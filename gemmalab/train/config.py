@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -32,6 +32,9 @@ def _setting(default: Any, meaning: str) -> Any:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    # The command whose settings these are, for error messages (a subclass such as DistillConfig names its own).
+    command: ClassVar[str] = "gemmalab train"
+
     # what to train
     preset: str | None = _setting("tiny", "random init from this preset (byte-level tokenizer); ignored with model")
     model: str | None = _setting(None, "fine-tune this checkpoint folder or Hub repo id (its own tokenizer)")
@@ -158,14 +161,20 @@ class TrainConfig:
         strings, then explicit flag values (None = unset)."""
         values: dict[str, Any] = dict(base or {})
         if file is not None:
-            values.update(read_yaml_mapping(Path(file)))
+            values.update(cls.flatten(read_yaml_mapping(Path(file))))
         for item in sets or []:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise ConfigError(f"--set {item!r} is not key=value: write e.g. --set lr=3e-4")
-            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            values.update(cls.flatten({key.strip(): yaml.safe_load(raw) if raw.strip() else None}))
         values.update({k: v for k, v in (flags or {}).items() if v is not None})
         return cls.from_dict(values)
+
+    @classmethod
+    def flatten(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Settings as written in a YAML file or a ``--set`` key, as flat field names: the identity here; a
+        config with YAML sections (DistillConfig) maps ``section: {key: value}`` and ``section.key``."""
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -175,7 +184,7 @@ class TrainConfig:
             close = [m for name in unknown for m in difflib.get_close_matches(name, known, n=1)]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(
-                f"unknown training setting(s) {', '.join(unknown)}{hint}: `gemmalab train --list-settings` lists them all"
+                f"unknown setting(s) {', '.join(unknown)}{hint}: `{cls.command} --list-settings` lists them all"
             )
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})

@@ -23,19 +23,17 @@ from pathlib import Path
 import yaml
 
 from .. import checkpoint as hf_checkpoint
-from ..api import preset_tokenizer
 from ..backend import get_backend, resolve_backend_name
 from ..bench import process_peak_rss
 from ..checkpoint import atomic_write_bytes
-from ..config import Gemma3Config, resolve_config
 from ..errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
 from ..outputs import check_writable_folder, writing
 from ..params import init_weights
-from ..tokenizer import Tokenizer
 from . import checkpoints
 from .config import TrainConfig
 from .data import DataStream, load_documents, pack
 from .layers import lr_scales
+from .objective import Objective
 from .schedules import Cycles, warmup_steps_for
 from .tracking import Tracker
 
@@ -95,22 +93,6 @@ def _write_settings(run_dir: Path, config: TrainConfig) -> None:
     text = "# The settings of this run (gemmalab train); `gemmalab train --out DIR --resume` reads them.\n"
     text += yaml.safe_dump({k: v for k, v in config.to_dict().items() if k not in NOT_INHERITED}, sort_keys=False)
     atomic_write_bytes(run_dir / RUN_SETTINGS_FILE, text.encode("utf-8"))
-
-
-def _model_source(config: TrainConfig) -> tuple[Gemma3Config, dict | None, Tokenizer | None]:
-    """(model config, starting weights or None for random init, tokenizer)."""
-    if config.model is not None:
-        folder = hf_checkpoint.locate(config.model)
-        model_config = hf_checkpoint.load_config(folder)
-        tokenizer = Tokenizer.from_folder(folder)
-        if tokenizer is None:
-            raise ConfigError(f"{folder} has no tokenizer.json or tokenizer.model: training needs one")
-        return model_config, hf_checkpoint.read_weights(folder, model_config), tokenizer
-    model_config = resolve_config(config.preset)
-    tokenizer = preset_tokenizer(model_config) or Tokenizer.byte_level()
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise ConfigError(f"preset {config.preset} has {model_config.vocab_size} ids, fewer than the byte-level 261")
-    return model_config, None, tokenizer
 
 
 def _check_resumable(saved: dict, config: TrainConfig, run_dir: Path) -> None:
@@ -264,18 +246,22 @@ def _progress_line(step: int, total: int, record: dict, started_step: int, elaps
 
 
 def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: bool = False,
-          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+          on_step: Callable[[dict], None] | None = None, objective: Objective | None = None) -> TrainResult:
     """Run (or resume) the training ``config`` describes. Returns where it wrote and what it reached.
 
     ``progress`` shows a rich bar; ``log_lines`` prints a plain line every ``log_every`` steps instead
     (for output that is not a terminal); ``on_step(record)`` is called after every step with its record
-    (step, loss, lr, tokens/s, and the evaluation figures on evaluation steps), for a caller's own view. Ctrl-C stops after the step in progress, writes a checkpoint and
-    raises RunInterrupted, whose message says how to resume."""
+    (step, loss, lr, tokens/s, and the evaluation figures on evaluation steps), for a caller's own view.
+    ``objective`` says what the run optimises beyond plain next-token training (gemmalab.train.objective;
+    distillation passes its own). Ctrl-C stops after the step in progress, writes a checkpoint and raises
+    RunInterrupted, whose message says how to resume."""
+    objective = objective or Objective()
     run_dir = check_writable_folder(config.out, what="run folder", fix="choose another --out")
     plan = plan_run(run_dir, config, echo)
     resume_from, saved_state = plan.resume_from, plan.state
 
-    model_config, weights, tokenizer = _model_source(config)
+    source = objective.model_source(config)
+    model_config, weights, tokenizer = source.config, source.weights, source.tokenizer
     if config.seq_len > model_config.max_position_embeddings:
         raise ConfigError(f"seq_len {config.seq_len} is past the model's {model_config.max_position_embeddings} "
                           f"positions: pass --seq-len {model_config.max_position_embeddings} or less")
@@ -291,7 +277,8 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
     backend = get_backend(backend_name)
     native = backend.build(model_config, weights, dtype="float32", device=config.device)
     del weights
-    trainer = backend.trainer(native, config.train_spec())
+    objective.start(backend, config, model_config, tokenizer, echo)
+    trainer = backend.trainer(native, config.train_spec(), companions=objective.companions())
 
     warmup, note = warmup_for(config)
     if note and saved_state is None:
@@ -331,7 +318,7 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
         return path
 
     def interrupted(message: str) -> RunInterrupted:
-        return RunInterrupted(f"{message}; resume with: gemmalab train --out {run_dir} --resume")
+        return RunInterrupted(f"{message}; resume with: {objective.command} --out {run_dir} --resume")
 
     try:
         with _StopOnCtrlC() as ctrl_c:
@@ -348,11 +335,15 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
                 # The backend differentiates a loss *sum*, so its gradients are ~tokens times those of the mean
                 # loss that loss scales are usually chosen for: scale per position in a micro-batch instead.
                 factor = loss_scale / (config.batch_size * config.seq_len) if config.precision == "fp16" else 1.0
-                loss_sum, tokens = 0.0, 0
+                loss_sum, tokens, term_sums = 0.0, 0, {}
+                scalars = objective.scalars(step)
                 for _ in range(config.grad_accum):
                     batch = stream.next_batch(config.batch_size)
                     loss_sum += trainer.accumulate(batch.inputs, batch.targets, batch.weights, positions=batch.positions,
-                                                   mask=batch.mask, extras=batch.extras, loss_scale=factor)
+                                                   mask=batch.mask, extras=batch.extras, scalars=scalars,
+                                                   loss_scale=factor)
+                    for name, value in trainer.term_sums().items():
+                        term_sums[name] = term_sums.get(name, 0.0) + value
                     tokens += batch.tokens
                 lr = schedule(step)
                 update = trainer.apply(lr, max(tokens, 1) * factor)
@@ -378,11 +369,14 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
                 elapsed = time.perf_counter() - started
                 record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                           "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0}
+                if len(term_sums) > 1:  # one term is the loss itself
+                    record.update({f"loss/{name}": value / max(tokens, 1) for name, value in term_sums.items()})
+                record.update({f"scalar/{name}": value for name, value in scalars.items()})
                 if config.precision == "fp16":
                     record.update(loss_scale=loss_scale, skipped=skipped)
                 result.final_loss = loss
                 if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                    record.update(_eval_record(backend, trainer.model, stream, config))
+                    record.update(_eval_record(backend, trainer.model, stream, config, objective))
                 if step % config.log_every == 0 or step == config.steps:
                     memory = backend.peak_memory(trainer.model) or process_peak_rss()
                     record["peak_memory_gb"] = memory / 1e9
@@ -396,7 +390,7 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
                                  f"mem {process_peak_rss() / 1e9:.2f} GB")
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
                     result.checkpoint = save_checkpoint()
-            final = {"step": step, **_eval_record(backend, trainer.model, stream, config)}
+            final = {"step": step, **_eval_record(backend, trainer.model, stream, config, objective)}
             if "eval_loss" in final:
                 tracker.log(final)
                 result.history.append(final)
@@ -415,11 +409,12 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
     return result
 
 
-def _eval_record(backend, native, stream: DataStream, config: TrainConfig) -> dict:
+def _eval_record(backend, native, stream: DataStream, config: TrainConfig, objective: Objective) -> dict:
     loss = evaluate(backend, native, stream, config)
     if loss is None:
         return {}
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
+            **objective.evaluate(backend, native, stream, config)}
 
 
 __all__ = ["RunPlan", "TrainResult", "evaluate", "plan_run", "saved_settings", "train", "warmup_for"]

@@ -1,0 +1,105 @@
+"""``gemmalab distill``: a distillation run, teacher -> student, with everything ``gemmalab train`` has."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from ..distill.config import DistillConfig
+from .app import console, group
+from .common import BackendOption, DeviceOption
+from .train import _echo, print_settings
+
+
+def _h(name: str) -> str:
+    return DistillConfig.meaning(name)
+
+
+def _list_settings(value: bool) -> None:
+    if value:
+        print_settings(DistillConfig)
+
+
+def student_flags(student: str | None) -> dict[str, str | None]:
+    """``--student``: a preset name (random init, the teacher's vocabulary and tokenizer) or a checkpoint."""
+    if student is None:
+        return {}
+    from ..config import PRESETS, preset_key
+
+    if preset_key(student) in PRESETS and not Path(student).exists():
+        return {"preset": student}
+    return {"model": student}
+
+
+def distill(
+    ctx: typer.Context,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help=_h("teacher"))] = None,  # noqa: UP045
+    student: Annotated[Optional[str], typer.Option("--student", help="The student: a preset (random init, taking the teacher's vocabulary and tokenizer) or a checkpoint folder / Hub id (default: preset tiny).")] = None,  # noqa: UP045
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="A YAML file of settings, flat or in teacher / student / training / distillation sections (keys: --list-settings).")] = None,  # noqa: UP045
+    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override any setting: --set key=value or --set section.key=value (repeatable).")] = None,  # noqa: UP045
+    list_settings: Annotated[bool, typer.Option("--list-settings", callback=_list_settings, is_eager=True, help="List every setting with its type, default and meaning, and exit.")] = False,
+    loss: Annotated[Optional[str], typer.Option("--loss", help=_h("loss"))] = None,  # noqa: UP045
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help=_h("alpha"))] = None,  # noqa: UP045
+    beta: Annotated[Optional[float], typer.Option("--beta", help=_h("beta"))] = None,  # noqa: UP045
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help=_h("temperature"))] = None,  # noqa: UP045
+    teacher_dtype: Annotated[Optional[str], typer.Option("--teacher-dtype", help=_h("teacher_dtype"))] = None,  # noqa: UP045
+    data: Annotated[Optional[str], typer.Option(help=_h("data"))] = None,  # noqa: UP045
+    steps: Annotated[Optional[int], typer.Option(help=_h("steps"))] = None,  # noqa: UP045
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=_h("batch_size"))] = None,  # noqa: UP045
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help=_h("grad_accum"))] = None,  # noqa: UP045
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help=_h("seq_len"))] = None,  # noqa: UP045
+    lr: Annotated[Optional[float], typer.Option(help=_h("lr"))] = None,  # noqa: UP045
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="The student's compute dtype: float32, bfloat16 or float16 (master weights stay float32) (default: float32)")] = None,  # noqa: UP045
+    backend: BackendOption = None,
+    device: DeviceOption = None,
+    seed: Annotated[Optional[int], typer.Option(help=_h("seed"))] = None,  # noqa: UP045
+    out: Annotated[Optional[str], typer.Option(help=_h("out"))] = None,  # noqa: UP045
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help=_h("checkpoint_every"))] = None,  # noqa: UP045
+    log_every: Annotated[Optional[int], typer.Option("--log-every", help=_h("log_every"))] = None,  # noqa: UP045
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint, with its own settings (its teacher and objective cannot change).")] = False,
+    extend: Annotated[bool, typer.Option("--extend", help="With --resume and a larger --steps: train on, the extra steps as a new schedule cycle.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")] = False,
+) -> None:
+    """Distil a teacher into a student: loss = alpha * cross-entropy + (1 - alpha) * divergence(teacher || student)
+    at temperature T, both output heads inside the chunked loss (no [batch, tokens, vocab] logits).
+
+    Writes OUT/metrics.jsonl (each loss component; at each evaluation the student's and teacher's held-out perplexity, top-1 agreement and KL), OUT/report.json and OUT/curves.png. Ctrl-C stops after the step in progress and keeps a checkpoint to resume from.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..distill import distill as run_distillation
+    from ..dtypes import canonical_dtype
+    from ..train.loop import saved_settings
+
+    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[canonical_dtype(dtype)] if dtype else None
+    flags = {
+        "teacher": teacher, "teacher_dtype": canonical_dtype(teacher_dtype) if teacher_dtype else None,
+        "loss": loss, "alpha": alpha, "beta": beta, "temperature": temperature,
+        "data": data, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
+        "lr": lr, "precision": precision, "backend": backend, "device": device, "seed": seed, "out": out,
+        "checkpoint_every": checkpoint_every, "log_every": log_every, "resume": resume or None,
+        "extend": extend or None, **student_flags(student),
+    }
+    config = DistillConfig.from_sources(config_file, sets, flags)
+    if config.resume and (settings := saved_settings(Path(config.out).expanduser())) is not None:
+        config = DistillConfig.from_sources(config_file, sets, flags, base=settings)
+    if flags.get("preset") and config.model is not None:  # --student PRESET wins over a configured checkpoint
+        config = dataclasses.replace(config, model=None)
+    who = config.model or f"preset {config.preset} (random init)"
+    console.print(f"distilling {escape(config.teacher)} -> {escape(who)} ({config.loss}, alpha {config.alpha}, "
+                  f"T {config.temperature}) for {config.steps} steps -> {escape(config.out)}", soft_wrap=True)
+    result = run_distillation(config, progress=not quiet and console.is_terminal, echo=_echo,
+                              log_lines=not quiet and not console.is_terminal)
+    report = result.report
+    shown = ", ".join(f"{key} {report[key]:.4g}" for key in ("student_perplexity", "teacher_perplexity",
+                                                             "top1_agreement", "kl") if report.get(key) is not None)
+    console.print(f"done: step {result.train.steps}" + (f", held out: {shown}" if shown else ""))
+    console.print(f"checkpoint: {escape(str(result.train.checkpoint))}", soft_wrap=True)
+    console.print(f"report: {escape(str(result.report_path))}", soft_wrap=True)
+
+
+distill_app = group("distill", "Distil a teacher into a student (run `gemmalab distill --help` for the options).", run=distill)

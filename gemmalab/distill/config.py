@@ -1,0 +1,125 @@
+"""A distillation run's configuration: every training setting (gemmalab.train.TrainConfig) plus the teacher
+and the distillation objective, in one typed dataclass.
+
+In YAML the settings may be grouped in four sections (experiments/configs/distill.yaml)::
+
+    teacher:      {model: SRC, dtype: bfloat16}
+    student:      {preset: gemma-3-270m}          # or {model: SRC}
+    training:     {steps: 2000, lr: 3.0e-4, ...}  # any gemmalab train setting
+    distillation: {loss: fkl, alpha: 0.5, temperature: 2.0, ...}
+
+and the same keys work flat (``alpha: 0.5``) and dotted on the command line (``--set distillation.alpha=0.7``
+or ``--set alpha=0.7``). A run saves its settings flat, so ``--resume`` refuses to continue it under another
+teacher or objective (every setting here but the run-length ones is part of what the run is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+from ..train.config import TrainConfig, _setting
+from ..train.losses import DIVERGENCES, LossSpec, distillation_loss
+from ..train.schedules import SCHEDULES as VALUE_SCHEDULES
+from ..train.spec import TrainSpec
+
+# YAML section -> {key in that section: the flat setting}. The training section takes every TrainConfig key as
+# it is; `student` names the model being trained, which TrainConfig calls preset / model.
+SECTIONS: dict[str, dict[str, str]] = {
+    "teacher": {"model": "teacher", "dtype": "teacher_dtype"},
+    "student": {"model": "model", "preset": "preset"},
+    "distillation": {"loss": "loss", "alpha": "alpha", "beta": "beta", "temperature": "temperature",
+                     "temperature_end": "temperature_end", "temperature_schedule": "temperature_schedule",
+                     "t2_scaling": "t2_scaling"},
+}
+TRAINING_SECTION = "training"
+# The per-step scalar the Distillation term reads its temperature from (a schedule, one value per step).
+TEMPERATURE_SCALAR = "temperature"
+TEACHER = "teacher"  # the companion name of the teacher model in the loss spec
+
+
+@dataclass(frozen=True)
+class DistillConfig(TrainConfig):
+    command: ClassVar[str] = "gemmalab distill"
+
+    # the teacher
+    teacher: str | None = _setting(None, "the teacher: a checkpoint folder or Hub repo id (required)")
+    teacher_dtype: str | None = _setting(None, "the teacher's dtype: float32, bfloat16 or float16; none = the "
+                                               "checkpoint's own")
+    # the objective: loss = alpha * CE(targets) + (1 - alpha) * KD(teacher || student)
+    loss: str = _setting("fkl", "the distillation divergence: fkl (KL(teacher||student)), rkl (reverse KL), jsd "
+                                "(generalized Jensen-Shannon with beta) or tvd (total variation)")
+    alpha: float = _setting(0.5, "weight of the hard-label cross-entropy; the divergence gets 1 - alpha")
+    beta: float = _setting(0.5, "jsd only: the mixture weight (0 = forward KL, 1 = reverse KL, TRL's convention)")
+    temperature: float = _setting(2.0, "distillation temperature T of both distributions (apart from any "
+                                       "sampling temperature); the start value of a schedule")
+    temperature_end: float | None = _setting(None, "the temperature at the last step; none = the same as "
+                                                   "temperature")
+    temperature_schedule: str = _setting("constant", "constant, linear or cosine from temperature to "
+                                                     "temperature_end over the run")
+    t2_scaling: bool = _setting(True, "multiply the divergence by T^2 (keeps its gradient's scale independent of T)")
+    out: str = _setting("runs/distill", "run folder: config.yaml, metrics.jsonl, report.json, curves.png, "
+                                        "checkpoints/")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.teacher:
+            raise ConfigError("distillation needs a teacher: pass --teacher SRC (a checkpoint folder or Hub id)")
+        if self.loss not in DIVERGENCES:
+            raise ConfigError(f"loss {self.loss!r} is not one of {', '.join(DIVERGENCES)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"beta must be in [0, 1], got {self.beta}")
+        for name in ("temperature", "temperature_end"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.temperature_schedule not in VALUE_SCHEDULES:
+            raise ConfigError(f"temperature_schedule {self.temperature_schedule!r} is not one of "
+                              f"{', '.join(VALUE_SCHEDULES)}")
+        if self.teacher_dtype is not None and self.teacher_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"teacher_dtype {self.teacher_dtype!r} is not one of float32, bfloat16, float16")
+
+    @property
+    def scheduled_temperature(self) -> bool:
+        """Whether the temperature changes over the run (then it reaches the loss as a per-step scalar)."""
+        return self.temperature_end is not None and self.temperature_end != self.temperature \
+            and self.temperature_schedule != "constant"
+
+    def loss_spec(self) -> LossSpec:
+        return distillation_loss(
+            alpha=self.alpha, temperature=self.temperature, divergence=self.loss, beta=self.beta,
+            label_smoothing=self.label_smoothing, t2_scaling=self.t2_scaling, teacher=TEACHER,
+            temperature_input=TEMPERATURE_SCALAR if self.scheduled_temperature else None,
+        )
+
+    def train_spec(self) -> TrainSpec:
+        return replace(super().train_spec(), loss=self.loss_spec())
+
+    @classmethod
+    def flatten(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Sections and dotted keys as flat settings (see the module docstring); flat keys pass through."""
+        flat: dict[str, Any] = {}
+        for key, value in values.items():
+            section, dot, sub = key.partition(".")
+            if dot:  # --set distillation.alpha=0.7
+                flat.update(cls.flatten({section: {sub: value}}))
+            elif key == TRAINING_SECTION and isinstance(value, dict):
+                flat.update(value)
+            elif key in SECTIONS and isinstance(value, dict):
+                table = SECTIONS[key]
+                for name, item in value.items():
+                    if name not in table:
+                        raise ConfigError(f"the {key} section has no setting {name!r}: it takes "
+                                          f"{', '.join(table)}")
+                    flat[table[name]] = item
+            elif key in (TRAINING_SECTION, *SECTIONS) and key not in {f.name for f in fields(cls)}:
+                raise ConfigError(f"{key} must be a section of settings ({key}: {{key: value}}), got {value!r}")
+            else:
+                flat[key] = value
+        return flat
+
+
+__all__ = ["SECTIONS", "TEACHER", "TEMPERATURE_SCALAR", "DistillConfig"]

@@ -1,0 +1,120 @@
+"""The online teacher: a frozen model beside the student, on the same backend, in its own dtype, read by the
+loss's Distillation term inside the trainer's chunk loop (gemmalab.train.losses), so neither model's
+[batch, tokens, vocab] logits ever exist in training.
+
+``TeacherObjective`` is the distillation objective of the training loop (gemmalab.train.objective): it
+decides the student (a preset student takes the teacher's vocabulary and tokenizer), refuses a tokenizer
+that differs from the teacher's, builds the teacher, hands it to the trainer as the loss's companion, feeds
+the temperature schedule, and adds the teacher's figures to every evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .. import checkpoint as hf_checkpoint
+from ..config import Gemma3Config, resolve_config
+from ..dtypes import canonical_dtype
+from ..errors import ConfigError
+from ..tokenizer import Tokenizer
+from ..train.objective import ModelSource, Objective, checkpoint_source
+from ..train.schedules import ValueSchedule
+from .config import TEACHER, TEMPERATURE_SCALAR, DistillConfig
+from .metrics import HeldOutSums, figures, held_out_sums
+
+
+@dataclasses.dataclass
+class TeacherCheckpoint:
+    """The teacher as read from disk, before it is built on a backend."""
+
+    config: Gemma3Config
+    weights: dict | None
+    tokenizer: Tokenizer | None
+    folder: Any
+
+
+def read_teacher(source: str) -> TeacherCheckpoint:
+    folder = hf_checkpoint.locate(source)
+    config = hf_checkpoint.load_config(folder)
+    return TeacherCheckpoint(config, hf_checkpoint.read_weights(folder, config), Tokenizer.from_folder(folder), folder)
+
+
+def check_same_tokenizer(teacher: Tokenizer | None, student: Tokenizer | None, teacher_name: str, student_name: str) -> None:
+    """Distillation compares the two models id by id: both must read text into the same ids."""
+    if teacher is None or student is None:
+        return
+    if teacher.fingerprint != student.fingerprint:
+        raise ConfigError(
+            f"the teacher {teacher_name} and the student {student_name} have different tokenizers "
+            f"({teacher.fingerprint} and {student.fingerprint}): distil between models of one tokenizer, "
+            "or give the student as a preset (it then takes the teacher's)"
+        )
+
+
+class TeacherObjective(Objective):
+    """Distillation from an online, frozen teacher (see the module docstring)."""
+
+    command = "gemmalab distill"
+
+    def __init__(self, config: DistillConfig):
+        self.config = config
+        self.checkpoint = read_teacher(config.teacher)
+        self.native: Any = None
+        self.backend: Any = None
+        end = config.temperature if config.temperature_end is None else config.temperature_end
+        self.temperature = ValueSchedule(config.temperature_schedule, config.temperature, end, config.steps)
+
+    # -- what is trained -------------------------------------------------------------------------------------
+    def model_source(self, config: DistillConfig) -> ModelSource:
+        teacher = self.checkpoint
+        if config.model is not None:
+            source = checkpoint_source(config.model, "distillation")
+            check_same_tokenizer(teacher.tokenizer, source.tokenizer, str(teacher.folder), config.model)
+            return source
+        # A preset student takes the teacher's vocabulary and tokenizer: the shape of the preset, the ids of
+        # the teacher (the whole point of distilling is to match its distribution over them).
+        if teacher.tokenizer is None:
+            raise ConfigError(f"the teacher {teacher.folder} has no tokenizer.json or tokenizer.model, which a preset "
+                              "student would take: give the student as a checkpoint with its tokenizer (--student SRC)")
+        shape = dataclasses.replace(resolve_config(config.preset), vocab_size=teacher.config.vocab_size)
+        return ModelSource(shape, None, teacher.tokenizer)
+
+    # -- the teacher beside it -------------------------------------------------------------------------------
+    def start(self, backend: Any, config: DistillConfig, model_config: Gemma3Config, tokenizer: Tokenizer,
+              echo=print) -> None:
+        teacher = self.checkpoint
+        dtype = canonical_dtype(config.teacher_dtype) if config.teacher_dtype else (teacher.config.stored_dtype or "float32")
+        if teacher.weights is None:
+            raise ConfigError(f"the teacher {teacher.folder} was already released")
+        self.native = backend.build(teacher.config, teacher.weights, dtype=dtype, device=config.device)
+        self.backend = backend
+        teacher.weights = None  # the backend holds them now
+        echo(f"teacher {teacher.folder} ({teacher.config.num_parameters() / 1e6:.1f}M parameters, {dtype}, "
+             f"vocabulary {teacher.config.vocab_size}) -> student {model_config.num_parameters() / 1e6:.1f}M "
+             f"(vocabulary {model_config.vocab_size})")
+
+    def companions(self) -> dict[str, Any]:
+        return {TEACHER: self.native}
+
+    def scalars(self, step: int) -> dict[str, float]:
+        if not self.config.scheduled_temperature:
+            return {}
+        return {TEMPERATURE_SCALAR: float(self.temperature(step))}
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def evaluate(self, backend: Any, native: Any, stream: Any, config: DistillConfig) -> dict[str, float]:
+        """The teacher's held-out perplexity, the student's top-1 agreement with it and KL(teacher || student)
+        at temperature 1, over the shared vocabulary, on the same held-out batches as the student's loss.
+        One row at a time: two [seq, vocab] logit arrays in memory, never [batch, seq, vocab]."""
+        sums = HeldOutSums()
+        for batch in stream.eval_batches(config.batch_size, config.eval_batches):
+            for row in range(batch.inputs.shape[0]):
+                ids = batch.inputs[row : row + 1]
+                student = backend.logits(native, ids)  # float32 [1, seq, vocab]
+                teacher = backend.logits(self.native, ids)
+                sums = sums + held_out_sums(student[0], teacher[0], batch.targets[row], batch.weights[row])
+        return figures(sums)
+
+
+__all__ = ["TeacherObjective", "check_same_tokenizer", "read_teacher"]
