@@ -100,6 +100,17 @@ class Backend(Protocol):
         ``attentions`` leave the fused attention kernel. ``logits=False`` skips the output head (the
         returned logits are None): a pass for its hidden states, e.g. a distillation teacher's."""
 
+    def logit_chunks(self, model: Any, ids: np.ndarray, *, chunk_tokens: int = 512) -> Iterator[tuple[int, np.ndarray]]:
+        """The logits of every position of int ids [batch, seq], ``chunk_tokens`` positions at a time: the
+        causal backbone runs once over the whole sequence (positions 0 .. seq-1, the built-in masks) to the
+        final normed hidden states, which stay on the device; then, chunk after chunk, the output head (and
+        the config's final_logit_softcapping when set) runs on the hidden states of that chunk only, and
+        ``(start, logits)`` is yielded: the chunk's first position and its float32 logits [batch, n, vocab],
+        n = min(chunk_tokens, seq - start). A teacher with a 262k vocabulary so never holds the
+        [batch, seq, vocab] logits of ``logits`` at once (an offline teacher cache reduces each chunk to its
+        top-k before asking for the next). The values are those of ``logits`` on the same ids. Bad ids or
+        chunk_tokens raise at the call, before anything is computed."""
+
     def weights(self, model: Any) -> dict[str, np.ndarray]:
         """Every canonical parameter (params.parameter_shapes) under its name and nothing else, as numpy
         in the model's dtype (bf16 via ml_dtypes): what a checkpoint holds. The tied head appears once, as

@@ -36,6 +36,13 @@ def check_logits_mode(mode: str) -> str:
     return mode
 
 
+def check_chunk_tokens(chunk_tokens: object) -> int:
+    """Positions per chunk of a chunked output head: a positive integer (a chunk bounds the logits held)."""
+    if not is_count(chunk_tokens) or chunk_tokens < 1:
+        raise InputError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}: pass e.g. 512")
+    return int(chunk_tokens)
+
+
 def check_cache_request(batch: object, pad_lengths: Sequence[int] | None) -> tuple[int, list[int] | None]:
     """(batch, pad lengths) for a new KV cache: a positive batch and one non-negative pad count per row."""
     if not is_count(batch) or batch < 1:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gemmalab.backend import NO_POSITIONS, ForwardOutput
-from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids
+from gemmalab.checks import check_cache_request, check_chunk_tokens, check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
@@ -43,7 +43,15 @@ from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
 
 from . import linears
 from .cache import KVCache, extend_step, plan_columns, planned_step
-from .model import Params, abstract_params, forward, layer_rope_tables, unflatten
+from .model import (
+    Params,
+    abstract_params,
+    forward,
+    layer_rope_tables,
+    logits_from_hidden,
+    text_model,
+    unflatten,
+)
 from .sharding import Plan, make_mesh
 from .training import Trainer, hidden_state, loss_sum
 from .wrappers import WRAPPERS
@@ -68,11 +76,24 @@ def _captured_forward(params: Params, ids: jax.Array, rope: Any, masks: Any, *, 
             {i: out.attentions[i] for i in attentions})
 
 
+def _final_hidden(params: Params, ids: jax.Array, rope: Any, *, config: Gemma3Config, plan: Plan) -> jax.Array:
+    """Final normed hidden states [batch, seq, hidden] of a plain sequence, in the compute dtype: the
+    backbone of ``_full_logits`` without its head (logit_chunks runs the head per chunk)."""
+    return text_model(params, config, ids, rope=rope, hint=plan.hint).last_hidden_state
+
+
+def _head_logits(params: Params, hidden: jax.Array, *, config: Gemma3Config, plan: Plan) -> jax.Array:
+    """float32 logits [batch, n, vocab] of final normed hidden states [batch, n, hidden] (the soft-capped head)."""
+    return logits_from_hidden(params, config, hidden, plan.hint).astype(jnp.float32)
+
+
 # Module-level, with the config and plan static: models of the same config on the same mesh share compiled
 # functions (the cache key also holds every input's shape, dtype and sharding).
 _jit_full_logits = jax.jit(_full_logits, static_argnames=("config", "plan"))
 _jit_captured_forward = jax.jit(_captured_forward,
                                 static_argnames=("config", "plan", "hidden_states", "attentions", "logits"))
+_jit_final_hidden = jax.jit(_final_hidden, static_argnames=("config", "plan"))
+_jit_head_logits = jax.jit(_head_logits, static_argnames=("config", "plan"))  # one compile per chunk length
 _jit_step = jax.jit(extend_step, static_argnames=("config", "plan", "mode"), donate_argnums=1)
 _jit_planned_step = jax.jit(
     planned_step, static_argnames=("config", "plan", "mode", "hidden_states", "attentions"), donate_argnums=1
@@ -261,6 +282,25 @@ class JaxBackend:
         head = self._checked(model, np.asarray(head)) if logits else None
         return ForwardOutput(head, {i: np.asarray(a) for i, a in picked.items()},
                              {i: np.asarray(a) for i, a in probs.items()})
+
+    def logit_chunks(self, model: JaxModel, ids: np.ndarray, *, chunk_tokens: int = 512) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, float32 logits [batch, n, vocab]) of every ``chunk_tokens`` positions: one jitted backbone
+        pass whose final normed hidden states stay on the device(s), then the jitted head on each chunk's
+        slice of them (Backend.logit_chunks)."""
+        ids = self._token_ids(model, ids)
+        chunk = check_chunk_tokens(chunk_tokens)
+        positions = np.arange(ids.shape[1])[None]  # [1, seq]
+        with model._precision():
+            hidden = _jit_final_hidden(model.params, self._place_ids(model, ids), model.rope(positions),
+                                       config=model.config, plan=model.plan)  # [batch, seq, hidden]
+        return self._head_chunks(model, hidden, chunk)
+
+    def _head_chunks(self, model: JaxModel, hidden: jax.Array, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, hidden.shape[1], chunk):
+            with model._precision():
+                logits = _jit_head_logits(model.params, hidden[:, start : start + chunk], config=model.config,
+                                          plan=model.plan)
+            yield start, self._checked(model, np.asarray(logits))  # [batch, n, vocab]
 
     def weights(self, model: JaxModel) -> dict[str, np.ndarray]:
         """Every canonical parameter under its canonical name, in the model's dtype (gathered from its

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 
 from gemmalab.backend import NO_POSITIONS, ForwardOutput
 from gemmalab.checkpoint import Weights
-from gemmalab.checks import check_logits_mode, check_token_ids
+from gemmalab.checks import check_chunk_tokens, check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
@@ -139,6 +139,21 @@ class MLXBackend:
             mx.eval(head, picked, probs)
         return ForwardOutput(np.array(head) if logits else None, {i: np.array(a) for i, a in picked.items()},
                              {i: np.array(a) for i, a in probs.items()})
+
+    def logit_chunks(
+        self, model: Gemma3ForCausalLM, ids: np.ndarray, *, chunk_tokens: int = 512
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, float32 logits [batch, n, vocab]) of every ``chunk_tokens`` positions: the backbone is
+        evaluated once, its final normed hidden states stay on the device, and the head
+        (``logits_from_hidden``, with the soft-cap) is evaluated per chunk (Backend.logit_chunks)."""
+        _require_weights(model)
+        ids = _token_ids(model, ids)
+        chunk = check_chunk_tokens(chunk_tokens)
+        device = model.device or mx.default_device()
+        with mx.stream(device):
+            hidden = model.model(ids).last_hidden_state  # [batch, seq, hidden]
+            mx.eval(hidden)  # once, here: each chunk's graph then starts from these values
+        return _head_chunks(model, hidden, chunk, device)
 
     # -- generation --------------------------------------------------------------------------------------
     def new_cache(
@@ -334,6 +349,15 @@ def _mlx_reader(weights: Weights):
         return value
 
     return read
+
+
+def _head_chunks(model: Gemma3ForCausalLM, hidden: mx.array, chunk: int, device: mx.Device) -> Iterator[tuple[int, np.ndarray]]:
+    """The output head on ``hidden`` [batch, seq, hidden], ``chunk`` positions at a time (logit_chunks)."""
+    for start in range(0, hidden.shape[1], chunk):
+        with mx.stream(device):
+            logits = model.logits_from_hidden(hidden[:, start : start + chunk]).astype(mx.float32)
+            mx.eval(logits)
+        yield start, np.array(logits)  # [batch, n, vocab]
 
 
 def _token_ids(model: Gemma3ForCausalLM, ids: np.ndarray) -> mx.array:

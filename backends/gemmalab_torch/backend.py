@@ -8,7 +8,7 @@ device, so a checkpoint never sits in memory twice.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -17,7 +17,7 @@ from torch import nn
 
 from gemmalab.backend import NO_POSITIONS, ForwardOutput
 from gemmalab.checkpoint import Weights
-from gemmalab.checks import check_cache_request, check_logits_mode, check_token_ids
+from gemmalab.checks import check_cache_request, check_chunk_tokens, check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
@@ -187,6 +187,29 @@ class TorchBackend:
             probs = {i: out.attentions[i].float().cpu().numpy() for i in attentions}
             head = out.logits.float().cpu().numpy() if logits else None
         return ForwardOutput(head, picked, probs)
+
+    def logit_chunks(
+        self, model: Gemma3ForCausalLM, ids: np.ndarray, *, chunk_tokens: int = 512
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, float32 logits [batch, n, vocab]) of every ``chunk_tokens`` positions: the backbone runs
+        once, its final normed hidden states stay on the device, and the head (``logits_from_hidden``, with
+        the soft-cap) runs per chunk (gemmalab.backend.Backend.logit_chunks)."""
+        ids = check_token_ids(ids, model.config.vocab_size)
+        chunk = check_chunk_tokens(chunk_tokens)
+        self._require_weights(model)
+        with torch.inference_mode():
+            hidden = model.model(torch.as_tensor(ids, dtype=torch.long, device=model.device)).last_hidden_state
+        return self._head_chunks(model, hidden, chunk)  # checked and run now; the chunks come as they are read
+
+    def _head_chunks(self, model: Gemma3ForCausalLM, hidden: torch.Tensor, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, hidden.shape[1], chunk):
+            with torch.inference_mode():
+                logits = model.logits_from_hidden(hidden[:, start : start + chunk]).float().cpu().numpy()
+            if model.dtype == torch.float16 and not np.isfinite(logits).all():
+                raise BackendError(
+                    "float16 overflowed inside a layer (non-finite logits): run this model in bfloat16 or float32"
+                )
+            yield start, logits  # [batch, n, vocab]
 
     def weights(self, model: Gemma3ForCausalLM) -> dict[str, np.ndarray]:
         """Every canonical parameter under its canonical name, in the model's dtype; the tied head once, as

@@ -6,7 +6,8 @@
     generate.py  generate
     bench.py     bench
     train.py     train, eval
-    distill.py   distill
+    distill.py   distill (training)
+    distill_cache.py  distill cache
     experiments.py  experiments list, run, menu
 
 Importing this package imports no array framework: each command imports its backend when it runs.
@@ -14,7 +15,7 @@ Importing this package imports no array framework: each command imports its back
 
 from __future__ import annotations
 
-from . import bench, distill, experiments, generate, models, train  # noqa: F401  (each module registers its commands on `app`)
+from . import bench, distill, distill_cache, experiments, generate, models, train  # noqa: F401  (each module registers its commands on `app`)
 from .app import app, console, err_console, main
 
 __all__ = ["app", "console", "err_console", "main"]

@@ -175,7 +175,8 @@ def pack(documents: Iterable[Document], tokenizer: Tokenizer, seq_len: int) -> t
 class Batch:
     """inputs, targets int32 [batch, seq]; weights float32 [batch, seq] (1 = trained target). Optional, as
     gemmalab.train.inputs describes them: explicit positions and a boolean mask, and the named extra inputs
-    the loss terms read."""
+    the loss terms read. ``windows`` int64 [batch]: the index of each row's window among the packed windows
+    (``pack``'s order), which is how a row finds its targets in an offline teacher cache."""
 
     inputs: np.ndarray
     targets: np.ndarray
@@ -183,17 +184,20 @@ class Batch:
     positions: np.ndarray | None = None
     mask: np.ndarray | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    windows: np.ndarray | None = None
 
     @property
     def tokens(self) -> int:
         return int(self.weights.sum())
 
 
-def make_batch(windows: np.ndarray, trained: np.ndarray) -> Batch:
+def make_batch(windows: np.ndarray, trained: np.ndarray, indices: np.ndarray | None = None) -> Batch:
+    """The batch of packed windows [batch, seq_len + 1]; ``indices``: their indices among the packed windows."""
     return Batch(
         inputs=np.ascontiguousarray(windows[:, :-1]),
         targets=np.ascontiguousarray(windows[:, 1:]),
         weights=trained[:, 1:].astype(np.float32),
+        windows=None if indices is None else np.asarray(indices, np.int64),
     )
 
 
@@ -211,6 +215,8 @@ class DataStream:
         held_out, train = np.sort(order[:n_eval]), np.sort(order[n_eval:])
         self.train_windows, self.train_trained = windows[train], trained[train]
         self.eval_windows, self.eval_trained = windows[held_out], trained[held_out]
+        # Where each kept window sits among the packed windows (Batch.windows).
+        self.train_indices, self.eval_indices = train.astype(np.int64), held_out.astype(np.int64)
         if len(self.train_windows) and not self.train_trained[:, 1:].any():
             raise InputError("after the held-out split no training window has a token to train on: "
                              "add data, or lower eval_fraction")
@@ -235,7 +241,7 @@ class DataStream:
             rows.append(self._order[self.position])
             self.position += 1
         index = np.asarray(rows)
-        return make_batch(self.train_windows[index], self.train_trained[index])
+        return make_batch(self.train_windows[index], self.train_trained[index], self.train_indices[index])
 
     def eval_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[Batch]:
         """The held-out windows in fixed order, ``batch_size`` at a time (the last batch may be smaller)."""
@@ -243,7 +249,8 @@ class DataStream:
             if max_batches is not None and n >= max_batches:
                 return
             stop = start + batch_size
-            yield make_batch(self.eval_windows[start:stop], self.eval_trained[start:stop])
+            yield make_batch(self.eval_windows[start:stop], self.eval_trained[start:stop],
+                             self.eval_indices[start:stop])
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
