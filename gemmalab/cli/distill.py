@@ -38,6 +38,7 @@ def student_flags(student: str | None) -> dict[str, str | None]:
 def distill(
     ctx: typer.Context,
     teacher: Annotated[Optional[str], typer.Option("--teacher", help=_h("teacher"))] = None,  # noqa: UP045
+    cache: Annotated[Optional[str], typer.Option("--cache", help=_h("cache"))] = None,  # noqa: UP045
     student: Annotated[Optional[str], typer.Option("--student", help="The student: a preset (random init, taking the teacher's vocabulary and tokenizer) or a checkpoint folder / Hub id (default: preset tiny).")] = None,  # noqa: UP045
     config_file: Annotated[Optional[Path], typer.Option("--config", help="A YAML file of settings, flat or in teacher / student / training / distillation sections (keys: --list-settings).")] = None,  # noqa: UP045
     sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override any setting: --set key=value or --set section.key=value (repeatable).")] = None,  # noqa: UP045
@@ -77,7 +78,7 @@ def distill(
 
     precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[canonical_dtype(dtype)] if dtype else None
     flags = {
-        "teacher": teacher, "teacher_dtype": canonical_dtype(teacher_dtype) if teacher_dtype else None,
+        "teacher": teacher, "cache": cache, "teacher_dtype": canonical_dtype(teacher_dtype) if teacher_dtype else None,
         "loss": loss, "alpha": alpha, "beta": beta, "temperature": temperature,
         "data": data, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
         "lr": lr, "precision": precision, "backend": backend, "device": device, "seed": seed, "out": out,
@@ -90,7 +91,7 @@ def distill(
     if flags.get("preset") and config.model is not None:  # --student PRESET wins over a configured checkpoint
         config = dataclasses.replace(config, model=None)
     who = config.model or f"preset {config.preset} (random init)"
-    console.print(f"distilling {escape(config.teacher)} -> {escape(who)} ({config.loss}, alpha {config.alpha}, "
+    console.print(f"distilling {escape(config.teacher or 'the teacher cache ' + config.cache)} -> {escape(who)} ({config.loss}, alpha {config.alpha}, "
                   f"T {config.temperature}) for {config.steps} steps -> {escape(config.out)}", soft_wrap=True)
     result = run_distillation(config, progress=not quiet and console.is_terminal, echo=_echo,
                               log_lines=not quiet and not console.is_terminal)

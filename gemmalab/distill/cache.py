@@ -110,6 +110,8 @@ def build_cache(
     )
     with writing(out, "teacher cache"):
         manifest = _start_or_resume(out, wanted, echo)
+        if Tokenizer.from_folder(out) is None:  # a preset student trained from the cache takes this tokenizer
+            tokenizer.save(out)
         layout = expected_shards(len(windows), shard_windows)
         done = {entry["first_window"] for entry in manifest["shards"]}
         todo = [i for i, (first, _) in enumerate(layout) if first not in done]

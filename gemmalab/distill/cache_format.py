@@ -35,6 +35,7 @@ from safetensors.numpy import save
 
 from ..checkpoint import atomic_write_bytes, weight_files
 from ..errors import CheckpointError, ConfigError, InputError
+from ..tokenizer import Tokenizer
 from .sparse import SparseTargets
 
 FORMAT = "gemmalab-teacher-cache"
@@ -249,6 +250,10 @@ class TeacherCache:
     @property
     def teacher_fingerprint(self) -> str:
         return self.manifest["teacher"]["fingerprint"]
+
+    def tokenizer(self) -> Tokenizer | None:
+        """The teacher's tokenizer, saved beside the shards (a preset student takes it)."""
+        return Tokenizer.from_folder(self.path)
 
     # -- is it this run's? -----------------------------------------------------------------------------------
     def check(self, *, tokenizer_fingerprint: str | None = None, data_fingerprint: str | None = None,

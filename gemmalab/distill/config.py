@@ -27,7 +27,7 @@ from ..train.spec import TrainSpec
 # YAML section -> {key in that section: the flat setting}. The training section takes every TrainConfig key as
 # it is; `student` names the model being trained, which TrainConfig calls preset / model.
 SECTIONS: dict[str, dict[str, str]] = {
-    "teacher": {"model": "teacher", "dtype": "teacher_dtype"},
+    "teacher": {"model": "teacher", "dtype": "teacher_dtype", "cache": "cache"},
     "student": {"model": "model", "preset": "preset"},
     "distillation": {"loss": "loss", "alpha": "alpha", "beta": "beta", "temperature": "temperature",
                      "temperature_end": "temperature_end", "temperature_schedule": "temperature_schedule",
@@ -44,7 +44,9 @@ class DistillConfig(TrainConfig):
     command: ClassVar[str] = "gemmalab distill"
 
     # the teacher
-    teacher: str | None = _setting(None, "the teacher: a checkpoint folder or Hub repo id (required)")
+    teacher: str | None = _setting(None, "the teacher: a checkpoint folder or Hub repo id (or give cache)")
+    cache: str | None = _setting(None, "train from this offline teacher cache (gemmalab distill cache) instead of "
+                                       "a teacher in memory")
     teacher_dtype: str | None = _setting(None, "the teacher's dtype: float32, bfloat16 or float16; none = the "
                                                "checkpoint's own")
     # the objective: loss = alpha * CE(targets) + (1 - alpha) * KD(teacher || student)
@@ -64,8 +66,14 @@ class DistillConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.teacher:
-            raise ConfigError("distillation needs a teacher: pass --teacher SRC (a checkpoint folder or Hub id)")
+        if not self.teacher and not self.cache:
+            raise ConfigError("distillation needs a teacher: pass --teacher SRC (a checkpoint folder or Hub id) or "
+                              "--cache DIR (an offline teacher cache)")
+        if self.teacher and self.cache:
+            raise ConfigError("give the teacher once: --teacher SRC (online) or --cache DIR (offline), not both")
+        if self.cache and (self.loss != "fkl" or self.scheduled_temperature):
+            raise ConfigError("a teacher cache holds the teacher's distribution at one temperature, for the forward "
+                              "KL: train from it with loss fkl and a constant temperature, or use --teacher SRC")
         if self.loss not in DIVERGENCES:
             raise ConfigError(f"loss {self.loss!r} is not one of {', '.join(DIVERGENCES)}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -88,15 +96,21 @@ class DistillConfig(TrainConfig):
         return self.temperature_end is not None and self.temperature_end != self.temperature \
             and self.temperature_schedule != "constant"
 
-    def loss_spec(self) -> LossSpec:
+    def loss_spec(self, cached: str | None = None) -> LossSpec:
+        """The objective's loss; ``cached`` ("top-k" or "sampled") for a run from a teacher cache of that kind."""
+        if cached is not None:
+            from ..train.losses import cached_distillation_loss  # TODO(merge sparse): module level
+
+            return cached_distillation_loss(alpha=self.alpha, estimator=cached, temperature=self.temperature,
+                                            label_smoothing=self.label_smoothing, t2_scaling=self.t2_scaling)
         return distillation_loss(
             alpha=self.alpha, temperature=self.temperature, divergence=self.loss, beta=self.beta,
             label_smoothing=self.label_smoothing, t2_scaling=self.t2_scaling, teacher=TEACHER,
             temperature_input=TEMPERATURE_SCALAR if self.scheduled_temperature else None,
         )
 
-    def train_spec(self) -> TrainSpec:
-        return replace(super().train_spec(), loss=self.loss_spec())
+    def train_spec(self, cached: str | None = None) -> TrainSpec:
+        return replace(super().train_spec(), loss=self.loss_spec(cached))
 
     @classmethod
     def flatten(cls, values: dict[str, Any]) -> dict[str, Any]:

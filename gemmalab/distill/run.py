@@ -13,6 +13,7 @@ from typing import Any
 from ..checkpoint import atomic_write_bytes
 from ..outputs import writing
 from ..train.loop import TrainResult, train
+from .cached import CachedTeacherObjective
 from .config import DistillConfig
 from .teacher import TeacherObjective
 
@@ -32,7 +33,7 @@ def distill(config: DistillConfig, *, progress: bool = True, echo=print, log_lin
             on_step: Callable[[dict], None] | None = None) -> DistillResult:
     """Run (or resume, with ``config.resume``) the distillation ``config`` describes; see gemmalab.train.train
     for ``progress``, ``log_lines`` and ``on_step``."""
-    objective = TeacherObjective(config)
+    objective = CachedTeacherObjective(config) if config.cache else TeacherObjective(config)
     result = train(config, progress=progress, echo=echo, log_lines=log_lines, on_step=on_step, objective=objective)
     report = build_report(config, result)
     path = result.run_dir / REPORT_FILE

@@ -82,7 +82,7 @@ class TeacherObjective(Objective):
 
     # -- the teacher beside it -------------------------------------------------------------------------------
     def start(self, backend: Any, config: DistillConfig, model_config: Gemma3Config, tokenizer: Tokenizer,
-              echo=print) -> None:
+              windows: Any, trained: Any, echo=print) -> None:
         teacher = self.checkpoint
         dtype = canonical_dtype(config.teacher_dtype) if config.teacher_dtype else (teacher.config.stored_dtype or "float32")
         if teacher.weights is None:

@@ -277,8 +277,8 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
     backend = get_backend(backend_name)
     native = backend.build(model_config, weights, dtype="float32", device=config.device)
     del weights
-    objective.start(backend, config, model_config, tokenizer, echo)
-    trainer = backend.trainer(native, config.train_spec(), companions=objective.companions())
+    objective.start(backend, config, model_config, tokenizer, windows, trained, echo)
+    trainer = backend.trainer(native, objective.train_spec(config), companions=objective.companions())
 
     warmup, note = warmup_for(config)
     if note and saved_state is None:
@@ -339,9 +339,9 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
                 scalars = objective.scalars(step)
                 for _ in range(config.grad_accum):
                     batch = stream.next_batch(config.batch_size)
+                    extras = {**batch.extras, **objective.batch_extras(batch)}
                     loss_sum += trainer.accumulate(batch.inputs, batch.targets, batch.weights, positions=batch.positions,
-                                                   mask=batch.mask, extras=batch.extras, scalars=scalars,
-                                                   loss_scale=factor)
+                                                   mask=batch.mask, extras=extras, scalars=scalars, loss_scale=factor)
                     for name, value in trainer.term_sums().items():
                         term_sums[name] = term_sums.get(name, 0.0) + value
                     tokens += batch.tokens

@@ -5,12 +5,15 @@ precision, checkpoints, resumption, tracking, progress -- instead of copying it.
 The loop (gemmalab.train.loop.train) asks its objective, in this order:
 
 1. ``model_source(config)``: the model to train (its config, starting weights, tokenizer);
-2. ``start(backend, config, model_config, tokenizer, echo)``: once, before the trainer is built, for what
-   the objective needs beside the model (a distillation teacher, built on the same backend);
-3. ``companions()``: frozen models the loss terms read (gemmalab.train.losses.LossSpec.companions),
+2. ``start(backend, config, model_config, tokenizer, windows, trained, echo)``: once, before the trainer is
+   built, for what the objective needs beside the model (a distillation teacher, built on the same backend;
+   a teacher cache, checked against the run's packed ``windows`` and ``trained`` flags);
+3. ``train_spec(config)``: what the trainer optimises (the config's own spec, unless the objective knows
+   better); ``companions()``: frozen models the loss terms read (gemmalab.train.losses.LossSpec.companions),
    handed to ``backend.trainer(..., companions=...)``;
 4. ``scalars(step)``: the per-step scalars the loss terms read (a temperature schedule), passed to every
-   ``accumulate`` of that step;
+   ``accumulate`` of that step; ``batch_extras(batch)``: the per-position extra inputs the loss terms read
+   for one batch (a teacher cache's sparse targets of the batch's windows);
 5. ``evaluate(backend, native, stream, config)``: figures added to each evaluation record beside the
    held-out loss (for distillation: teacher perplexity, agreement, KL).
 
@@ -67,13 +70,20 @@ class Objective:
     def model_source(self, config: Any) -> ModelSource:
         return checkpoint_source(config.model) if config.model is not None else preset_source(config.preset)
 
-    def start(self, backend: Any, config: Any, model_config: Gemma3Config, tokenizer: Tokenizer, echo=print) -> None:
+    def start(self, backend: Any, config: Any, model_config: Gemma3Config, tokenizer: Tokenizer, windows: Any,
+              trained: Any, echo=print) -> None:
         """Prepare what the objective needs beside the model; nothing for plain training."""
+
+    def train_spec(self, config: Any) -> Any:
+        return config.train_spec()
 
     def companions(self) -> dict[str, Any]:
         return {}
 
     def scalars(self, step: int) -> dict[str, float]:  # noqa: ARG002 (used by subclasses)
+        return {}
+
+    def batch_extras(self, batch: Any) -> dict[str, Any]:  # noqa: ARG002 (used by subclasses)
         return {}
 
     def evaluate(self, backend: Any, native: Any, stream: Any, config: Any) -> dict[str, float]:  # noqa: ARG002
