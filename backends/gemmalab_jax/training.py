@@ -71,6 +71,7 @@ from gemmalab.train.inputs import StepInputs, prepare
 from gemmalab.train.losses import (
     LOG_FLOOR,
     AuxTerm,
+    CachedDistillation,
     CrossEntropy,
     Distillation,
     HeadTerm,
@@ -126,6 +127,30 @@ def divergence(student: jax.Array, teacher: jax.Array, term: Distillation, tempe
     return temperature**2 * per_position if term.t2_scaling else per_position
 
 
+def cached_distillation(logits: jax.Array, term: CachedDistillation, ids: jax.Array, logprobs: jax.Array,
+                        tail: jax.Array | None) -> jax.Array:
+    """Per-position loss [n] of float32 logits [n, vocab] against cached teacher targets: ids int32 [n, k],
+    their log-probabilities [n, k] and, for top-k, the tail mass [n] (losses.cached_distillation has the
+    formulas). log q_rest is a log-sum-exp over the ids not kept (the kept ones masked to -inf), not
+    log(1 - sum q_kept): that difference loses q_rest to cancellation in float32 once the kept ids hold
+    nearly all the mass, which is when its gradient matters most."""
+    z = logits / term.temperature
+    lse = jax.nn.logsumexp(z, axis=-1)  # [n]
+    log_q = jnp.take_along_axis(z, ids, axis=-1) - lse[:, None]  # [n, k]
+    if term.estimator == "sampled":
+        per_position = -log_q.mean(axis=-1)
+    else:
+        rows = jnp.arange(z.shape[0])[:, None]
+        kept = jnp.zeros(z.shape, bool).at[rows, ids].set(True)  # [n, vocab]
+        # A row whose kept ids cover the vocabulary (k = vocabulary) has no rest bucket: its rest term is 0.
+        # Its mask is lifted, so no log-sum-exp runs over -inf alone (a NaN in the backward pass).
+        has_rest = ~kept.all(axis=-1)  # [n]
+        log_q_rest = jax.nn.logsumexp(jnp.where(kept & has_rest[:, None], -jnp.inf, z), axis=-1) - lse  # [n]
+        rest = tail * (jnp.log(jnp.maximum(tail, LOG_FLOOR)) - log_q_rest)  # 0 log 0 = 0 at r = 0
+        per_position = (jnp.exp(logprobs) * (logprobs - log_q)).sum(axis=-1) + jnp.where(has_rest, rest, 0.0)
+    return term.temperature**2 * per_position if term.t2_scaling else per_position
+
+
 def head_term(term: HeadTerm, logits: jax.Array, targets: jax.Array, extras: Mapping[str, jax.Array],
               companions: Mapping[str, jax.Array] | None = None,
               scalars: Mapping[str, jax.Array] | None = None) -> jax.Array:
@@ -135,6 +160,9 @@ def head_term(term: HeadTerm, logits: jax.Array, targets: jax.Array, extras: Map
     if isinstance(term, Distillation):
         teacher = companions[term.teacher]
         return divergence(logits[:, : teacher.shape[-1]], teacher, term, term.temperature_at(scalars))
+    if isinstance(term, CachedDistillation):
+        tail = extras[term.tail] if term.estimator == "top-k" else None
+        return cached_distillation(logits, term, extras[term.ids], extras[term.logprobs], tail)
     if isinstance(term, CrossEntropy):
         lse = jax.nn.logsumexp(logits, axis=-1)  # [chunk]
         nll = lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]  # -log p(target)
@@ -213,7 +241,9 @@ def head_term_sums(
     def chunked(x: jax.Array) -> jax.Array:  # [n, ...] -> [chunks, chunk, ...], padded with zeros
         return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(count, chunk, *x.shape[1:])
 
-    extras = {name: chunked(value.astype(jnp.float32)) for name, value in (extras or {}).items()}
+    # float extras in float32; teacher ids stay int (their padding, id 0, has weight 0 like the rest)
+    extras = {name: chunked(value if jnp.issubdtype(value.dtype, jnp.integer) else value.astype(jnp.float32))
+              for name, value in (extras or {}).items()}
     teacher_hidden = {name: chunked(head.hidden) for name, head in companions.items()}
 
     # scan already keeps the chunks apart, so CSE cannot undo the recomputation (jax.checkpoint docs)
@@ -305,7 +335,7 @@ def chunked_term_sums(
         weights.reshape(-1),
         chunk_tokens=chunk_tokens,
         terms=loss.head,
-        extras={name: extras[name].reshape(rows, -1) for name in loss.head_extras},
+        extras={name: extras[name].reshape(rows, *extras[name].shape[2:]) for name in loss.head_extras},
         hint=hint,
         companions=companions,
         scalars=scalars,
@@ -522,7 +552,7 @@ class Batch(NamedTuple):
     weights: jax.Array  # float32 [batch, seq]
     rope: Rope  # RoPE tables of the batch's positions
     masks: Masks | None  # layer type -> bool [batch, 1, seq, seq]; None = the built-in causal masks
-    extras: dict[str, jax.Array]  # float32
+    extras: dict[str, jax.Array]  # float32; int32 for teacher ids
     scalars: dict[str, jax.Array]  # float32 0-d: traced, so a new value (a scheduled temperature) never recompiles
     companions: dict[str, tuple[Rope, Masks | None]]  # each companion's RoPE tables and masks (its own config's)
 
@@ -870,6 +900,7 @@ __all__ = [
     "Trainer",
     "aux_term",
     "batch_arrays",
+    "cached_distillation",
     "chunked_loss_sum",
     "chunked_term_sums",
     "companion_heads",

@@ -48,6 +48,7 @@ from gemmalab.train.inputs import StepInputs, prepare
 from gemmalab.train.losses import (
     LOG_FLOOR,
     AuxTerm,
+    CachedDistillation,
     CrossEntropy,
     Distillation,
     HeadTerm,
@@ -106,6 +107,31 @@ def divergence(student: mx.array, teacher: mx.array, term: Distillation, tempera
     return temperature**2 * per_position if term.t2_scaling else per_position
 
 
+def cached_distillation(logits: mx.array, term: CachedDistillation, ids: mx.array, logprobs: mx.array,
+                        tail: mx.array | None) -> mx.array:
+    """Per-position loss [n] of float32 logits [n, vocab] against cached teacher targets: ids int32 [n, k],
+    their log-probabilities [n, k] and, for top-k, the tail mass [n] (losses.cached_distillation has the
+    formulas). log q_rest is a log-sum-exp over the ids not kept (the kept ones masked to -inf), not
+    log(1 - sum q_kept): that difference loses q_rest to cancellation in float32 once the kept ids hold
+    nearly all the mass, which is when its gradient matters most."""
+    z = logits / term.temperature
+    lse = mx.logsumexp(z, axis=-1)  # [n]
+    log_q = mx.take_along_axis(z, ids, axis=-1) - lse[:, None]  # [n, k]
+    if term.estimator == "sampled":
+        per_position = -log_q.mean(axis=-1)
+    else:
+        kept = mx.put_along_axis(mx.zeros(z.shape, dtype=mx.bool_), ids, mx.array(True), axis=-1)  # [n, vocab]
+        # A row whose kept ids cover the vocabulary (k = vocabulary) has no rest bucket: its rest term is 0.
+        # Its mask is lifted, so no log-sum-exp runs over -inf alone: MLX's where passes a gradient on as
+        # cotangent * condition, so a NaN from the masked entries would reach the logits.
+        has_rest = mx.logical_not(kept.all(axis=-1))  # [n]
+        masked = mx.where(mx.logical_and(kept, has_rest[:, None]), -mx.inf, z)
+        log_q_rest = mx.logsumexp(masked, axis=-1) - lse  # [n]
+        rest = tail * (mx.log(mx.maximum(tail, LOG_FLOOR)) - log_q_rest)  # 0 log 0 = 0 at r = 0
+        per_position = (mx.exp(logprobs) * (logprobs - log_q)).sum(axis=-1) + mx.where(has_rest, rest, 0.0)
+    return term.temperature**2 * per_position if term.t2_scaling else per_position
+
+
 def head_term(term: HeadTerm, logits: mx.array, targets: mx.array, extras: Mapping[str, mx.array],
               companions: Mapping[str, mx.array] | None = None, scalars: Mapping[str, float] | None = None) -> mx.array:
     """One head term's per-position loss [chunk] (its weight not applied); ``companions`` holds each
@@ -115,6 +141,9 @@ def head_term(term: HeadTerm, logits: mx.array, targets: mx.array, extras: Mappi
     if isinstance(term, Distillation):
         teacher = companions[term.teacher]
         return divergence(logits[:, : teacher.shape[-1]], teacher, term, term.temperature_at(scalars))
+    if isinstance(term, CachedDistillation):
+        tail = extras[term.tail] if term.estimator == "top-k" else None
+        return cached_distillation(logits, term, extras[term.ids], extras[term.logprobs], tail)
     return soft_target_cross_entropy(logits, extras[term.targets], term.temperature)
 
 
@@ -199,7 +228,7 @@ class Batch:
     weights: mx.array  # float32 [batch, seq]
     positions: mx.array | None  # int32 [batch, seq], with masks
     masks: dict[str, mx.array] | None  # layer type -> bool [batch, 1, seq, seq]
-    extras: dict[str, mx.array]  # float32
+    extras: dict[str, mx.array]  # float32; int32 for teacher ids
     hidden_layers: tuple[int, ...]
     attention_layers: tuple[int, ...]
     scalars: dict[str, float] = field(default_factory=dict)
@@ -208,7 +237,7 @@ class Batch:
     def flat_extras(self, names: tuple[str, ...]) -> dict[str, mx.array]:
         """The named per-position extras flattened like the positions: [batch * seq, ...]."""
         rows = self.ids.shape[0] * self.ids.shape[1]
-        return {name: self.extras[name].reshape(rows, -1) for name in names}
+        return {name: self.extras[name].reshape(rows, *self.extras[name].shape[2:]) for name in names}
 
 
 def batch_arrays(step: StepInputs) -> Batch:
@@ -712,6 +741,7 @@ __all__ = [
     "aux_term_sums",
     "backbone",
     "batch_arrays",
+    "cached_distillation",
     "cast_parameters",
     "chunk_loss",
     "chunk_term_sums",

@@ -26,6 +26,7 @@ from gemmalab.train.inputs import StepInputs, prepare
 from gemmalab.train.losses import (
     LOG_FLOOR,
     AuxTerm,
+    CachedDistillation,
     CrossEntropy,
     Distillation,
     HeadTerm,
@@ -76,6 +77,29 @@ def divergence(student: Tensor, teacher: Tensor, term: Distillation, temperature
     return temperature**2 * per_position if term.t2_scaling else per_position
 
 
+def cached_distillation(logits: Tensor, term: CachedDistillation, ids: Tensor, logprobs: Tensor,
+                        tail: Tensor | None) -> Tensor:
+    """Per-position loss [n] of float32 logits [n, vocab] against cached teacher targets: ids int64 [n, k],
+    their log-probabilities [n, k] and, for top-k, the tail mass [n] (losses.cached_distillation has the
+    formulas). log q_rest is a log-sum-exp over the ids not kept (the kept ones masked to -inf), not
+    log(1 - sum q_kept): that difference loses q_rest to cancellation in float32 once the kept ids hold
+    nearly all the mass, which is when its gradient matters most."""
+    z = logits / term.temperature
+    lse = torch.logsumexp(z, dim=-1)  # [n]
+    log_q = z.gather(-1, ids) - lse[:, None]  # [n, k]
+    if term.estimator == "sampled":
+        per_position = -log_q.mean(-1)
+    else:
+        kept = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, ids, True)  # [n, vocab]
+        # A row whose kept ids cover the vocabulary (k = vocabulary) has no rest bucket: its rest term is 0.
+        # Its mask is lifted, so no log-sum-exp runs over -inf alone (a NaN in the backward pass).
+        has_rest = ~kept.all(-1)  # [n]
+        log_q_rest = torch.logsumexp(z.masked_fill(kept & has_rest[:, None], -math.inf), dim=-1) - lse  # [n]
+        rest = tail * (tail.clamp_min(LOG_FLOOR).log() - log_q_rest)  # 0 log 0 = 0 at r = 0
+        per_position = (logprobs.exp() * (logprobs - log_q)).sum(-1) + torch.where(has_rest, rest, 0.0)
+    return term.temperature**2 * per_position if term.t2_scaling else per_position
+
+
 def head_term(term: HeadTerm, logits: Tensor, targets: Tensor, extras: Mapping[str, Tensor],
               companions: Mapping[str, Tensor] | None = None, scalars: Mapping[str, float] | None = None) -> Tensor:
     """One head term's per-position loss [chunk] (its weight not applied); ``companions`` holds each
@@ -85,6 +109,9 @@ def head_term(term: HeadTerm, logits: Tensor, targets: Tensor, extras: Mapping[s
     if isinstance(term, Distillation):
         teacher = companions[term.teacher]
         return divergence(logits[:, : teacher.shape[-1]], teacher, term, term.temperature_at(scalars))
+    if isinstance(term, CachedDistillation):
+        tail = extras[term.tail] if term.estimator == "top-k" else None
+        return cached_distillation(logits, term, extras[term.ids], extras[term.logprobs], tail)
     return soft_target_cross_entropy(logits, extras[term.targets], term.temperature)
 
 
@@ -253,7 +280,7 @@ class Batch:
     weights: Tensor  # float32 [batch, seq]
     positions: Tensor | None  # int64 [batch, seq], with masks
     masks: dict[str, Tensor] | None  # layer type -> bool [batch, 1, seq, seq]
-    extras: dict[str, Tensor]  # float32
+    extras: dict[str, Tensor]  # float32; int64 for teacher ids
     hidden_layers: tuple[int, ...]
     attention_layers: tuple[int, ...]
     scalars: dict[str, float] = field(default_factory=dict)
@@ -276,7 +303,8 @@ def batch_arrays(model: Gemma3ForCausalLM, step: StepInputs) -> Batch:
     return Batch(
         ids=put(step.inputs, torch.long), targets=put(step.targets, torch.long), weights=put(step.weights, torch.float32),
         positions=None if step.positions is None else put(step.positions, torch.long), masks=masks,
-        extras={name: put(value, torch.float32) for name, value in step.extras.items()},
+        extras={name: put(value, torch.long if np.issubdtype(value.dtype, np.integer) else torch.float32)
+                for name, value in step.extras.items()},
         hidden_layers=step.hidden_layers, attention_layers=step.attention_layers,
         scalars=dict(step.scalars), companion_masks=companion_masks,
     )
@@ -315,7 +343,8 @@ def chunked_loss_sum(model: Gemma3ForCausalLM, batch: Batch, loss: LossSpec, *, 
                       output_attentions=frozenset(batch.attention_layers))
     hidden = out.last_hidden_state  # [batch, seq, dim]
     dim = hidden.shape[-1]
-    head_extras = {name: batch.extras[name].reshape(hidden.shape[0] * hidden.shape[1], -1) for name in loss.head_extras}
+    rows = hidden.shape[0] * hidden.shape[1]
+    head_extras = {name: batch.extras[name].reshape(rows, *batch.extras[name].shape[2:]) for name in loss.head_extras}
     heads = companion_heads(companions or {}, batch, model.config.vocab_size) if loss.companions else {}
     total = chunked_head_loss(model.output_weight(), hidden.reshape(-1, dim), batch.targets.reshape(-1),
                               batch.weights.reshape(-1), terms=loss.head, chunk_tokens=chunk_tokens,
@@ -523,5 +552,5 @@ class Trainer:
 
 
 __all__ = ["Adafactor", "ChunkedHeadLoss", "Batch", "CompanionHead", "Trainer", "aux_term", "batch_arrays",
-           "chunked_head_loss", "chunked_loss_sum", "companion_heads", "cross_entropy", "divergence",
+           "cached_distillation", "chunked_head_loss", "chunked_loss_sum", "companion_heads", "cross_entropy", "divergence",
            "frozen_companions", "head_term", "hidden_state", "soft_target_cross_entropy"]

@@ -21,7 +21,14 @@ from .. import masks as mask_rules
 from ..checks import check_token_ids
 from ..config import Gemma3Config
 from ..errors import InputError
-from .losses import AttentionKL, Distillation, HiddenStateMSE, LossSpec, SoftTargetCrossEntropy
+from .losses import (
+    AttentionKL,
+    CachedDistillation,
+    Distillation,
+    HiddenStateMSE,
+    LossSpec,
+    SoftTargetCrossEntropy,
+)
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,7 @@ class StepInputs:
     weights: np.ndarray  # float32 [batch, seq]
     positions: np.ndarray | None
     masks: dict[str, np.ndarray] | None
-    extras: dict[str, np.ndarray]  # float32, as the loss terms name them
+    extras: dict[str, np.ndarray]  # as the loss terms name them: float32, teacher ids int32
     hidden_layers: tuple[int, ...]  # hidden-state indices to capture (transformers' convention)
     attention_layers: tuple[int, ...]  # layers whose attention probabilities to capture
     scalars: dict[str, float] = field(default_factory=dict)  # as the loss terms name them
@@ -143,7 +150,8 @@ def _layers(layers: tuple[int, ...], count: int, what: str) -> tuple[int, ...]:
 
 
 def _extras(config: Gemma3Config, loss: LossSpec, given: dict[str, object], batch: int, seq: int) -> dict[str, np.ndarray]:
-    """The extra inputs the loss reads, float32, each of the shape its term needs."""
+    """The extra inputs the loss reads, each of the shape its term needs: float32, except a cached
+    distillation term's teacher ids, int32 (checked by ``_cached_targets``)."""
     needed = loss.extras
     missing = [name for name in needed if name not in given]
     if missing:
@@ -154,6 +162,7 @@ def _extras(config: Gemma3Config, loss: LossSpec, given: dict[str, object], batc
         raise InputError(f"the batch carries the extra input {unread[0]!r}, which no loss term reads: "
                          "drop it, or add the term that reads it")
     shapes: dict[str, tuple[int, ...]] = {}
+    cached = [term for term in loss.head if isinstance(term, CachedDistillation)]
     for term in loss.head + loss.aux:
         if isinstance(term, SoftTargetCrossEntropy):
             shapes[term.targets] = (batch, seq, config.vocab_size)
@@ -161,17 +170,88 @@ def _extras(config: Gemma3Config, loss: LossSpec, given: dict[str, object], batc
             shapes[term.targets] = (batch, seq, config.hidden_size)
         elif isinstance(term, AttentionKL):
             shapes[term.targets] = (batch, config.num_attention_heads, seq, seq)
-    out = {}
+    out = _cached_targets(config, cached, given, batch, seq)
+    clash = sorted(set(out) & set(shapes))
+    if clash:
+        raise InputError(f"the extra input {clash[0]!r} is read as cached teacher targets and by another term: "
+                         "give each term its own names")
     for name in needed:
-        array = np.asarray(given[name])
-        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-            raise InputError(f"extra input {name!r} must be numbers, got {array.dtype}")
+        if name in out:
+            continue
+        array = _numbers(name, given[name])
         if array.shape != shapes[name]:
             raise InputError(f"extra input {name!r} has shape {list(array.shape)}, not the {list(shapes[name])} "
                              "its loss term reads")
-        if not np.all(np.isfinite(array)):
-            raise InputError(f"extra input {name!r} holds NaN or infinite values")
         out[name] = np.ascontiguousarray(array, dtype=np.float32)
+    return out
+
+
+def _numbers(name: str, value: object) -> np.ndarray:
+    """``value`` as a numpy array of finite numbers."""
+    array = np.asarray(value)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise InputError(f"extra input {name!r} must be numbers, got {array.dtype}")
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"extra input {name!r} holds NaN or infinite values")
+    return array
+
+
+# A tail mass this far outside [0, 1] is float32 rounding of 1 - sum p (it is clipped into [0, 1]); further out
+# it is not a probability.
+TAIL_TOLERANCE = 1e-6
+
+
+def _cached_targets(config: Gemma3Config, terms: list[CachedDistillation], given: dict[str, object], batch: int,
+                    seq: int) -> dict[str, np.ndarray]:
+    """The cached distillation terms' extras: ids int32 [batch, seq, k], each an id of the student's vocabulary
+    (distinct within a position for top-k targets); log-probabilities float32 [batch, seq, k] (finite, <= 0),
+    with the k of their ids; tails float32 [batch, seq], in [0, 1] (clipped there within TAIL_TOLERANCE)."""
+    out: dict[str, np.ndarray] = {}
+    vocab = config.vocab_size
+    roles: dict[str, str] = {}
+    for term in terms:
+        for name, role in zip(term.extras, ("ids", "log-probabilities", "tail mass"), strict=False):
+            if roles.setdefault(name, role) != role:
+                raise InputError(f"the extra input {name!r} is read as teacher {roles[name]} and as teacher {role}: "
+                                 "give each its own name")
+    for term in terms:
+        ids = np.asarray(given[term.ids])
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"extra input {term.ids!r} (teacher ids) must be integers, got {ids.dtype}")
+        if ids.ndim != 3 or ids.shape[:2] != (batch, seq) or ids.shape[2] < 1:
+            raise InputError(f"extra input {term.ids!r} (teacher ids) has shape {list(ids.shape)}, not "
+                             f"[{batch}, {seq}, k] (k ids per position)")
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise InputError(f"extra input {term.ids!r} holds the id {bad}, outside the student's vocabulary of {vocab} "
+                             "ids: cache the teacher's targets over the student's vocabulary")
+        if term.estimator == "top-k" and ids.shape[2] > 1:
+            ordered = np.sort(ids, axis=-1)
+            if np.any(ordered[..., 1:] == ordered[..., :-1]):
+                raise InputError(f"extra input {term.ids!r} repeats an id within a position: top-k ids are distinct "
+                                 "(sampled ids may repeat: estimator='sampled')")
+        logprobs = _numbers(term.logprobs, given[term.logprobs])
+        if logprobs.shape != ids.shape:
+            raise InputError(f"extra input {term.logprobs!r} (teacher log-probabilities) has shape "
+                             f"{list(logprobs.shape)}, not the {list(ids.shape)} of its ids {term.ids!r}")
+        if np.any(logprobs > 0):
+            raise InputError(f"extra input {term.logprobs!r} holds values above 0 (up to {float(logprobs.max()):g}): "
+                             "log-probabilities are <= 0")
+        out[term.ids] = np.ascontiguousarray(ids, dtype=np.int32)
+        out[term.logprobs] = np.ascontiguousarray(logprobs, dtype=np.float32)
+        if term.estimator == "top-k":
+            tail = np.asarray(given[term.tail])
+            if np.issubdtype(tail.dtype, np.floating) and np.isnan(tail).any():
+                raise InputError(f"extra input {term.tail!r} (teacher tail mass) holds NaN: sampled targets have no "
+                                 "tail, so train them with estimator='sampled'")
+            tail = _numbers(term.tail, tail)
+            if tail.shape != (batch, seq):
+                raise InputError(f"extra input {term.tail!r} (teacher tail mass) has shape {list(tail.shape)}, "
+                                 f"not [{batch}, {seq}]")
+            if tail.min() < -TAIL_TOLERANCE or tail.max() > 1 + TAIL_TOLERANCE:
+                bad = float(tail.min()) if tail.min() < -TAIL_TOLERANCE else float(tail.max())
+                raise InputError(f"extra input {term.tail!r} holds the tail mass {bad:g}, outside [0, 1]")
+            out[term.tail] = np.ascontiguousarray(np.clip(tail, 0.0, 1.0), dtype=np.float32)
     return out
 
 

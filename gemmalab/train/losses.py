@@ -33,6 +33,21 @@ So ``[batch, seq, vocab]`` logits never exist, whichever terms are chosen:
   term's ``temperature``, or the per-step scalar ``temperature_input`` names (a temperature schedule,
   gemmalab.train.schedules.ValueSchedule). ``distillation_loss`` builds the usual mixture
   ``alpha * CE + (1 - alpha) * KD``.
+* ``CachedDistillation``: distillation from sparse teacher targets an offline cache keeps per position
+  (gemmalab.distill.cache; gemmalab.distill.sparse defines them and these estimators), so no teacher runs.
+  Three per-position extras: the teacher's k ids (int32 [batch, seq, k]), their log-probabilities log p
+  (float32 [batch, seq, k]) and, for top-k targets, the tail mass r = 1 - sum of the kept p (float32
+  [batch, seq]). With ``q = softmax(z / T)`` over the student's whole vocabulary (z soft-capped):
+
+  - ``top-k`` (the k most probable ids S): the KL over k + 1 buckets, the kept ids and one rest bucket,
+    ``sum_{i in S} p_i (log p_i - log q_i) + r (log r - log q_rest)`` with ``q_rest = 1 - sum_{i in S} q_i``
+    and ``0 log 0 = 0`` (``sparse.sparse_kl``); with k = vocabulary it is ``Distillation``'s ``fkl``;
+  - ``sampled`` (k ids drawn with replacement from p): ``-(1/k) sum_m log q_{j_m}``
+    (``sparse.sampled_cross_entropy``), an unbiased estimate of H(p, q) = KL(p || q) + H(p), whose gradient
+    is an unbiased estimate of the forward KL's;
+
+  each times ``T^2`` when ``t2_scaling``. T scales the student only: the cached log p were computed at the
+  cache's temperature. ``cached_distillation_loss`` builds ``alpha * CE + (1 - alpha) * cached KD``.
 
 Auxiliary terms (``LossSpec.aux``) read a captured tensor, with gradients flowing back through it:
 
@@ -200,7 +215,39 @@ class Distillation:
         return scalars[self.temperature_input]
 
 
-HeadTerm = CrossEntropy | SoftTargetCrossEntropy | Distillation
+ESTIMATORS = ("top-k", "sampled")
+
+
+@dataclass(frozen=True)
+class CachedDistillation:
+    """Distillation from cached sparse teacher targets (see the module docstring): the per-position extras
+    ``ids`` (int32 [batch, seq, k]), ``logprobs`` (float32 [batch, seq, k]) and, for the ``top-k``
+    estimator only, ``tail`` (float32 [batch, seq]); the student at temperature ``temperature``."""
+
+    estimator: str = "top-k"
+    ids: str = "teacher_ids"
+    logprobs: str = "teacher_logprobs"
+    tail: str = "teacher_tail"
+    temperature: float = 1.0
+    t2_scaling: bool = True
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise InputError(f"unknown estimator {self.estimator!r} for cached distillation: choose one of "
+                             f"{', '.join(ESTIMATORS)}")
+        _check_temperature(self.temperature)
+        names = self.extras
+        if not all(isinstance(name, str) and name for name in names) or len(set(names)) != len(names):
+            raise InputError(f"a cached distillation term needs distinct names for its extra inputs, got {names!r}")
+        _check_weight(self.weight, "a cached distillation term")
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        return (self.ids, self.logprobs, self.tail) if self.estimator == "top-k" else (self.ids, self.logprobs)
+
+
+HeadTerm = CrossEntropy | SoftTargetCrossEntropy | Distillation | CachedDistillation
 AuxTerm = HiddenStateMSE | AttentionKL
 
 
@@ -218,7 +265,7 @@ class LossSpec:
         if not self.head:
             raise InputError("a loss needs at least one term on the logits (e.g. CrossEntropy())")
         for term in self.head:
-            if not isinstance(term, (CrossEntropy, SoftTargetCrossEntropy, Distillation)):
+            if not isinstance(term, (CrossEntropy, SoftTargetCrossEntropy, Distillation, CachedDistillation)):
                 raise InputError(f"{type(term).__name__} is not a loss on the logits: put it in aux=")
         for term in self.aux:
             if not isinstance(term, (HiddenStateMSE, AttentionKL)):
@@ -245,8 +292,8 @@ class LossSpec:
 
     def term_names(self) -> tuple[str, ...]:
         """One unique name per term, head terms then aux terms (the keys of per-component metrics):
-        ``cross_entropy``, ``soft_target_cross_entropy``, ``distillation``, ``hidden_mse_<layer>``,
-        ``attention_kl_<layer>``, with ``_2``, ``_3``, ... on the second and later use of a name."""
+        ``cross_entropy``, ``soft_target_cross_entropy``, ``distillation``, ``cached_distillation``,
+        ``hidden_mse_<layer>``, ``attention_kl_<layer>``, with ``_2``, ``_3``, ... on the second and later use of a name."""
         seen: dict[str, int] = {}
         names = []
         for term in self.head + self.aux:
@@ -275,7 +322,7 @@ def _term_name(term: HeadTerm | AuxTerm) -> str:
     if isinstance(term, AttentionKL):
         return f"attention_kl_{term.layer}"
     return {CrossEntropy: "cross_entropy", SoftTargetCrossEntropy: "soft_target_cross_entropy",
-            Distillation: "distillation"}[type(term)]
+            Distillation: "distillation", CachedDistillation: "cached_distillation"}[type(term)]
 
 
 def distillation_loss(
@@ -298,6 +345,26 @@ def distillation_loss(
         CrossEntropy(label_smoothing=label_smoothing, weight=float(alpha)),
         Distillation(divergence=divergence, beta=beta, temperature=temperature, t2_scaling=t2_scaling,
                      teacher=teacher, temperature_input=temperature_input, weight=1.0 - float(alpha)),
+    ))
+
+
+def cached_distillation_loss(
+    alpha: float = 0.5,
+    estimator: str = "top-k",
+    temperature: float = 1.0,
+    label_smoothing: float = 0.0,
+    *,
+    t2_scaling: bool = True,
+) -> LossSpec:
+    """``alpha * CE + (1 - alpha) * cached KD``: the label-smoothed cross-entropy on the hard targets and a
+    CachedDistillation term reading the default extras (``teacher_ids``, ``teacher_logprobs`` and, for top-k,
+    ``teacher_tail``). Both terms are kept whatever alpha, as in ``distillation_loss``."""
+    if not (_is_number(alpha) and 0.0 <= alpha <= 1.0):
+        raise InputError(f"alpha (the cross-entropy's share of the loss) must be in [0, 1], got {alpha!r}")
+    return LossSpec(head=(
+        CrossEntropy(label_smoothing=label_smoothing, weight=float(alpha)),
+        CachedDistillation(estimator=estimator, temperature=temperature, t2_scaling=t2_scaling,
+                           weight=1.0 - float(alpha)),
     ))
 
 
@@ -385,6 +452,21 @@ def divergence(
     return temperature**2 * per_position if t2_scaling else per_position
 
 
+def cached_distillation(term: CachedDistillation, logits: np.ndarray, extras: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The per-position loss [...] of a CachedDistillation term on logits [..., vocab], float64: the estimators
+    of gemmalab.distill.sparse (their one definition), times T^2 when ``t2_scaling``."""
+    # Imported here: gemmalab.distill imports the training package, which imports this module.
+    from ..distill.sparse import SparseTargets, sampled_cross_entropy, sparse_kl
+
+    ids, logprobs = np.asarray(extras[term.ids]), np.asarray(extras[term.logprobs])
+    if term.estimator == "top-k":
+        per_position = sparse_kl(logits, SparseTargets(ids, logprobs, np.asarray(extras[term.tail])), term.temperature)
+    else:
+        no_tail = np.full(ids.shape[:-1], np.nan, np.float32)  # sampled targets carry none
+        per_position = sampled_cross_entropy(logits, SparseTargets(ids, logprobs, no_tail), term.temperature)
+    return term.temperature**2 * per_position if term.t2_scaling else per_position
+
+
 def head_term(
     term: HeadTerm,
     logits: np.ndarray,
@@ -399,6 +481,8 @@ def head_term(
         return cross_entropy(logits, targets, term.label_smoothing)
     if isinstance(term, SoftTargetCrossEntropy):
         return soft_target_cross_entropy(logits, extras[term.targets], term.temperature)
+    if isinstance(term, CachedDistillation):
+        return cached_distillation(term, logits, extras)
     if not companion_logits or term.teacher not in companion_logits:
         raise InputError(f"the distillation term reads the companion {term.teacher!r}: pass its logits in "
                          f"companion_logits={{{term.teacher!r}: array}}")
@@ -460,9 +544,11 @@ def loss_sum(
 
 __all__ = [
     "DIVERGENCES",
+    "ESTIMATORS",
     "LOG_FLOOR",
     "AttentionKL",
     "AuxTerm",
+    "CachedDistillation",
     "CrossEntropy",
     "Distillation",
     "HeadTerm",
@@ -471,6 +557,8 @@ __all__ = [
     "SoftTargetCrossEntropy",
     "attention_kl",
     "aux_term",
+    "cached_distillation",
+    "cached_distillation_loss",
     "cross_entropy",
     "distillation_loss",
     "divergence",
