@@ -170,3 +170,69 @@ def test_the_cli_distils_and_prints_the_report(tmp_path, teacher):
     assert listed.returncode == 0 and "temperature_schedule" in listed.stdout
     assert_clean_failure(run_cli("distill", "--teacher", str(teacher), "--loss", "kl", "--out", str(tmp_path / "x")),
                          "loss 'kl' is not one of fkl, rkl, jsd, tvd")
+
+
+# --- from an offline teacher cache ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory) -> Path:
+    """About 40 windows of 32 tokens: a cache of it builds in a second."""
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(" ".join(f"word{i % 37} and line {i}." for i in range(160)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(teacher, small_text, tmp_path_factory) -> Path:
+    from gemmalab.distill.cache import build_cache
+
+    return build_cache(teacher, small_text, tmp_path_factory.mktemp("cache") / "c", top_k=8, temperature=1.0,
+                       seq_len=SMALL["seq_len"], batch_size=4, shard_windows=16, backend="torch", progress=False,
+                       echo=lambda _: None)
+
+
+def test_a_run_from_a_teacher_cache_needs_no_teacher_and_reports_the_cache_figures(backend, tmp_path, cache, small_text):
+    from gemmalab.distill.cache_format import TeacherCache
+
+    config = DistillConfig(cache=str(cache), preset="tiny", data=str(small_text), steps=2, backend=backend,
+                           out=str(tmp_path / "kd"), temperature=1.0, **SMALL)
+    result = distill(config, progress=False, echo=lambda _: None)
+    report = result.report
+    assert report["teacher_perplexity"] is None  # the teacher was never loaded
+    records = [json.loads(line) for line in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss/cached_distillation" in r for r in records if "loss" in r and r["step"] <= 2)
+
+    # the oracle: the saved student through the reference, against the cache's ids on the held-out windows
+    folder = Path(report["checkpoint"])
+    cfg = checkpoint.load_config(folder)
+    weights = checkpoint.read_weights(folder, cfg)
+    stored = TeacherCache.open(cache)
+    agree = kl = tokens = 0.0
+    for batch in held_out(config, Tokenizer.byte_level()):
+        log_q = log_softmax(reference.forward(cfg, weights, batch.inputs))
+        targets = stored.targets(batch.windows)
+        w = batch.weights.astype(np.float64)
+        agree += float((w * (log_q.argmax(-1) == targets.ids[..., 0])).sum())
+        # the k + 1 bucket KL, written out: kept ids, then the rest bucket
+        p = np.exp(targets.logprobs.astype(np.float64))
+        q_kept = np.take_along_axis(log_q, targets.ids.astype(np.int64), -1)
+        rest_q = np.log(1 - np.exp(q_kept).sum(-1))
+        tail = targets.tail.astype(np.float64)
+        bucket = (p * (targets.logprobs - q_kept)).sum(-1) + np.where(tail > 0, tail * (np.log(np.maximum(tail, 1e-30)) - rest_q), 0)
+        kl += float((w * bucket).sum())
+        tokens += float(w.sum())
+    assert report["top1_agreement"] == pytest.approx(agree / tokens, abs=1.5 / tokens)
+    assert report["kl"] == pytest.approx(kl / tokens, rel=2e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"temperature": 2.0}, "at temperature 1.0, this run distils at 2.0"),
+    ({"seq_len": 16}, "holds windows of 32 positions, this run packs 16"),
+    ({"data": None}, "was made for other data"),
+    ({"loss": "rkl"}, "train from it with loss fkl"),
+])
+def test_a_cache_that_is_not_this_runs_is_refused_in_one_line(tmp_path, cache, small_text, change, message):
+    settings = {**SMALL, "cache": str(cache), "preset": "tiny", "data": str(small_text), "steps": 1,
+                "out": str(tmp_path / "kd"), "temperature": 1.0, "backend": "torch", **change}
+    with pytest.raises((ConfigError, TrainingError), match=message):
+        distill(DistillConfig(**settings), progress=False, echo=lambda _: None)
+    assert not (tmp_path / "kd").exists()  # refused before anything was written

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from ..errors import ConfigError
 from ..train.config import TrainConfig, _setting
-from ..train.losses import DIVERGENCES, LossSpec, distillation_loss
+from ..train.losses import DIVERGENCES, LossSpec, cached_distillation_loss, distillation_loss
 from ..train.schedules import SCHEDULES as VALUE_SCHEDULES
 from ..train.spec import TrainSpec
 
@@ -99,8 +99,6 @@ class DistillConfig(TrainConfig):
     def loss_spec(self, cached: str | None = None) -> LossSpec:
         """The objective's loss; ``cached`` ("top-k" or "sampled") for a run from a teacher cache of that kind."""
         if cached is not None:
-            from ..train.losses import cached_distillation_loss  # TODO(merge sparse): module level
-
             return cached_distillation_loss(alpha=self.alpha, estimator=cached, temperature=self.temperature,
                                             label_smoothing=self.label_smoothing, t2_scaling=self.t2_scaling)
         return distillation_loss(

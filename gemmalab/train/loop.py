@@ -267,17 +267,19 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
                           f"positions: pass --seq-len {model_config.max_position_embeddings} or less")
     windows, trained = pack(load_documents(config.data), tokenizer, config.seq_len)
     stream = DataStream(windows, trained, seed=config.seed, eval_fraction=config.eval_fraction)
+    backend_name = plan.backend
+    backend = get_backend(backend_name)
+    # before anything is written: an objective that cannot start (a teacher cache made for other data) leaves
+    # the run folder as it was
+    objective.start(backend, config, model_config, tokenizer, windows, trained, echo)
     with writing(run_dir, "run settings"):
         _write_settings(run_dir, config)  # from here on, `--resume` finds the run, even before a checkpoint
     if resume_from is not None:
         weights = hf_checkpoint.read_weights(resume_from, model_config)
     elif weights is None:
         weights = init_weights(model_config, seed=config.seed, dtype="float32")
-    backend_name = plan.backend
-    backend = get_backend(backend_name)
     native = backend.build(model_config, weights, dtype="float32", device=config.device)
     del weights
-    objective.start(backend, config, model_config, tokenizer, windows, trained, echo)
     trainer = backend.trainer(native, objective.train_spec(config), companions=objective.companions())
 
     warmup, note = warmup_for(config)
