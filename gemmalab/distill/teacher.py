@@ -26,18 +26,19 @@ from .metrics import HeldOutSums, figures, held_out_sums
 
 @dataclasses.dataclass
 class TeacherCheckpoint:
-    """The teacher as read from disk, before it is built on a backend."""
+    """The teacher as read from disk before the run starts: its config, tokenizer and folder."""
 
     config: Gemma3Config
-    weights: dict | None
     tokenizer: Tokenizer | None
     folder: Any
 
 
 def read_teacher(source: str) -> TeacherCheckpoint:
+    """The teacher's config and tokenizer; its weights are read when the run starts (``TeacherObjective.start``),
+    after every check that could refuse the run, so a refusal never waits for a 4B teacher to load."""
     folder = hf_checkpoint.locate(source)
     config = hf_checkpoint.load_config(folder)
-    return TeacherCheckpoint(config, hf_checkpoint.read_weights(folder, config), Tokenizer.from_folder(folder), folder)
+    return TeacherCheckpoint(config, Tokenizer.from_folder(folder), folder)
 
 
 def check_same_tokenizer(teacher: Tokenizer | None, student: Tokenizer | None, teacher_name: str, student_name: str) -> None:
@@ -61,7 +62,6 @@ class TeacherObjective(Objective):
         self.config = config
         self.checkpoint = read_teacher(config.teacher)
         self.native: Any = None
-        self.backend: Any = None
         end = config.temperature if config.temperature_end is None else config.temperature_end
         self.temperature = ValueSchedule(config.temperature_schedule, config.temperature, end, config.steps)
 
@@ -85,11 +85,9 @@ class TeacherObjective(Objective):
               windows: Any, trained: Any, echo=print) -> None:
         teacher = self.checkpoint
         dtype = canonical_dtype(config.teacher_dtype) if config.teacher_dtype else (teacher.config.stored_dtype or "float32")
-        if teacher.weights is None:
-            raise ConfigError(f"the teacher {teacher.folder} was already released")
-        self.native = backend.build(teacher.config, teacher.weights, dtype=dtype, device=config.device)
-        self.backend = backend
-        teacher.weights = None  # the backend holds them now
+        weights = hf_checkpoint.read_weights(teacher.folder, teacher.config)
+        self.native = backend.build(teacher.config, weights, dtype=dtype, device=config.device)
+        del weights  # the backend holds them now
         echo(f"teacher {teacher.folder} ({teacher.config.num_parameters() / 1e6:.1f}M parameters, {dtype}, "
              f"vocabulary {teacher.config.vocab_size}) -> student {model_config.num_parameters() / 1e6:.1f}M "
              f"(vocabulary {model_config.vocab_size})")
