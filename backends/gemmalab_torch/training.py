@@ -134,7 +134,9 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
     d(loss)/d(logits) comes from autograd on the chunk, except for plain cross-entropy, whose formula is
     written out in place to keep its speed and memory: weight * (softmax - (1 - eps) * onehot(target) -
-    eps / vocab), times the soft-cap's derivative (1 - tanh^2) when the model caps its logits.
+    eps / vocab), times the soft-cap's derivative (1 - tanh^2) when the model caps its logits; and for the
+    usual distillation mix, cross-entropy plus forward KL (``distillation_loss(divergence="fkl")``), whose
+    KL gradient is written out beside it (see ``_cross_entropy_fkl_and_grad``).
 
     Companion models (``CompanionHead``, frozen teachers) have their chunk's logits computed beside the
     student's, without gradients, and dropped with them. Returns (the weighted total, the per-term sums
@@ -165,6 +167,11 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 chunk_extras = {name: value[part] for name, value in extras.items()}
                 if len(terms) == 1 and isinstance(terms[0], CrossEntropy):
                     term_sum, d_logits = _cross_entropy_and_grad(logits, t, w, terms[0], softcap, grad_h or grad_w)
+                elif _is_cross_entropy_and_forward_kl(terms):
+                    ce, kd = terms
+                    term_sum, d_logits = _cross_entropy_fkl_and_grad(
+                        logits, t, w, ce, kd, companions[kd.teacher].logits(part), kd.temperature_at(scalars), softcap,
+                        grad_h or grad_w)
                 else:
                     teachers = {name: head.logits(part) for name, head in companions.items()}
                     term_sum, d_logits = _terms_and_grad(logits, t, w, terms, chunk_extras, softcap,
@@ -234,6 +241,49 @@ def _cross_entropy_and_grad(logits: Tensor, t: Tensor, w: Tensor, term: CrossEnt
     if capped is not None:
         d_logits.mul_(1 - capped.square_())
     return loss, d_logits
+
+
+def _is_cross_entropy_and_forward_kl(terms: tuple[HeadTerm, ...]) -> bool:
+    return (len(terms) == 2 and isinstance(terms[0], CrossEntropy) and isinstance(terms[1], Distillation)
+            and terms[1].divergence == "fkl")
+
+
+def _cross_entropy_fkl_and_grad(logits: Tensor, t: Tensor, w: Tensor, ce: CrossEntropy, kd: Distillation,
+                                teacher: Tensor, temperature: float, softcap: float | None,
+                                needs_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """(the two terms' loss sums [2], their weights not applied; d(weighted sum)/d(raw logits) or None) of one
+    chunk of cross-entropy plus forward KL from the teacher's chunk logits ``teacher`` [c, shared] (a fresh
+    buffer, used in place). Autograd would keep about eight [c, vocab] float32 buffers for this chunk
+    (benchmarks/distill.py measured 5 GB at 262k ids); written out it takes four. With p_s = softmax(z / T)
+    and p_t = softmax(z_t / T) over the shared ids, d(s * KL(p_t || p_s))/dz = (s / T) (p_s - p_t), where s
+    is T^2 under t2_scaling, else 1."""
+    shared = teacher.shape[-1]
+    scale = temperature**2 if kd.t2_scaling else 1.0
+    z, capped = _soft_cap(logits, softcap)
+    log_ps = z[:, :shared] / temperature  # a copy: z stays the cross-entropy's
+    log_ps.sub_(torch.logsumexp(log_ps, dim=-1, keepdim=True))
+    log_pt = teacher.div_(temperature)
+    log_pt.sub_(torch.logsumexp(log_pt, dim=-1, keepdim=True))
+    p_t = log_pt.exp()
+    kl = log_pt.sub_(log_ps).mul_(p_t).sum(-1)  # sum p_t (log p_t - log p_s), in log_pt's buffer
+    kd_sum = (scale * kl * w).sum()
+    smoothing, vocab = ce.label_smoothing, z.shape[-1]
+    lse = torch.logsumexp(z, dim=-1)  # [c]
+    nll = lse - z.gather(-1, t[:, None])[:, 0]
+    per_token = nll if smoothing == 0 else (1 - smoothing) * nll + smoothing * (lse - z.mean(-1))
+    sums = torch.stack([(per_token * w).sum(), kd_sum])
+    if not needs_grad:
+        return sums, None
+    d_logits = z.sub_(lse[:, None]).exp_()  # the cross-entropy's softmax, in z's buffer
+    d_logits.scatter_add_(-1, t[:, None], torch.full_like(lse[:, None], -(1 - smoothing)))
+    if smoothing:
+        d_logits.sub_(smoothing / vocab)
+    d_logits.mul_((w * ce.weight)[:, None])
+    d_kl = log_ps.exp_().sub_(p_t).mul_((w * (kd.weight * scale / temperature))[:, None])  # in log_ps's buffer
+    d_logits[:, :shared].add_(d_kl)
+    if capped is not None:
+        d_logits.mul_(1 - capped.square_())
+    return sums, d_logits
 
 
 def _terms_and_grad(logits: Tensor, t: Tensor, w: Tensor, terms: tuple[HeadTerm, ...], extras: Mapping[str, Tensor],
