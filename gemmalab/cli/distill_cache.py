@@ -10,7 +10,8 @@ from rich.markup import escape
 
 from .app import command, console
 from .common import BackendOption, DeviceOption
-from .distill import distill_app  # the `distill` group: `gemmalab distill` itself runs a distillation
+from .distill import distill_app
+from .train import _echo  # the `distill` group: `gemmalab distill` itself runs a distillation
 
 
 @command("cache", on=distill_app)
@@ -49,10 +50,6 @@ def cache(
     console.print(f"teacher cache: {escape(str(folder))}", soft_wrap=True)
     console.print(f"{manifest['data']['windows']} windows of {manifest['settings']['seq_len']} positions in "
                   f"{len(manifest['shards'])} shards, {_size(size)} on disk")
-
-
-def _echo(message: str) -> None:
-    console.print(escape(message), soft_wrap=True)
 
 
 def _size(n_bytes: int) -> str:
