@@ -12,7 +12,6 @@ all three perplexities on the same held-out windows.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from gemmalab.distill import DistillConfig, distill
 from gemmalab.experiments import Experiment
 from gemmalab.experiments.plots import columns, line_plot
 from gemmalab.train import TrainConfig, train
+from gemmalab.train.losses import perplexity_from_loss
 
 SECTIONS = ("teacher", "student", "distillation")
 
@@ -52,7 +52,7 @@ def run(settings: dict[str, Any], out: Path, progress, log) -> dict[str, Any]:
     log(f"3/3: distilling the teacher into the second student ({kd.loss}, alpha {kd.alpha}, T {kd.temperature})")
     kd_run = distill(kd, progress=False, echo=log, on_step=reporter("distilled student", kd.steps, kd_curve))
 
-    ppl_plain = _perplexity(plain_run.eval_loss)
+    ppl_plain = perplexity_from_loss(plain_run.eval_loss)  # the plain run always evaluates at its end
     ppl_kd = kd_run.report["student_perplexity"]
     ppl_teacher = kd_run.report["teacher_perplexity"]
     plain_curve.append((plain_run.steps, ppl_plain))
@@ -76,10 +76,6 @@ def run(settings: dict[str, Any], out: Path, progress, log) -> dict[str, Any]:
         "teacher_checkpoint": str(taught.checkpoint),
         "plot": plot.name,
     }
-
-
-def _perplexity(loss: float | None) -> float | None:
-    return math.exp(min(loss, 700.0)) if loss is not None else None
 
 
 EXPERIMENT = Experiment(

@@ -6,7 +6,6 @@ corpus, with a held-out split; reports the held-out perplexity it reaches and it
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from gemmalab.backend import resolve_backend_name
 from gemmalab.experiments import Experiment
 from gemmalab.experiments.plots import columns, line_plot
 from gemmalab.train import TrainConfig, train
+from gemmalab.train.losses import perplexity_from_loss
 
 
 def run(settings: dict[str, Any], out: Path, progress, log) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def run(settings: dict[str, Any], out: Path, progress, log) -> dict[str, Any]:
     )
     speeds = [r["tokens_per_s"] for r in result.history if "tokens_per_s" in r]
     return {
-        "eval_perplexity": math.exp(min(result.eval_loss, 700.0)) if result.eval_loss is not None else None,
+        "eval_perplexity": perplexity_from_loss(result.eval_loss) if result.eval_loss is not None else None,
         "eval_loss": result.eval_loss,
         "final_loss": result.final_loss,
         "first_loss": curve[0][1] if curve else None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..train.config import TrainConfig
+from ..train.losses import perplexity_from_loss
 from .app import command, console
 from .common import BackendOption, DeviceOption, open_model, resolve_source
 
@@ -90,7 +90,7 @@ def train(
                           log_lines=not quiet and not console.is_terminal)
     summary = f"done: step {result.steps}, loss {result.final_loss:.4f}"
     if result.eval_loss is not None:
-        summary += f", held-out loss {result.eval_loss:.4f} (perplexity {math.exp(min(result.eval_loss, 700)):.2f})"
+        summary += f", held-out loss {result.eval_loss:.4f} (perplexity {perplexity_from_loss(result.eval_loss):.2f})"
     console.print(summary)
     # One line each, never wrapped: paths are for copying.
     console.print(f"checkpoint: {escape(str(result.checkpoint))}", soft_wrap=True)

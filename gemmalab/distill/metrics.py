@@ -10,12 +10,11 @@ perplexity is over its whole vocabulary, as it would report it alone.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..train.losses import cross_entropy, divergence, restrict, shared_vocab
+from ..train.losses import cross_entropy, divergence, perplexity_from_loss, restrict, shared_vocab
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ def figures(sums: HeldOutSums) -> dict[str, float]:
     teacher_loss = sums.teacher_nll / sums.tokens
     return {
         "eval_teacher_loss": teacher_loss,
-        "eval_teacher_perplexity": math.exp(min(teacher_loss, 700.0)),
+        "eval_teacher_perplexity": perplexity_from_loss(teacher_loss),
         "eval_top1_agreement": sums.agreements / sums.tokens,
         "eval_kl": sums.kl / sums.tokens,
     }

@@ -8,7 +8,6 @@ or other data, is scored on all of it. ``split`` overrides either way.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from ..errors import InputError
 from ..tokenizer import Tokenizer
 from . import checkpoints
 from .data import DataStream, load_documents, make_batch, pack
+from .losses import perplexity_from_loss
 from .spec import LOSS_CHUNK_TOKENS
 
 SPLITS = ("auto", "held-out", "all")
@@ -147,7 +147,7 @@ def perplexity(model, data: str | None = None, *, seq_len: int = DEFAULT_SEQ_LEN
     if tokens == 0:
         raise InputError(f"nothing to score in {plan.describe()}: the windows hold no trained tokens")
     loss = total / tokens
-    return EvalResult(loss, math.exp(min(loss, 700.0)), tokens, seconds, min(len(windows), len(starts) * batch_size),
+    return EvalResult(loss, perplexity_from_loss(loss), tokens, seconds, min(len(windows), len(starts) * batch_size),
                       plan.describe())
 
 

@@ -117,18 +117,25 @@ def _check_companion_ids(ids: np.ndarray, companions: Mapping[str, Gemma3Config]
                              "whose vocabulary covers the student's")
 
 
+def _check_names(needed: tuple[str, ...], given: Mapping[str, object], *, missing: str, unread: str) -> None:
+    """One InputError line for the first name the loss reads that is not given, else for the first given name
+    it does not read (``missing`` / ``unread`` are format strings of ``name``)."""
+    absent = [name for name in needed if name not in given]
+    if absent:
+        raise InputError(missing.format(name=absent[0]))
+    extra = sorted(set(given) - set(needed))
+    if extra:
+        raise InputError(unread.format(name=extra[0]))
+
+
 def _scalars(loss: LossSpec, given: dict[str, float]) -> dict[str, float]:
     """The step's scalars the loss reads, as floats: each present, read by a term, finite, and > 0 where a
     term reads it as a temperature."""
     needed = loss.scalars
-    missing = [name for name in needed if name not in given]
-    if missing:
-        raise InputError(f"the loss reads the scalar {missing[0]!r}, which this step does not pass: "
-                         f"pass scalars={{{missing[0]!r}: value}}")
-    unread = sorted(set(given) - set(needed))
-    if unread:
-        raise InputError(f"the step passes the scalar {unread[0]!r}, which no loss term reads: "
-                         "drop it, or name it in a term (e.g. Distillation(temperature_input=...))")
+    _check_names(needed, given,
+                 missing="the loss reads the scalar {name!r}, which this step does not pass: pass scalars={{{name!r}: value}}",
+                 unread="the step passes the scalar {name!r}, which no loss term reads: drop it, or name it in a term "
+                        "(e.g. Distillation(temperature_input=...))")
     temperatures = {t.temperature_input for t in loss.head if isinstance(t, Distillation)}
     out = {}
     for name in needed:
@@ -153,14 +160,10 @@ def _extras(config: Gemma3Config, loss: LossSpec, given: dict[str, object], batc
     """The extra inputs the loss reads, each of the shape its term needs: float32, except a cached
     distillation term's teacher ids, int32 (checked by ``_cached_targets``)."""
     needed = loss.extras
-    missing = [name for name in needed if name not in given]
-    if missing:
-        raise InputError(f"the loss reads the extra input {missing[0]!r}, which the batch does not carry: "
-                         f"pass extras={{{missing[0]!r}: array}}")
-    unread = sorted(set(given) - set(needed))
-    if unread:
-        raise InputError(f"the batch carries the extra input {unread[0]!r}, which no loss term reads: "
-                         "drop it, or add the term that reads it")
+    _check_names(needed, given,
+                 missing="the loss reads the extra input {name!r}, which the batch does not carry: pass extras={{{name!r}: array}}",
+                 unread="the batch carries the extra input {name!r}, which no loss term reads: drop it, or add the "
+                        "term that reads it")
     shapes: dict[str, tuple[int, ...]] = {}
     cached = [term for term in loss.head if isinstance(term, CachedDistillation)]
     for term in loss.head + loss.aux:

@@ -33,6 +33,7 @@ from . import checkpoints
 from .config import TrainConfig
 from .data import DataStream, load_documents, pack
 from .layers import lr_scales
+from .losses import perplexity_from_loss
 from .objective import Objective
 from .schedules import Cycles, warmup_steps_for
 from .tracking import Tracker
@@ -415,7 +416,7 @@ def _eval_record(backend, native, stream: DataStream, config: TrainConfig, objec
     loss = evaluate(backend, native, stream, config)
     if loss is None:
         return {}
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
+    return {"eval_loss": loss, "eval_perplexity": perplexity_from_loss(loss),
             **objective.evaluate(backend, native, stream, config)}
 
 

@@ -369,6 +369,11 @@ def cached_distillation_loss(
 
 
 # --- numpy definitions --------------------------------------------------------------------------------------
+def perplexity_from_loss(loss: float) -> float:
+    """exp(mean loss per token), capped at exp(700) so a diverged model's perplexity stays a float."""
+    return math.exp(min(loss, 700.0))
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, np.float64)
     z = z - z.max(axis=-1, keepdims=True)
@@ -566,6 +571,7 @@ __all__ = [
     "hidden_state_mse",
     "log_softmax",
     "loss_sum",
+    "perplexity_from_loss",
     "restrict",
     "shared_vocab",
     "soft_target_cross_entropy",
