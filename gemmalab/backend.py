@@ -73,11 +73,17 @@ class Backend(Protocol):
         *,
         dtype: str,
         device: str | None = None,
+        partial: bool = False,
     ) -> Any:
         """The backend-native model. ``weights`` maps every canonical name of ``params.parameter_shapes``
         to an array of that shape (already validated by the core), in any float dtype: the backend casts
         them to ``dtype`` one at a time, so the full checkpoint never sits in memory twice. With
-        ``weights=None`` the model is built shape-only, allocating no parameter memory."""
+        ``weights=None`` the model is built shape-only, allocating no parameter memory.
+
+        ``partial=True`` builds a model holding only the given weights (any subset of the canonical names),
+        the others shape-only: a stage of a layer-streamed model (gemmalab.streaming), which runs only
+        through ``run_layers`` and ``head_chunks``, each refusing a stage whose parameters it does not hold
+        (gemmalab.stages.check_resident); every other method refuses a partial model in one line."""
 
     def logits(self, model: Any, ids: np.ndarray) -> np.ndarray:
         """float32 logits [batch, seq, vocab] for int token ids [batch, seq], every position."""
@@ -110,6 +116,21 @@ class Backend(Protocol):
         [batch, seq, vocab] logits of ``logits`` at once (an offline teacher cache reduces each chunk to its
         top-k before asking for the next). The values are those of ``logits`` on the same ids. Bad ids or
         chunk_tokens raise at the call, before anything is computed."""
+
+    def run_layers(self, model: Any, inputs: np.ndarray, *, layers: range, positions: np.ndarray,
+                   masks: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The residual stream [batch, seq, hidden] after the decoder blocks ``layers`` (consecutive
+        indices, gemmalab.stages.check_layers), as numpy in the residual dtype (the model's; float32 in a
+        float16 model; bf16 via ml_dtypes). ``inputs`` are int token ids [batch, seq], embedded and scaled
+        first (the model must hold the embedding), or the residual stream from an earlier call. ``positions``
+        and ``masks`` as in ``forward``. No final norm: ``head_chunks`` applies it. A whole model gives the
+        residual streams of ``forward``'s hidden states; a partial one needs only these blocks."""
+
+    def head_chunks(self, model: Any, hidden: np.ndarray, *, chunk_tokens: int = 512) -> Iterator[tuple[int, np.ndarray]]:
+        """``logit_chunks`` after the backbone: the final norm, the output head and the soft-cap on the
+        residual stream after the last block (``run_layers``' output), ``chunk_tokens`` positions at a time,
+        yielding ``(start, float32 logits [batch, n, vocab])``. The model must hold the final norm and the
+        output matrix (the embedding when tied)."""
 
     def weights(self, model: Any) -> dict[str, np.ndarray]:
         """Every canonical parameter (params.parameter_shapes) under its name and nothing else, as numpy

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -285,6 +285,10 @@ class Weights(Mapping):
 
     def __contains__(self, name: object) -> bool:
         return name in self.locations  # Mapping's default would read the tensor to answer
+
+    def subset(self, names: Iterable[str]) -> Weights:
+        """The same lazy reader over ``names`` only (the weights of one stage of a partial model)."""
+        return Weights({name: self.locations[name] for name in names}, [], self._handles, self._headers)
 
     def stored_dtype(self, name: str) -> np.dtype | None:
         """The numpy dtype ``name`` is stored in (from the file's header), or None for a dtype other than

@@ -39,6 +39,7 @@ from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
 from gemmalab.linears import check_kind
 from gemmalab.params import parameter_shapes
+from gemmalab.stages import check_layers, check_partial_names, check_resident, partial_problem
 from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
 
 from . import linears
@@ -46,9 +47,14 @@ from .cache import KVCache, extend_step, plan_columns, planned_step
 from .model import (
     Params,
     abstract_params,
+    blocks,
+    embed_ids,
+    flatten,
     forward,
     layer_rope_tables,
     logits_from_hidden,
+    residual_dtype,
+    rms_norm,
     text_model,
     unflatten,
 )
@@ -87,6 +93,19 @@ def _head_logits(params: Params, hidden: jax.Array, *, config: Gemma3Config, pla
     return logits_from_hidden(params, config, hidden, plan.hint).astype(jnp.float32)
 
 
+def _run_layers(embed: jax.Array | None, layer_params: list, inputs: jax.Array, rope: Any, masks: Any, *,
+                config: Gemma3Config, plan: Plan, layers: range, dtype: str) -> jax.Array:
+    """The residual stream after the blocks ``layers``: from ids through ``embed`` first when it is given,
+    else from the residual stream ``inputs`` (Backend.run_layers)."""
+    x = inputs if embed is None else embed_ids(embed, config, inputs, plan.hint)
+    return blocks(layer_params, config, x, rope, masks, layers, dtype=jnp.dtype(numpy_dtype(dtype)), hint=plan.hint)
+
+
+def _final_norm(norm: jax.Array, x: jax.Array, *, config: Gemma3Config, dtype: str) -> jax.Array:
+    """The final norm of the residual stream after the last block, in the compute dtype (text_model's)."""
+    return rms_norm(x, norm, config.rms_norm_eps, jnp.dtype(numpy_dtype(dtype)))
+
+
 # Module-level, with the config and plan static: models of the same config on the same mesh share compiled
 # functions (the cache key also holds every input's shape, dtype and sharding).
 _jit_full_logits = jax.jit(_full_logits, static_argnames=("config", "plan"))
@@ -94,6 +113,8 @@ _jit_captured_forward = jax.jit(_captured_forward,
                                 static_argnames=("config", "plan", "hidden_states", "attentions", "logits"))
 _jit_final_hidden = jax.jit(_final_hidden, static_argnames=("config", "plan"))
 _jit_head_logits = jax.jit(_head_logits, static_argnames=("config", "plan"))  # one compile per chunk length
+_jit_run_layers = jax.jit(_run_layers, static_argnames=("config", "plan", "layers", "dtype"))
+_jit_final_norm = jax.jit(_final_norm, static_argnames=("config", "dtype"))
 _jit_step = jax.jit(extend_step, static_argnames=("config", "plan", "mode"), donate_argnums=1)
 _jit_planned_step = jax.jit(
     planned_step, static_argnames=("config", "plan", "mode", "hidden_states", "attentions"), donate_argnums=1
@@ -111,6 +132,7 @@ class JaxModel:
     plan: Plan
     shape_only: bool
     pending: Any = field(default=None, repr=False)  # arrays of the last dispatched step (synchronize)
+    resident: frozenset[str] | None = None  # a partial model's resident names (None: all, or shape-only none)
 
     def full_logits(self, ids: jax.Array, rope: Any) -> jax.Array:
         """float32 logits [batch, seq, vocab] of token ids [batch, seq] at positions 0 .. seq-1."""
@@ -209,14 +231,21 @@ class JaxBackend:
         dtype: str,
         device: str | None = None,
         mesh: Mapping[str, int] | Mesh | None = None,
+        partial: bool = False,
     ) -> JaxModel:
         """The model on ``device`` (a platform or one device), or sharded over ``mesh`` on that platform.
-        With ``weights=None``, shape-only: no memory, instant at any size."""
+        With ``weights=None``, shape-only: no memory, instant at any size. With ``partial`` only the given
+        weights are placed, the others stay jax.ShapeDtypeStruct leaves (gemmalab.stages)."""
         dtype = canonical_dtype(dtype)
         plan = Plan(make_mesh(mesh, self.platform_devices(device)), config)
-        if weights is None:
+        if weights is None or partial:
             params = abstract_params(config, dtype, plan.parameter_sharding)
-            return JaxModel(config, dtype, params, plan, shape_only=True)
+            if weights is None:
+                return JaxModel(config, dtype, params, plan, shape_only=True)
+            resident = check_partial_names(config, weights)
+            flat = flatten(params)
+            flat.update(self._placed(config, dtype, plan, weights, resident))
+            return JaxModel(config, dtype, unflatten(flat), plan, shape_only=True, resident=resident)
 
         expected = parameter_shapes(config)
         missing = [name for name in expected if name not in weights]
@@ -230,12 +259,26 @@ class JaxBackend:
             raise CheckpointError(
                 f"weights do not match the config ({'; '.join(problems)}): use a checkpoint made for it"
             )
+        flat = self._placed(config, dtype, plan, weights, expected)
+        if plan.fallbacks and plan.size > 1:
+            warnings.warn(
+                f"gemmalab jax: on {plan.describe()}, some dimensions are replicated instead of split: "
+                + "; ".join(plan.fallbacks),
+                stacklevel=2,
+            )
+        return JaxModel(config, dtype, unflatten(flat), plan, shape_only=False)
+
+    @staticmethod
+    def _placed(config: Gemma3Config, dtype: str, plan: Plan, weights: Mapping[str, np.ndarray],
+                names: Collection[str]) -> dict[str, jax.Array]:
+        """The weights ``names`` on the devices, cast to ``dtype``, one source tensor alive at a time."""
+        shapes = parameter_shapes(config)
         target = numpy_dtype(dtype)
         flat = {}
-        for name, shape in expected.items():
+        for name in (name for name in shapes if name in names):
             array = np.asarray(weights[name])  # a lazy Mapping may read it from disk only now
-            if tuple(array.shape) != shape:
-                raise CheckpointError(f"{name} has shape {tuple(array.shape)} but the config needs {shape}")
+            if tuple(array.shape) != shapes[name]:
+                raise CheckpointError(f"{name} has shape {tuple(array.shape)} but the config needs {shapes[name]}")
             if not (np.issubdtype(array.dtype, np.floating) or array.dtype == np.dtype(target)):
                 raise CheckpointError(
                     f"{name} has dtype {array.dtype}, not floating point: convert it to float32"
@@ -244,13 +287,7 @@ class JaxBackend:
             placed = jax.device_put(array.astype(target, copy=False), plan.parameter_sharding(name))
             flat[name] = placed.block_until_ready()  # one source tensor alive at a time
             del array
-        if plan.fallbacks and plan.size > 1:
-            warnings.warn(
-                f"gemmalab jax: on {plan.describe()}, some dimensions are replicated instead of split: "
-                + "; ".join(plan.fallbacks),
-                stacklevel=2,
-            )
-        return JaxModel(config, dtype, unflatten(flat), plan, shape_only=False)
+        return flat
 
     def logits(self, model: JaxModel, ids: np.ndarray) -> np.ndarray:
         """float32 logits [batch, seq, vocab] for int token ids [batch, seq], every position."""
@@ -295,11 +332,54 @@ class JaxBackend:
                                        config=model.config, plan=model.plan)  # [batch, seq, hidden]
         return self._head_chunks(model, hidden, chunk)
 
-    def _head_chunks(self, model: JaxModel, hidden: jax.Array, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+    def run_layers(self, model: JaxModel, inputs: np.ndarray, *, layers: range, positions: np.ndarray,
+                   masks: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The residual stream after blocks ``layers`` (Backend.run_layers): from int ids the scaled
+        embedding first, else from the residual stream ``inputs``; in the residual dtype, as numpy. One
+        compiled function per group shape, fed only that group's parameters."""
+        layers = check_layers(model.config, layers)
+        from_ids = np.issubdtype(np.asarray(inputs).dtype, np.integer)
+        check_resident(model.config, model.resident, layers=layers, embed=from_ids)
+        if model.resident is None:
+            _require_weights(model)
+        tree = model.params["model"]
+        if from_ids:
+            x = self._place_ids(model, check_token_ids(inputs, model.config.vocab_size).astype(np.int32))
+        else:
+            stream = np.asarray(inputs).astype(residual_dtype(jnp.dtype(numpy_dtype(model.dtype))), copy=False)
+            x = jax.device_put(stream, model.plan.batch_sharding(stream.shape))
+        layer_masks = {kind: jax.device_put(np.ascontiguousarray(m[:, None]), model.plan.batch_sharding(m[:, None].shape))
+                       for kind, m in masks.items()}  # [batch, 1, seq, seq]
+        with model._precision():
+            out = _jit_run_layers(tree["embed_tokens"]["weight"] if from_ids else None,
+                                  [tree["layers"][i] for i in layers], x, model.rope(np.asarray(positions)),
+                                  layer_masks, config=model.config, plan=model.plan, layers=layers, dtype=model.dtype)
+        return np.asarray(out)
+
+    def head_chunks(self, model: JaxModel, hidden: np.ndarray, *, chunk_tokens: int = 512
+                    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, float32 logits) per ``chunk_tokens`` positions of the residual stream after the last block
+        (Backend.head_chunks): final norm, head and soft-cap, as logit_chunks does after its backbone."""
+        chunk = check_chunk_tokens(chunk_tokens)
+        check_resident(model.config, model.resident, head=True)
+        if model.resident is None:
+            _require_weights(model)
+        stream = np.asarray(hidden).astype(residual_dtype(jnp.dtype(numpy_dtype(model.dtype))), copy=False)
+        with model._precision():
+            normed = _jit_final_norm(model.params["model"]["norm"]["weight"],
+                                     jax.device_put(stream, model.plan.batch_sharding(stream.shape)),
+                                     config=model.config, dtype=model.dtype)
+        head = {"model": {"embed_tokens": model.params["model"]["embed_tokens"]}}  # only what the head reads
+        if "lm_head" in model.params:
+            head["lm_head"] = model.params["lm_head"]
+        return self._head_chunks(model, normed, chunk, head)
+
+    def _head_chunks(self, model: JaxModel, hidden: jax.Array, chunk: int, params: Params | None = None
+                     ) -> Iterator[tuple[int, np.ndarray]]:
         for start in range(0, hidden.shape[1], chunk):
             with model._precision():
-                logits = _jit_head_logits(model.params, hidden[:, start : start + chunk], config=model.config,
-                                          plan=model.plan)
+                logits = _jit_head_logits(model.params if params is None else params, hidden[:, start : start + chunk],
+                                          config=model.config, plan=model.plan)
             yield start, self._checked(model, np.asarray(logits))  # [batch, n, vocab]
 
     def weights(self, model: JaxModel) -> dict[str, np.ndarray]:
@@ -502,5 +582,7 @@ class JaxBackend:
 
 
 def _require_weights(model: JaxModel) -> None:
+    if model.resident is not None:
+        raise BackendError(partial_problem())
     if model.shape_only:
         raise BackendError("this model was built shape-only (weights=None): build it with weights to compute")

@@ -424,6 +424,32 @@ def _host_positions(positions: Any, seq: int) -> np.ndarray:
     return np.asarray(positions)
 
 
+def residual_dtype(dtype: Any) -> Any:
+    """The residual stream's dtype for a model computing in ``dtype``: float32 in a float16 model (the fp16
+    policy of the header), else the same."""
+    return jnp.float32 if dtype == jnp.float16 else dtype
+
+
+def embed_ids(embed: jax.Array, config: Gemma3Config, ids: jax.Array, hint: Hint = no_hint) -> jax.Array:
+    """The scaled embeddings of ids [batch, seq] (the embedding matrix ``embed``): the residual stream
+    entering block 0, in the residual dtype."""
+    x = jnp.take(embed, ids, axis=0).astype(residual_dtype(embed.dtype))  # [batch, seq, hidden]
+    return hint(x * config.embed_scale(dtype_name(embed.dtype)), ("batch", None, None))
+
+
+def blocks(layer_params: list[Params], config: Gemma3Config, x: jax.Array, rope: Rope, mask: MaskArg,
+           layers: range, *, dtype: Any, hint: Hint = no_hint) -> jax.Array:
+    """The residual stream x [batch, seq, hidden] after the blocks ``layers`` (consecutive indices; their
+    parameters ``layer_params``, in order), with RoPE tables per layer type and ``mask`` as in
+    ``text_model``; no cache, no capture, no final norm. A layer-streamed model runs its passes group of
+    blocks by group of blocks this way (only those blocks' parameters need be resident)."""
+    masks = _layer_masks(config, None, mask, x.shape[1])
+    for i, p in zip(layers, layer_params, strict=True):
+        layer_type = config.layer_types[i]
+        x, _ = decoder_layer(p, config, x, rope[layer_type], masks[layer_type], dtype=dtype, hint=hint)
+    return x
+
+
 def text_model(
     params: Params,
     config: Gemma3Config,
@@ -477,9 +503,7 @@ def text_model(
         masks, caches = _layer_masks(config, positions, mask, seq), None
     embed = params["model"]["embed_tokens"]["weight"]
     dtype = embed.dtype  # the matmul dtype
-    residual_dtype = jnp.float32 if dtype == jnp.float16 else dtype  # the fp16 policy (header)
-    x = jnp.take(embed, ids, axis=0).astype(residual_dtype)  # [batch, seq, hidden]
-    x = hint(x * config.embed_scale(dtype_name(dtype)), ("batch", None, None))
+    x = embed_ids(embed, config, ids, hint)  # [batch, seq, hidden]
     hidden_states = [x] if output_hidden_states else None
     layers = params["model"]["layers"]
     # True = every layer's probabilities; a collection of layer indices = those layers' only (the others

@@ -24,6 +24,7 @@ from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
 from gemmalab.linears import check_kind
+from gemmalab.stages import check_layers, check_partial_names, check_resident, partial_problem
 from gemmalab.train.inputs import prepare
 from gemmalab.train.losses import CrossEntropy, LossSpec
 from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
@@ -96,13 +97,19 @@ class MLXBackend:
         *,
         dtype: str,
         device: str | None = None,
+        partial: bool = False,
     ) -> Gemma3ForCausalLM:
         dtype = canonical_dtype(dtype)
         target = self.device(device)
         model = Gemma3ForCausalLM(config, dtype)
         model.device = target
+        model.resident = None  # None: every parameter (or, shape-only, none); a partial model's names
         if weights is None:
             return model  # shape-only: the lazy initial values are never evaluated
+        if partial:  # the others keep their lazy initial values, never evaluated (gemmalab.stages checks)
+            model.resident = check_partial_names(config, weights)
+            load_weights(model, weights, only=model.resident)
+            return model
         load_weights(model, weights)
         model.shape_only = False
         return model
@@ -154,6 +161,41 @@ class MLXBackend:
             hidden = model.model(ids).last_hidden_state  # [batch, seq, hidden]
             mx.eval(hidden)  # once, here: each chunk's graph then starts from these values
         return _head_chunks(model, hidden, chunk, device)
+
+    def run_layers(self, model: Gemma3ForCausalLM, inputs: np.ndarray, *, layers: range, positions: np.ndarray,
+                   masks: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The residual stream after blocks ``layers`` (Backend.run_layers): from int ids the scaled
+        embedding first, else from the residual stream ``inputs``; in the residual dtype, as numpy."""
+        layers = check_layers(model.config, layers)
+        from_ids = np.issubdtype(np.asarray(inputs).dtype, np.integer)
+        check_resident(model.config, model.resident, layers=layers, embed=from_ids)
+        if model.resident is None:
+            _require_weights(model)
+        with mx.stream(model.device or mx.default_device()):
+            if from_ids:
+                h = model.model.embed(_token_ids(model, inputs))
+            else:
+                h = to_mx(np.asarray(inputs), model.model.residual_dtype or DTYPES[model.dtype])
+            layer_masks = {kind: mx.array(np.ascontiguousarray(m[:, None])) for kind, m in masks.items()}
+            h = model.model.blocks(h, layers, positions=mx.array(np.asarray(positions).astype(np.int32)),
+                                   mask=layer_masks)
+            mx.eval(h)
+        return to_numpy(h)
+
+    def head_chunks(self, model: Gemma3ForCausalLM, hidden: np.ndarray, *, chunk_tokens: int = 512
+                    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, float32 logits) per ``chunk_tokens`` positions of the residual stream after the last block
+        (Backend.head_chunks): final norm, head and soft-cap, as logit_chunks does after its backbone."""
+        chunk = check_chunk_tokens(chunk_tokens)
+        check_resident(model.config, model.resident, head=True)
+        if model.resident is None:
+            _require_weights(model)
+        device = model.device or mx.default_device()
+        with mx.stream(device):
+            h = to_mx(np.asarray(hidden), model.model.residual_dtype or DTYPES[model.dtype])
+            normed = model.model.norm(h)
+            mx.eval(normed)
+        return _head_chunks(model, normed, chunk, device)
 
     # -- generation --------------------------------------------------------------------------------------
     def new_cache(
@@ -293,8 +335,9 @@ class MLXBackend:
             return chunked_loss_sum(model, batch, loss, chunk_tokens=chunk_tokens)
 
 
-def load_weights(model: Gemma3ForCausalLM, weights: Mapping[str, np.ndarray]) -> None:
-    """Load canonical-name numpy weights into ``model`` strictly, casting each to the model's dtype.
+def load_weights(model: Gemma3ForCausalLM, weights: Mapping[str, np.ndarray], *, only: Collection[str] | None = None) -> None:
+    """Load canonical-name numpy weights into ``model`` strictly, casting each to the model's dtype; with
+    ``only``, exactly those parameters (a partial model's), the others untouched.
 
     Every tensor is converted and evaluated before the next is read, so with a lazy mapping (safetensors
     shards) only one source tensor is alive at a time. A checkpoint's ``Weights`` are read by MLX itself
@@ -303,6 +346,8 @@ def load_weights(model: Gemma3ForCausalLM, weights: Mapping[str, np.ndarray]) ->
     of the 270M in float32, against 1.09 GB this way.
     """
     expected = dict(tree_flatten(model.parameters()))
+    if only is not None:
+        expected = {name: param for name, param in expected.items() if name in only}
     # The names, by iteration: `name in weights` would read the tensor on a Mapping without __contains__.
     given = set(weights)
     missing = [name for name in expected if name not in given]
@@ -329,7 +374,7 @@ def load_weights(model: Gemma3ForCausalLM, weights: Mapping[str, np.ndarray]) ->
             value = to_mx(source, dtype) if read is None else source.astype(dtype)
             mx.eval(value)
             loaded.append((name, value))
-    model.load_weights(loaded, strict=True)
+    model.load_weights(loaded, strict=only is None)
 
 
 def _mlx_reader(weights: Weights):
@@ -379,6 +424,8 @@ def _ids_for_cache(model: Gemma3ForCausalLM, cache: KVCache, ids: np.ndarray, ca
 
 
 def _require_weights(model: Gemma3ForCausalLM) -> None:
+    if getattr(model, "resident", None) is not None:
+        raise BackendError(partial_problem())
     if getattr(model, "shape_only", False):
         raise BackendError("this model was built shape-only (weights=None): build it with weights to compute")
 

@@ -431,11 +431,7 @@ class Gemma3TextModel(nn.Module):
         wanted = bool(output_attentions)
         attention = output_attentions if output_attentions is True else frozenset(output_attentions or ())
         capture = Capture(attention=attention) if output_hidden_states or wanted else None
-        e = self.embed_tokens(ids)  # [batch, seq, hidden]
-        # sqrt(hidden) rounded to the embedding dtype first (transformers' rounding), then the product in
-        # the residual dtype.
-        scale = self.config.embed_scale(dtype_name(e.dtype))
-        h = e.astype(self.residual_dtype or e.dtype) * scale
+        h = self.embed(ids)  # [batch, seq, hidden]
         if cache is None:
             masks = self._masks(ids.shape[1], positions, mask)
             caches: list[LayerCache | None] = [None] * len(self.layers)
@@ -471,6 +467,26 @@ class Gemma3TextModel(nn.Module):
         if capture is not None and wanted:  # one entry per layer, None where not captured
             attentions = [capture.attentions.get(i) for i in range(len(self.layers))]
         return Gemma3Output(None, self.norm(h), hidden_states, attentions)
+
+    def embed(self, ids: mx.array) -> mx.array:
+        """The scaled embeddings of ids [batch, seq]: the residual stream entering block 0, in the residual
+        dtype (float32 in a float16 model)."""
+        e = self.embed_tokens(ids)  # [batch, seq, hidden]
+        # sqrt(hidden) rounded to the embedding dtype first (transformers' rounding), then the product in
+        # the residual dtype.
+        scale = self.config.embed_scale(dtype_name(e.dtype))
+        return e.astype(self.residual_dtype or e.dtype) * scale
+
+    def blocks(self, h: mx.array, layers: range, *, positions: mx.array, mask: MaskArg = None) -> mx.array:
+        """The residual stream h [batch, seq, hidden] after the blocks ``layers`` (consecutive indices), at
+        ``positions`` [batch, seq] with ``mask`` as in ``__call__``; no cache, no capture, no final norm. A
+        layer-streamed model runs its passes group of blocks by group of blocks this way (only those blocks'
+        parameters need be resident: Backend.run_layers)."""
+        masks = self._masks(h.shape[1], positions, mask)
+        for i in layers:
+            layer = self.layers[i]
+            h = layer(h, positions, masks[layer.layer_type], None, None, None)
+        return h
 
     def _masks(
         self, seq: int, positions: mx.array | None, mask: mx.array | Mapping[str, mx.array] | None

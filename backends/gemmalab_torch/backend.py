@@ -23,13 +23,14 @@ from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
 from gemmalab.linears import check_kind
 from gemmalab.params import parameter_shapes
+from gemmalab.stages import check_layers, check_partial_names, check_resident, partial_problem
 from gemmalab.train.inputs import prepare
 from gemmalab.train.losses import CrossEntropy, LossSpec
 from gemmalab.train.spec import LOSS_CHUNK_TOKENS
 
 from . import linears
 from .cache import KVCache
-from .model import DTYPES, Gemma3ForCausalLM
+from .model import DTYPES, Gemma3ForCausalLM, residual_dtype
 from .training import Trainer, batch_arrays, chunked_loss_sum, hidden_state
 from .wrappers import WRAPPERS
 
@@ -52,6 +53,12 @@ def to_torch(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> tor
     if bf16:
         source = source.view(torch.bfloat16)
     return source.to(device=device, dtype=dtype, copy=True)
+
+
+def _compute_device(model: Gemma3ForCausalLM) -> torch.device:
+    """Where the model computes: the device of its resident parameters (a partial model's others are on
+    'meta')."""
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), model.device)
 
 
 def to_numpy(tensor: torch.Tensor, *, writable: bool = False) -> np.ndarray:
@@ -105,20 +112,26 @@ class TorchBackend:
         *,
         dtype: str,
         device: str | None = None,
+        partial: bool = False,
     ) -> Gemma3ForCausalLM:
         """The model in eval mode, parameters without gradients (``requires_grad_(True)`` to train).
 
         With ``weights=None`` it is built shape-only on the 'meta' device: no memory, instant at any size.
+        With ``partial`` only the given weights are loaded, the others stay on 'meta' (gemmalab.stages).
         """
         torch_dtype = DTYPES[canonical_dtype(dtype)]
         with torch.device("meta"):
             model = Gemma3ForCausalLM(config)  # every parameter a shapeless placeholder, nothing allocated
         model.to(torch_dtype).eval().requires_grad_(False)
+        model.resident = None  # None: every parameter (or, on 'meta', none); a partial model's names
         if weights is None:
             return model
 
         target = self.resolve_device(device)
         expected = parameter_shapes(config)
+        if partial:
+            model.resident = check_partial_names(config, weights)
+            expected = {name: shape for name, shape in expected.items() if name in model.resident}
         missing = [name for name in expected if name not in weights]
         unexpected = [name for name in weights if name not in expected]
         if missing or unexpected:
@@ -200,6 +213,42 @@ class TorchBackend:
         with torch.inference_mode():
             hidden = model.model(torch.as_tensor(ids, dtype=torch.long, device=model.device)).last_hidden_state
         return self._head_chunks(model, hidden, chunk)  # checked and run now; the chunks come as they are read
+
+    def run_layers(self, model: Gemma3ForCausalLM, inputs: np.ndarray, *, layers: range, positions: np.ndarray,
+                   masks: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The residual stream after blocks ``layers`` (Backend.run_layers): from int ids the scaled
+        embedding first, else from the residual stream ``inputs``; in the residual dtype, as numpy."""
+        layers = check_layers(model.config, layers)
+        from_ids = np.issubdtype(np.asarray(inputs).dtype, np.integer)
+        check_resident(model.config, model.resident, layers=layers, embed=from_ids)
+        if model.resident is None:
+            self._require_weights(model)
+        device = _compute_device(model)
+        with torch.inference_mode():
+            if from_ids:
+                ids = check_token_ids(inputs, model.config.vocab_size)
+                x = model.model.embed(torch.as_tensor(ids, dtype=torch.long, device=device))
+            else:
+                x = to_torch(inputs, residual_dtype(model.dtype), device)
+            layer_masks = {kind: torch.as_tensor(np.ascontiguousarray(m[:, None]), device=device)
+                           for kind, m in masks.items()}  # [batch, 1, seq, seq]
+            x = model.model.blocks(x, layers, positions=torch.as_tensor(np.ascontiguousarray(positions),
+                                                                          dtype=torch.long, device=device),
+                                   mask=layer_masks)
+            return to_numpy(x)
+
+    def head_chunks(self, model: Gemma3ForCausalLM, hidden: np.ndarray, *, chunk_tokens: int = 512
+                    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, float32 logits) per ``chunk_tokens`` positions of the residual stream after the last block
+        (Backend.head_chunks): final norm, head and soft-cap, as logit_chunks does after its backbone."""
+        chunk = check_chunk_tokens(chunk_tokens)
+        check_resident(model.config, model.resident, head=True)
+        if model.resident is None:
+            self._require_weights(model)
+        with torch.inference_mode():
+            x = to_torch(hidden, residual_dtype(model.dtype), _compute_device(model))
+            normed = model.model.norm(x, dtype=model.dtype)
+        return self._head_chunks(model, normed, chunk)
 
     def _head_chunks(self, model: Gemma3ForCausalLM, hidden: torch.Tensor, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
         for start in range(0, hidden.shape[1], chunk):
@@ -360,6 +409,8 @@ class TorchBackend:
 
     @staticmethod
     def _require_weights(model: Gemma3ForCausalLM) -> None:
+        if getattr(model, "resident", None) is not None:
+            raise BackendError(partial_problem())
         if model.device.type == "meta":
             raise BackendError(
                 "this model was built shape-only (weights=None): build it with weights to compute"

@@ -99,6 +99,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise InputError(f"torch dtype {dtype} is not one gemmalab computes in: use float32, bfloat16 or float16")
 
 
+def residual_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The residual stream's dtype for a model computing in ``dtype``: float32 in a float16 model (the fp16
+    policy of the header), else the same."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
@@ -364,7 +370,6 @@ class Gemma3TextModel(nn.Module):
         config = self.config
         batch, seq = ids.shape
         dtype = self.embed_tokens.weight.dtype  # the matmul dtype
-        residual_dtype = torch.float32 if dtype == torch.float16 else dtype  # the fp16 policy (header)
         if cache is not None:
             # Positions, RoPE tables and masks come from the cache (what it holds decides them).
             if positions is not None or mask is not None:
@@ -387,12 +392,7 @@ class Gemma3TextModel(nn.Module):
                 for spec in {config.rope(i) for i in range(config.num_hidden_layers)}
             }
 
-        scale = (
-            config.embed_scale(dtype_name(dtype))
-            if dtype in DTYPES.values()
-            else math.sqrt(config.hidden_size)  # float64 (debugging) keeps sqrt exact
-        )
-        x = self.embed_tokens(ids).to(residual_dtype) * scale  # [batch, seq, hidden]
+        x = self.embed(ids)  # [batch, seq, hidden]
         hidden_states = [x] if output_hidden_states else None
         # True = every layer's probabilities; a collection of layer indices = those layers' only (the
         # others keep the fused kernel). The list has one entry per layer, None where not captured.
@@ -422,6 +422,32 @@ class Gemma3TextModel(nn.Module):
         if cache is not None:
             cache.advance(seq)
         return Gemma3Output(None, self.norm(x, dtype=dtype), hidden_states, attentions)
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """The scaled embeddings of ids [batch, seq]: the residual stream entering block 0, in the residual
+        dtype (float32 in a float16 model)."""
+        dtype = self.embed_tokens.weight.dtype
+        scale = (
+            self.config.embed_scale(dtype_name(dtype))
+            if dtype in DTYPES.values()
+            else math.sqrt(self.config.hidden_size)  # float64 (debugging) keeps sqrt exact
+        )
+        return self.embed_tokens(ids).to(residual_dtype(dtype)) * scale
+
+    def blocks(self, x: Tensor, layers: range, *, positions: Tensor, mask: MaskArg = None) -> Tensor:
+        """The residual stream x [batch, seq, hidden] after the blocks ``layers`` (consecutive indices), at
+        ``positions`` [batch, seq] with ``mask`` as in ``forward``; no cache, no capture, no final norm. A
+        layer-streamed model runs its passes group of blocks by group of blocks this way (only those blocks'
+        parameters need be resident: Backend.run_layers)."""
+        config = self.config
+        dtype = self.embed_tokens.weight.dtype  # the matmul dtype (a shape-only parameter has one too)
+        batch, seq = x.shape[:2]
+        masks = self._masks(positions, mask, batch, seq)
+        ropes = {spec: rope_tables(positions, spec, config.head_dim, _at_least_fp32(dtype))
+                 for spec in {config.rope(i) for i in layers}}
+        for i in layers:
+            x, _ = self.layers[i](x, ropes[config.rope(i)], masks[config.layer_types[i]], dtype=dtype)
+        return x
 
     def _masks(self, positions: Tensor, mask: MaskArg, batch: int, seq: int) -> dict[str, Tensor]:
         """One folded boolean mask per layer type present, shared by all layers of that type."""
@@ -577,6 +603,7 @@ __all__ = [
     "apply_rope",
     "causal_mask",
     "dtype_name",
+    "residual_dtype",
     "fold_mask",
     "rope_tables",
     "rotate_half",

@@ -29,6 +29,7 @@ def cache(
     backend: BackendOption = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="The teacher's compute dtype: float32, bfloat16 or float16 (default: the checkpoint's).")] = None,  # noqa: UP045
     device: DeviceOption = None,
+    stream_layers: Annotated[Optional[int], typer.Option("--stream-layers", help="Never hold the whole teacher: read this many blocks at a time from its files, every window of a shard passing through each group (for a teacher larger than memory; same cache).")] = None,  # noqa: UP045
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar: a plain line per shard.")] = False,
 ) -> None:
     """Build an offline teacher cache for distillation: the teacher's top-k (or k sampled) ids per position.
@@ -37,14 +38,14 @@ def cache(
     --data and --seq-len), and each position's top-k ids and log-probabilities plus the tail mass (or, with
     --sampled, k ids drawn from its distribution) go into shard files, so a student can distil without the
     teacher in memory. A killed build resumes when run again with the same arguments; a finished cache is
-    left as it is.
+    left as it is. With --stream-layers N only N blocks of the teacher are in memory at a time.
     """
     from ..distill.cache import build_cache
     from ..distill.cache_format import read_manifest
 
     folder = build_cache(teacher, data, out, top_k=top_k, sampled=sampled, temperature=temperature, seq_len=seq_len,
                          batch_size=batch_size, shard_windows=shard_windows, seed=seed, backend=backend, dtype=dtype,
-                         device=device, progress=not quiet and console.is_terminal, echo=_echo)
+                         device=device, stream_layers=stream_layers, progress=not quiet and console.is_terminal, echo=_echo)
     manifest = read_manifest(folder)
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     console.print(f"teacher cache: {escape(str(folder))}", soft_wrap=True)

@@ -31,6 +31,8 @@ from ..checks import is_count
 from ..dtypes import canonical_dtype
 from ..errors import ConfigError, OutputError, RunInterrupted
 from ..outputs import check_writable_folder, writing
+from ..params import parameter_bytes
+from ..streaming import LayerStream, check_layers_per_group, stream_logit_chunks
 from ..tokenizer import Tokenizer
 from ..train.data import load_documents, pack
 from .cache_format import (
@@ -73,6 +75,7 @@ def build_cache(
     dtype: str | None = None,
     device: str | None = None,
     chunk_tokens: int = 512,
+    stream_layers: int | None = None,
     progress: bool = True,
     echo: Echo = print,
 ) -> Path:
@@ -83,10 +86,15 @@ def build_cache(
     training; ``batch_size`` windows per teacher pass; ``shard_windows`` windows per shard file (the unit a
     killed build loses at most); ``chunk_tokens`` tokens (rows x positions) per output-head chunk, which
     bounds the teacher's logits held at once to chunk_tokens x vocab floats. ``backend``, ``dtype`` (default:
-    the checkpoint's stored dtype, else float32) and ``device`` choose where the teacher runs. Returns ``out``.
+    the checkpoint's stored dtype, else float32) and ``device`` choose where the teacher runs. With
+    ``stream_layers`` the teacher is never whole in memory: ``stream_layers`` blocks at a time are read from its
+    files and every window of a shard passes through them (gemmalab.streaming.LayerStream), the same cache for
+    a fraction of the memory, at the cost of reading the weights once per shard. Returns ``out``.
     """
     _check_settings(top_k=top_k, temperature=temperature, seq_len=seq_len, batch_size=batch_size,
                     shard_windows=shard_windows, seed=seed, chunk_tokens=chunk_tokens)
+    if stream_layers is not None:
+        check_layers_per_group(stream_layers)
     out = check_writable_folder(out, what="cache folder", fix="choose another --out")
     folder = checkpoint.locate(teacher)
     config = checkpoint.load_config(folder)
@@ -120,10 +128,18 @@ def build_cache(
             return out
         name = resolve_backend_name(backend)
         engine = get_backend(name)
-        native = engine.build(config, checkpoint.read_weights(folder, config), dtype=wanted["settings"]["dtype"],
-                              device=device)
+        teacher_dtype = wanted["settings"]["dtype"]
+        if stream_layers is None:
+            native = engine.build(config, checkpoint.read_weights(folder, config), dtype=teacher_dtype, device=device)
+            how = ""
+        else:
+            native = LayerStream.open(folder, layers_per_group=stream_layers, backend=name, dtype=teacher_dtype,
+                                      device=device)
+            how = (f", the teacher streamed {stream_layers} blocks at a time "
+                   f"({native.resident_bytes() / 2**30:.2f} of {parameter_bytes(config, native.itemsize) / 2**30:.2f} GiB "
+                   "of weights resident)")
         echo(f"teacher cache {out}: {len(windows)} windows of {seq_len} positions, {_mode_text(manifest)}; "
-             f"{len(todo)} of {len(layout)} shards to build on {name}")
+             f"{len(todo)} of {len(layout)} shards to build on {name}{how}")
         bar = _Progress(len(windows), len(windows) - sum(layout[i][1] for i in todo), progress, echo)
         try:
             for index in todo:
@@ -232,10 +248,11 @@ def _remove_strays(out: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The teacher's work
 # ---------------------------------------------------------------------------------------------------------
-def _shard_targets(engine, native, windows: np.ndarray, first: int, settings: dict, *, batch_size: int,
+def _shard_targets(engine, teacher, windows: np.ndarray, first: int, settings: dict, *, batch_size: int,
                    chunk_tokens: int, advance: Callable[[int], None]) -> SparseTargets:
     """The sparse targets of packed windows [n, seq_len + 1] (the first one is window ``first``), computed
-    ``batch_size`` windows per teacher pass and reduced chunk by chunk as the backend yields the logits.
+    ``batch_size`` windows per teacher pass and reduced chunk by chunk as the teacher (a native model, or a
+    LayerStream running all of the shard's passes through each group of blocks) yields the logits.
 
     Every pass has the same shape: a short last batch is padded with copies of its last window (their
     results are dropped), so a compiling backend (JAX) compiles the teacher once, not once per remainder."""
@@ -246,23 +263,32 @@ def _shard_targets(engine, native, windows: np.ndarray, first: int, settings: di
     tail = np.empty((count, seq), np.float32)
     width = min(batch_size, settings["shard_windows"])  # rows per pass, the same in every shard
     positions = max(1, chunk_tokens // width)  # so a head chunk holds about chunk_tokens x vocab logits
-    for start in range(0, count, width):
+    starts = list(range(0, count, width))
+    passes = []
+    for start in starts:
         inputs = windows[start : start + width, :-1]  # [rows, seq]: make_batch's inputs
         rows = len(inputs)
-        padded = np.concatenate([inputs, np.repeat(inputs[-1:], width - rows, axis=0)]) if rows < width else inputs
-        streams = [window_rng(settings["seed"], first + start + r) for r in range(rows)]
-        for at, logits in engine.logit_chunks(native, padded, chunk_tokens=positions):
-            logits = logits[:rows]
-            span = slice(at, at + logits.shape[1])
-            if settings["mode"] == SAMPLED:  # one stream per window, read in position order across chunks
-                parts = [sampled_targets(logits[r], k, temperature, streams[r]) for r in range(rows)]
-                chunk = SparseTargets(*(np.stack([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail")))
-            else:
-                chunk = top_k_targets(logits, k, temperature)
-            ids[start : start + rows, span] = chunk.ids
-            logprobs[start : start + rows, span] = chunk.logprobs
-            tail[start : start + rows, span] = chunk.tail
-        advance(rows)
+        passes.append(np.concatenate([inputs, np.repeat(inputs[-1:], width - rows, axis=0)]) if rows < width else inputs)
+    streams = [window_rng(settings["seed"], first + w) for w in range(count)]  # one per window, in position order
+    done = None
+    for index, at, logits in stream_logit_chunks(engine, teacher, passes, chunk_tokens=positions):
+        start = starts[index]
+        rows = min(width, count - start)
+        if done is not None and done != index:
+            advance(min(width, count - starts[done]))
+        done = index
+        logits = logits[:rows]
+        span = slice(at, at + logits.shape[1])
+        if settings["mode"] == SAMPLED:  # one stream per window, read in position order across chunks
+            parts = [sampled_targets(logits[r], k, temperature, streams[start + r]) for r in range(rows)]
+            chunk = SparseTargets(*(np.stack([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail")))
+        else:
+            chunk = top_k_targets(logits, k, temperature)
+        ids[start : start + rows, span] = chunk.ids
+        logprobs[start : start + rows, span] = chunk.logprobs
+        tail[start : start + rows, span] = chunk.tail
+    if done is not None:
+        advance(min(width, count - starts[done]))
     return SparseTargets(ids, logprobs, tail)
 
 
