@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 
+import numpy as np
+
+from .checks import check_chunk_tokens
 from .config import Gemma3Config
 from .errors import CheckpointError, InputError
 from .params import EMBED, FINAL_NORM, LM_HEAD, layer_parameter_shapes, parameter_shapes
@@ -67,10 +70,28 @@ def check_resident(config: Gemma3Config, resident: Collection[str] | None, *, la
                          "the stage it runs (gemmalab.stages.stage_names)")
 
 
+def check_run_layers(config: Gemma3Config, resident: Collection[str] | None, inputs: object, layers: object
+                     ) -> tuple[range, bool]:
+    """(layers, whether ``inputs`` are token ids) of a Backend.run_layers call, its stage checked against
+    what the model holds: the checks every backend makes before any tensor work."""
+    layers = check_layers(config, layers)
+    from_ids = bool(np.issubdtype(np.asarray(inputs).dtype, np.integer))
+    check_resident(config, resident, layers=layers, embed=from_ids)
+    return layers, from_ids
+
+
+def check_head_chunks(config: Gemma3Config, resident: Collection[str] | None, chunk_tokens: object) -> int:
+    """The chunk length of a Backend.head_chunks call, its stage checked against what the model holds."""
+    chunk = check_chunk_tokens(chunk_tokens)
+    check_resident(config, resident, head=True)
+    return chunk
+
+
 def partial_problem() -> str:
     """The one line every backend gives when a whole-model method meets a partial model."""
     return ("this model holds only some of its weights (built with partial=True): run it with run_layers and "
             "head_chunks, or build it with all of them")
 
 
-__all__ = ["check_layers", "check_partial_names", "check_resident", "partial_problem", "stage_names"]
+__all__ = ["check_head_chunks", "check_layers", "check_partial_names", "check_resident", "check_run_layers",
+           "partial_problem", "stage_names"]

@@ -144,12 +144,12 @@ def _collect() -> None:
     gc.collect()
 
 
-def stream_logit_chunks(backend: Any, model_or_stream: Any, batches: Sequence[np.ndarray], *, chunk_tokens: int
-                        ) -> Iterator[tuple[int, int, np.ndarray]]:
+def stream_logit_chunks(backend: Any, model_or_stream: Any, batches: Sequence[np.ndarray], *, chunk_tokens: int,
+                        phase: Phase | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
     """``(batch index, start, logits)`` of every batch, from a resident native model (Backend.logit_chunks,
-    batch after batch) or from a ``LayerStream``: the one loop cache building and evaluation share."""
+    batch after batch) or from a ``LayerStream`` (whose stages ``phase`` hears)."""
     if isinstance(model_or_stream, LayerStream):
-        yield from model_or_stream.logit_chunks(batches, chunk_tokens=chunk_tokens)
+        yield from model_or_stream.logit_chunks(batches, chunk_tokens=chunk_tokens, phase=phase)
         return
     for index, ids in enumerate(batches):
         for start, logits in backend.logit_chunks(model_or_stream, ids, chunk_tokens=chunk_tokens):

@@ -6,6 +6,8 @@ convention), the same backend's resident model, and a cache built with the resid
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from cli_helpers import assert_clean_failure, run_cli
@@ -203,3 +205,30 @@ def test_cli_stream_layers(teacher, corpus, tmp_path):
     assert np.array_equal(shard_arrays(out)["ids"],
                           shard_arrays(build(teacher[0], corpus, tmp_path / "resident", top_k=4, backend=BACKENDS[0],
                                              shard_windows=256, temperature=1.0))["ids"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation of a streamed model
+# ---------------------------------------------------------------------------------------------------------
+def test_streamed_perplexity_equals_the_resident_one(backend, teacher, corpus):
+    import gemmalab
+    from gemmalab.tokenizer import Tokenizer
+    from gemmalab.train.evaluation import EvalPlan, perplexity, streamed_perplexity
+
+    plan = EvalPlan(str(corpus), 16, "all")
+    resident = perplexity(gemmalab.load(teacher[0], backend=backend), plan=plan, batch_size=3)
+    streamed = streamed_perplexity(LayerStream.open(teacher[0], layers_per_group=4, backend=backend),
+                                   Tokenizer.from_folder(teacher[0]), plan=plan, batch_size=3, chunk_tokens=7)
+    assert streamed.tokens == resident.tokens == 8 * 16 and streamed.windows == resident.windows == 8
+    assert abs(streamed.loss - resident.loss) <= 1e-5 * resident.loss
+
+
+def test_cli_eval_stream_layers(teacher, corpus):
+    if not BACKENDS:
+        pytest.skip("no backend installed")
+    args = ["eval", str(teacher[0]), "--data", str(corpus), "--seq-len", "16", "--backend", BACKENDS[0], "--json"]
+    resident, streamed = run_cli(*args), run_cli(*args, "--stream-layers", "2")
+    assert resident.returncode == 0 and streamed.returncode == 0, streamed.stderr
+    a, b = (json.loads(result.stdout.strip().splitlines()[-1]) for result in (resident, streamed))
+    assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"]
+    assert_clean_failure(run_cli("eval", "tiny", "--stream-layers", "2"), "--stream-layers reads a checkpoint's files")

@@ -39,7 +39,7 @@ from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
 from gemmalab.linears import check_kind
 from gemmalab.params import parameter_shapes
-from gemmalab.stages import check_layers, check_partial_names, check_resident, partial_problem
+from gemmalab.stages import check_head_chunks, check_partial_names, check_run_layers, partial_problem
 from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
 
 from . import linears
@@ -337,9 +337,7 @@ class JaxBackend:
         """The residual stream after blocks ``layers`` (Backend.run_layers): from int ids the scaled
         embedding first, else from the residual stream ``inputs``; in the residual dtype, as numpy. One
         compiled function per group shape, fed only that group's parameters."""
-        layers = check_layers(model.config, layers)
-        from_ids = np.issubdtype(np.asarray(inputs).dtype, np.integer)
-        check_resident(model.config, model.resident, layers=layers, embed=from_ids)
+        layers, from_ids = check_run_layers(model.config, model.resident, inputs, layers)
         if model.resident is None:
             _require_weights(model)
         tree = model.params["model"]
@@ -360,8 +358,7 @@ class JaxBackend:
                     ) -> Iterator[tuple[int, np.ndarray]]:
         """(start, float32 logits) per ``chunk_tokens`` positions of the residual stream after the last block
         (Backend.head_chunks): final norm, head and soft-cap, as logit_chunks does after its backbone."""
-        chunk = check_chunk_tokens(chunk_tokens)
-        check_resident(model.config, model.resident, head=True)
+        chunk = check_head_chunks(model.config, model.resident, chunk_tokens)
         if model.resident is None:
             _require_weights(model)
         stream = np.asarray(hidden).astype(residual_dtype(jnp.dtype(numpy_dtype(model.dtype))), copy=False)

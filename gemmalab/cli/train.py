@@ -112,22 +112,39 @@ def eval_command(
     backend: BackendOption = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
     device: DeviceOption = None,
+    stream_layers: Annotated[Optional[int], typer.Option("--stream-layers", help="Never hold the whole model: read this many blocks at a time from its files, every batch passing through each group (for a model larger than memory; same figures).")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
 ) -> None:
     """Loss, perplexity and tokens/s of a model on data: by default a training run's checkpoint is scored on
     the run's held-out windows, anything else on all of the data."""
-    from ..train.evaluation import perplexity, plan_eval
+    from ..train.evaluation import perplexity, plan_eval, streamed_perplexity
 
     resolved = resolve_source(source)
     plan = plan_eval(resolved.folder, data, seq_len, split, max_positions=resolved.config.max_position_embeddings)
-    model = open_model(resolved, backend, dtype, device)
-    result = perplexity(model, batch_size=batch_size, max_batches=max_batches, plan=plan,
-                        progress=not as_json and console.is_terminal)
+    if stream_layers is None:
+        model = open_model(resolved, backend, dtype, device)
+        backend_name = model.backend
+        result = perplexity(model, batch_size=batch_size, max_batches=max_batches, plan=plan,
+                            progress=not as_json and console.is_terminal)
+    else:
+        from ..backend import resolve_backend_name
+        from ..errors import ConfigError
+        from ..streaming import LayerStream, check_layers_per_group
+
+        check_layers_per_group(stream_layers)
+        if resolved.folder is None:
+            raise ConfigError(f"--stream-layers reads a checkpoint's files, and {source} is a preset: give a checkpoint folder")
+        backend_name = resolve_backend_name(backend)
+        stream = LayerStream.open(resolved.folder, layers_per_group=stream_layers, backend=backend_name, dtype=dtype,
+                                  device=device)
+        phase = (lambda text: console.print(f"eval: {text}")) if not as_json and console.is_terminal else None
+        result = streamed_perplexity(stream, resolved.tokenizer, plan=plan, batch_size=batch_size,
+                                     max_batches=max_batches, phase=phase)
     if as_json:
-        print(json.dumps({"source": source, "backend": model.backend, **result.as_dict()}))
+        print(json.dumps({"source": source, "backend": backend_name, **result.as_dict()}))
         return
     console.print(
-        f"{escape(source)} on {model.backend}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f} "
+        f"{escape(source)} on {backend_name}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f} "
         f"over {result.tokens:,} tokens of {escape(result.scored)} ({result.tokens_per_s:,.0f} tokens/s)",
         soft_wrap=True,
     )

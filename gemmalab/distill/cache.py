@@ -145,7 +145,8 @@ def build_cache(
             for index in todo:
                 first, count = layout[index]
                 targets = _shard_targets(engine, native, windows[first : first + count], first, manifest["settings"],
-                                         batch_size=batch_size, chunk_tokens=chunk_tokens, advance=bar.advance)
+                                         batch_size=batch_size, chunk_tokens=chunk_tokens, advance=bar.advance,
+                                         phase=bar.phase)
                 file = shard_name(index)
                 digest = write_shard(out / file, targets, np.arange(first, first + count, dtype=np.int64))
                 manifest["shards"].append({"file": file, "first_window": first, "windows": count, "sha256": digest})
@@ -249,7 +250,8 @@ def _remove_strays(out: Path) -> None:
 # The teacher's work
 # ---------------------------------------------------------------------------------------------------------
 def _shard_targets(engine, teacher, windows: np.ndarray, first: int, settings: dict, *, batch_size: int,
-                   chunk_tokens: int, advance: Callable[[int], None]) -> SparseTargets:
+                   chunk_tokens: int, advance: Callable[[int], None], phase: Callable[[str], None] | None = None
+                   ) -> SparseTargets:
     """The sparse targets of packed windows [n, seq_len + 1] (the first one is window ``first``), computed
     ``batch_size`` windows per teacher pass and reduced chunk by chunk as the teacher (a native model, or a
     LayerStream running all of the shard's passes through each group of blocks) yields the logits.
@@ -271,7 +273,7 @@ def _shard_targets(engine, teacher, windows: np.ndarray, first: int, settings: d
         passes.append(np.concatenate([inputs, np.repeat(inputs[-1:], width - rows, axis=0)]) if rows < width else inputs)
     streams = [window_rng(settings["seed"], first + w) for w in range(count)]  # one per window, in position order
     done = None
-    for index, at, logits in stream_logit_chunks(engine, teacher, passes, chunk_tokens=positions):
+    for index, at, logits in stream_logit_chunks(engine, teacher, passes, chunk_tokens=positions, phase=phase):
         start = starts[index]
         rows = min(width, count - start)
         if done is not None and done != index:
@@ -310,8 +312,8 @@ class _Progress:
 
             self.bar = Progress(TextColumn("[bold]teacher cache"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                TimeRemainingColumn())
-            self.task = self.bar.add_task("cache", total=total, completed=done, rate="")
+                                TimeRemainingColumn(), TextColumn("{task.fields[stage]}"))
+            self.task = self.bar.add_task("cache", total=total, completed=done, rate="", stage="")
             self.bar.start()
 
     def advance(self, windows: int) -> None:
@@ -319,6 +321,11 @@ class _Progress:
         if self.bar is not None:
             rate = self.fresh / max(time.monotonic() - self.started, 1e-9)
             self.bar.update(self.task, advance=windows, rate=f"{rate:.1f} windows/s")
+
+    def phase(self, stage: str) -> None:
+        """A streamed teacher's stage (its windows advance only at the head): shown beside the bar."""
+        if self.bar is not None:
+            self.bar.update(self.task, stage=stage)
 
     def shard_done(self, file: str, first: int, count: int, shards: int, total: int) -> None:
         if self.bar is None:

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ..backend import get_backend
 from ..checks import is_count
 from ..errors import InputError
+from ..streaming import LayerStream
 from ..tokenizer import Tokenizer
 from . import checkpoints
-from .data import DataStream, load_documents, make_batch, pack
-from .losses import perplexity_from_loss
+from .data import Batch, DataStream, load_documents, make_batch, pack
+from .losses import cross_entropy, perplexity_from_loss
 from .spec import LOSS_CHUNK_TOKENS
 
 SPLITS = ("auto", "held-out", "all")
@@ -116,12 +120,53 @@ def perplexity(model, data: str | None = None, *, seq_len: int = DEFAULT_SEQ_LEN
     ``eval_fraction`` (``split="held-out"``). ``plan`` (from plan_eval) replaces data, seq_len, split, seed
     and eval_fraction."""
     plan = plan or EvalPlan(data, seq_len, split, seed, eval_fraction)
+    batches = _batches(plan, model.tokenizer, model.config.max_position_embeddings, batch_size, max_batches)
+    backend = get_backend(model.backend)
+    started = time.perf_counter()
+    shown = batches
+    if progress:
+        from rich.progress import track
+
+        shown = track(batches, description="eval", transient=True)
+    total = sum(backend.loss_sum(model.native, batch.inputs, batch.targets, batch.weights, chunk_tokens=chunk_tokens)
+                for batch in shown)
+    return _result(total, batches, time.perf_counter() - started, plan, batch_size)
+
+
+def streamed_perplexity(stream: LayerStream, tokenizer: Tokenizer | None, *, plan: EvalPlan, batch_size: int = 8,
+                        max_batches: int | None = None, chunk_tokens: int = LOSS_CHUNK_TOKENS,
+                        phase: Callable[[str], None] | None = None) -> EvalResult:
+    """``perplexity`` of a model never whole in memory (gemmalab.streaming.LayerStream): every batch goes
+    through each group of blocks before the next group is read, then the cross-entropy is taken from the
+    float32 logits chunk by chunk, in float64 (``phase`` hears which stage runs)."""
+    batches = _batches(plan, tokenizer, stream.config.max_position_embeddings, batch_size, max_batches)
+    started = time.perf_counter()
+    rows = max(batch.inputs.shape[0] for batch in batches)
+    total = 0.0
+    for index, start, logits in stream.logit_chunks([batch.inputs for batch in batches], phase=phase,
+                                                    chunk_tokens=max(1, chunk_tokens // rows)):
+        batch, span = batches[index], slice(start, start + logits.shape[1])
+        total += _weighted_cross_entropy(logits, batch.targets[:, span], batch.weights[:, span])
+    return _result(total, batches, time.perf_counter() - started, plan, batch_size)
+
+
+def _weighted_cross_entropy(logits: np.ndarray, targets: np.ndarray, weights: np.ndarray, block: int = 16) -> float:
+    """sum(weights * cross-entropy) of float32 logits [rows, n, vocab], ``block`` positions at a time: the
+    float64 working copies then stay at block x vocab (a few MB at 262k ids), whatever the chunk."""
+    vocab = logits.shape[-1]
+    flat_logits, flat_targets, flat_weights = logits.reshape(-1, vocab), targets.reshape(-1), weights.reshape(-1)
+    return sum(float((flat_weights[i : i + block] * cross_entropy(flat_logits[i : i + block], flat_targets[i : i + block])).sum())
+               for i in range(0, len(flat_targets), block))
+
+
+def _batches(plan: EvalPlan, tokenizer: Tokenizer | None, max_positions: int | None, batch_size: int,
+             max_batches: int | None) -> list[Batch]:
+    """The batches ``plan`` scores, checked: the windows of its split, ``batch_size`` to a batch."""
     _check_count("batch size", batch_size, "--batch-size 8")
     _check_count("max batches", max_batches, "--max-batches 10, or leave it out for every batch", allow_none=True)
     if plan.split not in ("held-out", "all"):
         raise InputError(f"split {plan.split!r} is not one of held-out, all")
-    _check_positions(plan.seq_len, model.config.max_position_embeddings)
-    tokenizer: Tokenizer | None = model.tokenizer
+    _check_positions(plan.seq_len, max_positions)
     if tokenizer is None:
         raise InputError("this model has no tokenizer, so text cannot be scored: use a checkpoint that ships one")
     windows, trained = pack(load_documents(plan.data), tokenizer, plan.seq_len)
@@ -131,24 +176,16 @@ def perplexity(model, data: str | None = None, *, seq_len: int = DEFAULT_SEQ_LEN
         if len(windows) == 0:
             raise InputError("the held-out split is empty (eval_fraction 0, or a single window): pass --split all")
     starts = list(range(0, len(windows), batch_size))[:max_batches]
-    backend = get_backend(model.backend)
-    total, tokens = 0.0, 0
-    started = time.perf_counter()
-    iterator = starts
-    if progress:
-        from rich.progress import track
+    return [make_batch(windows[start : start + batch_size], trained[start : start + batch_size]) for start in starts]
 
-        iterator = track(starts, description="eval", transient=True)
-    for start in iterator:
-        batch = make_batch(windows[start : start + batch_size], trained[start : start + batch_size])
-        total += backend.loss_sum(model.native, batch.inputs, batch.targets, batch.weights, chunk_tokens=chunk_tokens)
-        tokens += batch.tokens
-    seconds = time.perf_counter() - started
+
+def _result(total: float, batches: list[Batch], seconds: float, plan: EvalPlan, batch_size: int) -> EvalResult:
+    tokens = sum(batch.tokens for batch in batches)
     if tokens == 0:
         raise InputError(f"nothing to score in {plan.describe()}: the windows hold no trained tokens")
     loss = total / tokens
-    return EvalResult(loss, perplexity_from_loss(loss), tokens, seconds, min(len(windows), len(starts) * batch_size),
+    return EvalResult(loss, perplexity_from_loss(loss), tokens, seconds, sum(b.inputs.shape[0] for b in batches),
                       plan.describe())
 
 
-__all__ = ["EvalPlan", "EvalResult", "SPLITS", "perplexity", "plan_eval"]
+__all__ = ["EvalPlan", "EvalResult", "SPLITS", "perplexity", "plan_eval", "streamed_perplexity"]
