@@ -230,8 +230,8 @@ class JaxBackend:
         *,
         dtype: str,
         device: str | None = None,
-        mesh: Mapping[str, int] | Mesh | None = None,
         partial: bool = False,
+        mesh: Mapping[str, int] | Mesh | None = None,
     ) -> JaxModel:
         """The model on ``device`` (a platform or one device), or sharded over ``mesh`` on that platform.
         With ``weights=None``, shape-only: no memory, instant at any size. With ``partial`` only the given
