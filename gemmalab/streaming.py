@@ -8,8 +8,10 @@ residual streams of every batch wait on the host between stages, so the resident
 at most max(embedding, one group, head), plus those activations; the price is one read of the weights per
 call, whatever the number of batches (so a caller gives many batches at once).
 
-The values are those of the resident model on the same ids (positions 0 .. seq-1, the built-in masks), the
-residual stream crossing the host in its own dtype between stages, which changes no bit of it. This is for
+The values are those of the resident model on the same ids (positions 0 .. seq-1, the built-in masks): the
+residual stream crosses the host in its own dtype between stages, which changes no bit of it, so torch gives the
+resident logits bit for bit; MLX and JAX within float32 rounding (the resident pass may take a fused causal
+kernel or fuse across blocks where the stages pass explicit masks). This is for
 work that needs no gradient and reads each batch's logits once: building an offline teacher cache
 (gemmalab.distill.cache) and scoring a model (gemmalab.train.evaluation).
 """
