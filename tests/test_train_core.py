@@ -150,6 +150,22 @@ def test_stream_is_deterministic_disjoint_and_resumable():
     assert sorted(map(tuple, epoch0.tolist())) == sorted(map(tuple, a.train_windows[:, :-1].tolist()))
 
 
+def test_a_data_limited_stream_keeps_the_held_out_split_and_cycles_its_few_windows():
+    windows = np.arange(100 * 5).reshape(100, 5).astype(np.int32)
+    trained = np.ones_like(windows, dtype=bool)
+    full = DataStream(windows, trained, seed=3, eval_fraction=0.1)
+    few = DataStream(windows, trained, seed=3, eval_fraction=0.1, max_train_windows=6)
+    assert np.array_equal(few.eval_windows, full.eval_windows)  # every perplexity is on the same windows
+    kept = {tuple(w) for w in few.train_windows.tolist()}
+    assert len(kept) == 6 and kept <= {tuple(w) for w in full.train_windows.tolist()}
+    served = {tuple(w) for _ in range(10) for w in few.next_batch(6).inputs.tolist()}
+    assert served == {w[:-1] for w in kept} and few.epoch == 9  # ten passes over the same six windows
+    more = DataStream(windows, trained, seed=3, eval_fraction=0.1, max_train_windows=1000)
+    assert len(more.train_windows) == 90  # a limit above what there is keeps everything
+    with pytest.raises(ConfigError, match="max_train_windows must be at least 1"):
+        TrainConfig.from_sources(None, ["max_train_windows=0"])
+
+
 # -- configuration ----------------------------------------------------------------------------------------
 def test_yaml_then_set_then_flags(tmp_path):
     path = tmp_path / "c.yaml"

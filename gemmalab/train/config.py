@@ -75,6 +75,8 @@ class TrainConfig:
     loss_scale: float = _setting(2.0**15, "fp16 only: the initial dynamic loss scale")
     # data split, evaluation, logging, checkpoints
     eval_fraction: float = _setting(0.02, "seeded fraction of the packed windows held out for evaluation")
+    max_train_windows: int | None = _setting(None, "train on at most this many windows, a seeded sample of those left after "
+                                               "the held-out split (a data-limited run); none = all")
     eval_every: int = _setting(0, "evaluate every this many steps (0 = only at the end)")
     eval_batches: int = _setting(8, "held-out batches per evaluation")
     log_every: int = _setting(10, "steps between metrics records and progress lines")
@@ -97,6 +99,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_train_windows is not None and self.max_train_windows < 1:
+            raise ConfigError(f"max_train_windows must be at least 1, or none for all windows, got {self.max_train_windows}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError(f"max_grad_norm must be positive, or none for no clipping, got {self.max_grad_norm}")
         if self.extend and not self.resume:

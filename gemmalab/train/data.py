@@ -205,14 +205,18 @@ class DataStream:
     """Packed windows served in batches: a seeded shuffle per epoch, a held-out split, and a position
     (epoch, index) that a checkpoint saves so a resumed run sees exactly the batches it would have seen."""
 
-    def __init__(self, windows: np.ndarray, trained: np.ndarray, *, seed: int, eval_fraction: float, eval_windows_max: int = 64):
+    def __init__(self, windows: np.ndarray, trained: np.ndarray, *, seed: int, eval_fraction: float, eval_windows_max: int = 64,
+                 max_train_windows: int | None = None):
         if not 0.0 <= eval_fraction < 1.0:
             raise InputError(f"eval fraction must be in [0, 1), got {eval_fraction}")
         order = np.random.default_rng([seed, 0xE7A1]).permutation(len(windows))
         n_eval = min(eval_windows_max, int(round(len(windows) * eval_fraction))) if eval_fraction > 0 else 0
         if eval_fraction > 0 and len(windows) >= 2:
             n_eval = max(1, n_eval)
-        held_out, train = np.sort(order[:n_eval]), np.sort(order[n_eval:])
+        # A data-limited run keeps the first max_train_windows of the same seeded order after the held-out ones,
+        # so the held-out split, and every perplexity measured on it, is the one a full run has.
+        kept = order[n_eval:] if max_train_windows is None else order[n_eval:n_eval + max_train_windows]
+        held_out, train = np.sort(order[:n_eval]), np.sort(kept)
         self.train_windows, self.train_trained = windows[train], trained[train]
         self.eval_windows, self.eval_trained = windows[held_out], trained[held_out]
         # Where each kept window sits among the packed windows (Batch.windows).

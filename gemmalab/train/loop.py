@@ -267,7 +267,8 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
         raise ConfigError(f"seq_len {config.seq_len} is past the model's {model_config.max_position_embeddings} "
                           f"positions: pass --seq-len {model_config.max_position_embeddings} or less")
     windows, trained = pack(load_documents(config.data), tokenizer, config.seq_len)
-    stream = DataStream(windows, trained, seed=config.seed, eval_fraction=config.eval_fraction)
+    stream = DataStream(windows, trained, seed=config.seed, eval_fraction=config.eval_fraction,
+                        max_train_windows=config.max_train_windows)
     backend_name = plan.backend
     backend = get_backend(backend_name)
     # before anything is written: an objective that cannot start (a teacher cache made for other data) leaves
