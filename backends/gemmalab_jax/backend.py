@@ -344,8 +344,7 @@ class JaxBackend:
         if from_ids:
             x = self._place_ids(model, check_token_ids(inputs, model.config.vocab_size).astype(np.int32))
         else:
-            stream = np.asarray(inputs).astype(residual_dtype(jnp.dtype(numpy_dtype(model.dtype))), copy=False)
-            x = jax.device_put(stream, model.plan.batch_sharding(stream.shape))
+            x = self._placed_stream(model, inputs)
         layer_masks = {kind: jax.device_put(np.ascontiguousarray(m[:, None]), model.plan.batch_sharding(m[:, None].shape))
                        for kind, m in masks.items()}  # [batch, 1, seq, seq]
         with model._precision():
@@ -361,15 +360,20 @@ class JaxBackend:
         chunk = check_head_chunks(model.config, model.resident, chunk_tokens)
         if model.resident is None:
             _require_weights(model)
-        stream = np.asarray(hidden).astype(residual_dtype(jnp.dtype(numpy_dtype(model.dtype))), copy=False)
         with model._precision():
-            normed = _jit_final_norm(model.params["model"]["norm"]["weight"],
-                                     jax.device_put(stream, model.plan.batch_sharding(stream.shape)),
+            normed = _jit_final_norm(model.params["model"]["norm"]["weight"], self._placed_stream(model, hidden),
                                      config=model.config, dtype=model.dtype)
         head = {"model": {"embed_tokens": model.params["model"]["embed_tokens"]}}  # only what the head reads
         if "lm_head" in model.params:
             head["lm_head"] = model.params["lm_head"]
         return self._head_chunks(model, normed, chunk, head)
+
+    @staticmethod
+    def _placed_stream(model: JaxModel, stream: np.ndarray) -> jax.Array:
+        """A host residual stream [batch, seq, hidden] (run_layers' output) on the devices, batch-sharded, in
+        the model's residual dtype."""
+        stream = np.asarray(stream).astype(residual_dtype(jnp.dtype(numpy_dtype(model.dtype))), copy=False)
+        return jax.device_put(stream, model.plan.batch_sharding(stream.shape))
 
     def _head_chunks(self, model: JaxModel, hidden: jax.Array, chunk: int, params: Params | None = None
                      ) -> Iterator[tuple[int, np.ndarray]]:

@@ -266,19 +266,18 @@ def _shard_targets(engine, teacher, windows: np.ndarray, first: int, settings: d
     width = min(batch_size, settings["shard_windows"])  # rows per pass, the same in every shard
     positions = max(1, chunk_tokens // width)  # so a head chunk holds about chunk_tokens x vocab logits
     starts = list(range(0, count, width))
+    real = [min(width, count - start) for start in starts]  # rows of each pass that are windows, not padding
     passes = []
-    for start in starts:
-        inputs = windows[start : start + width, :-1]  # [rows, seq]: make_batch's inputs
-        rows = len(inputs)
+    for start, rows in zip(starts, real, strict=True):
+        inputs = windows[start : start + rows, :-1]  # [rows, seq]: make_batch's inputs
         passes.append(np.concatenate([inputs, np.repeat(inputs[-1:], width - rows, axis=0)]) if rows < width else inputs)
     streams = [window_rng(settings["seed"], first + w) for w in range(count)]  # one per window, in position order
-    done = None
+    current = None  # the pass whose chunks are arriving; counted on the bar when the next one starts
     for index, at, logits in stream_logit_chunks(engine, teacher, passes, chunk_tokens=positions, phase=phase):
-        start = starts[index]
-        rows = min(width, count - start)
-        if done is not None and done != index:
-            advance(min(width, count - starts[done]))
-        done = index
+        if current is not None and current != index:
+            advance(real[current])
+        current = index
+        start, rows = starts[index], real[index]
         logits = logits[:rows]
         span = slice(at, at + logits.shape[1])
         if settings["mode"] == SAMPLED:  # one stream per window, read in position order across chunks
@@ -289,8 +288,8 @@ def _shard_targets(engine, teacher, windows: np.ndarray, first: int, settings: d
         ids[start : start + rows, span] = chunk.ids
         logprobs[start : start + rows, span] = chunk.logprobs
         tail[start : start + rows, span] = chunk.tail
-    if done is not None:
-        advance(min(width, count - starts[done]))
+    if current is not None:
+        advance(real[current])
     return SparseTargets(ids, logprobs, tail)
 
 
