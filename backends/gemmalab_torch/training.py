@@ -158,12 +158,15 @@ class ChunkedHeadLoss(torch.autograd.Function):
             matrix_c = matrix.to(compute)  # one cast per call, not per chunk
             matrix_g = matrix_c if grad_dtype == compute else matrix.to(grad_dtype)
             grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if grad_h else None
-            grad_matrix = torch.zeros_like(matrix, dtype=torch.float32) if grad_w else None
+            # Not zeroed: the first chunk writes it, the others add into it (no zeros pass, no temporary the
+            # size of the matrix, 671 MB at 262k ids).
+            grad_matrix = torch.empty_like(matrix, dtype=torch.float32) if grad_w else None
+            written = False
             sums = torch.zeros(len(terms), dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk):
                 part = slice(start, start + chunk)
                 h, t, w = hidden[part].to(compute), targets[part], weights[part]
-                logits = (h @ matrix_c.T).float()  # [c, vocab]
+                logits = _vocab_major_logits(matrix_c, h)  # [c, vocab]
                 chunk_extras = {name: value[part] for name, value in extras.items()}
                 if len(terms) == 1 and isinstance(terms[0], CrossEntropy):
                     term_sum, d_logits = _cross_entropy_and_grad(logits, t, w, terms[0], softcap, grad_h or grad_w)
@@ -183,17 +186,32 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 if grad_h:
                     grad_hidden[part] = (d_c @ matrix_g).float()
                 if grad_w:
-                    grad_matrix.add_((d_c.T @ h.to(grad_dtype)).float())
-        ctx.save_for_backward(*(g for g in (grad_hidden, grad_matrix) if g is not None))
-        ctx.has = (grad_h, grad_w)
+                    h_g = h.to(grad_dtype)
+                    if grad_dtype != torch.float32:  # a bf16 product, summed in float32
+                        product = (d_c.T @ h_g).float()
+                        if written:
+                            grad_matrix.add_(product)
+                        else:
+                            grad_matrix.copy_(product)
+                    elif written:  # addmm_ itself, written with out= (torch's profilers count addmm, not addmm_)
+                        torch.addmm(grad_matrix, d_c.T, h_g, out=grad_matrix)
+                    else:
+                        torch.mm(d_c.T, h_g, out=grad_matrix)
+                    written = True
+            if grad_w and not written:  # no chunk carried a gradient
+                grad_matrix.zero_()
+        # Kept on the context, not saved for backward: they are neither inputs nor outputs, and backward hands
+        # them to autograd as they are (scaled in place when the loss was scaled).
+        ctx.grads = (grad_hidden, grad_matrix)
         ctx.mark_non_differentiable(sums)
         total = (sums * torch.tensor([term.weight for term in terms], device=sums.device)).sum()
         return total, sums
 
     @staticmethod
     def backward(ctx, grad_output: Tensor, _grad_sums: Tensor):
-        saved = iter(ctx.saved_tensors)
-        grads = [next(saved) * grad_output if needed else None for needed in ctx.has]
+        grads, ctx.grads = ctx.grads, None  # backward runs once per graph: the buffers go to autograd
+        if float(grad_output) != 1.0:  # a loss scale (fp16) or an outer factor
+            grads = tuple(g.mul_(grad_output) if g is not None else None for g in grads)
         return (*grads, *([None] * (len(ctx.needs_input_grad) - 2)))
 
 
@@ -211,7 +229,15 @@ class CompanionHead:
     def logits(self, part: slice) -> Tensor:
         """float32 soft-capped logits [chunk, shared] of the positions ``part``."""
         with torch.no_grad():
-            return _soft_cap((self.hidden[part] @ self.matrix.T).float(), self.softcap)[0]
+            return _soft_cap(_vocab_major_logits(self.matrix, self.hidden[part]), self.softcap)[0]
+
+
+def _vocab_major_logits(matrix: Tensor, hidden: Tensor) -> Tensor:
+    """float32 logits [c, vocab] of hidden states [c, dim], stored vocabulary-major (a transposed view of a
+    [vocab, c] buffer). With 262k ids, ``matrix @ h.T`` and the head gradient ``d.T @ h`` read from that layout
+    run near the square matmul rate on CPU BLAS, where ``h @ matrix.T`` runs at about 0.65 of it
+    (benchmarks/results/train-profile-2026-12-02.md); the loss code sees ordinary [c, vocab] logits."""
+    return (matrix @ hidden.T).float().T
 
 
 def _soft_cap(logits: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
@@ -553,14 +579,12 @@ class Trainer:
     def apply(self, lr: float, normalizer: float) -> dict[str, float]:
         trainable = self._trainable()
         grads = [p.grad for _, p in trainable]
-        for g in grads:
-            g.div_(normalizer)
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        # The norm of the summed gradients over the normalizer, then one in-place pass that applies both the
+        # normalizer and the clip (one read and write of every gradient, not two).
+        norm = float(torch.nn.utils.get_total_norm(grads)) / normalizer if grads else 0.0
         if math.isfinite(norm):
-            if self.spec.max_grad_norm is not None:
-                factor = min(1.0, self.spec.max_grad_norm / (norm + 1e-6))
-                for g in grads:
-                    g.mul_(factor)
+            factor = 1.0 if self.spec.max_grad_norm is None else min(1.0, self.spec.max_grad_norm / (norm + 1e-6))
+            torch._foreach_mul_(grads, factor / normalizer)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * self.scales[group["name"]]
             self.optimizer.step()
