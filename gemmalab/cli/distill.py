@@ -12,7 +12,23 @@ from rich.markup import escape
 from ..distill.config import DistillConfig
 from .app import console, group
 from .common import BackendOption, DeviceOption
-from .train import _echo, print_settings
+from .train import (
+    BatchSizeFlag,
+    CheckpointEveryFlag,
+    DataFlag,
+    ExtendFlag,
+    GradAccumFlag,
+    LogEveryFlag,
+    LrFlag,
+    QuietFlag,
+    SeedFlag,
+    SeqLenFlag,
+    StepsFlag,
+    _echo,
+    precision_of,
+    print_settings,
+    run_settings,
+)
 
 
 def _h(name: str) -> str:
@@ -48,22 +64,22 @@ def distill(
     beta: Annotated[Optional[float], typer.Option("--beta", help=_h("beta"))] = None,  # noqa: UP045
     temperature: Annotated[Optional[float], typer.Option("--temperature", help=_h("temperature"))] = None,  # noqa: UP045
     teacher_dtype: Annotated[Optional[str], typer.Option("--teacher-dtype", help=_h("teacher_dtype"))] = None,  # noqa: UP045
-    data: Annotated[Optional[str], typer.Option(help=_h("data"))] = None,  # noqa: UP045
-    steps: Annotated[Optional[int], typer.Option(help=_h("steps"))] = None,  # noqa: UP045
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=_h("batch_size"))] = None,  # noqa: UP045
-    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help=_h("grad_accum"))] = None,  # noqa: UP045
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help=_h("seq_len"))] = None,  # noqa: UP045
-    lr: Annotated[Optional[float], typer.Option(help=_h("lr"))] = None,  # noqa: UP045
+    data: DataFlag = None,
+    steps: StepsFlag = None,
+    batch_size: BatchSizeFlag = None,
+    grad_accum: GradAccumFlag = None,
+    seq_len: SeqLenFlag = None,
+    lr: LrFlag = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="The student's compute dtype: float32, bfloat16 or float16 (master weights stay float32) (default: float32)")] = None,  # noqa: UP045
     backend: BackendOption = None,
     device: DeviceOption = None,
-    seed: Annotated[Optional[int], typer.Option(help=_h("seed"))] = None,  # noqa: UP045
+    seed: SeedFlag = None,
     out: Annotated[Optional[str], typer.Option(help=_h("out"))] = None,  # noqa: UP045
-    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help=_h("checkpoint_every"))] = None,  # noqa: UP045
-    log_every: Annotated[Optional[int], typer.Option("--log-every", help=_h("log_every"))] = None,  # noqa: UP045
+    checkpoint_every: CheckpointEveryFlag = None,
+    log_every: LogEveryFlag = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint, with its own settings (its teacher and objective cannot change).")] = False,
-    extend: Annotated[bool, typer.Option("--extend", help="With --resume and a larger --steps: train on, the extra steps as a new schedule cycle.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")] = False,
+    extend: ExtendFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Distil a teacher into a student: loss = alpha * cross-entropy + (1 - alpha) * divergence(teacher || student)
     at temperature T, both output heads inside the chunked loss (no [batch, tokens, vocab] logits).
@@ -74,9 +90,8 @@ def distill(
         return
     from ..distill import distill as run_distillation
     from ..dtypes import canonical_dtype
-    from ..train.loop import saved_settings
 
-    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[canonical_dtype(dtype)] if dtype else None
+    precision = precision_of(dtype)
     flags = {
         "teacher": teacher, "cache": cache, "teacher_dtype": canonical_dtype(teacher_dtype) if teacher_dtype else None,
         "loss": loss, "alpha": alpha, "beta": beta, "temperature": temperature,
@@ -85,9 +100,7 @@ def distill(
         "checkpoint_every": checkpoint_every, "log_every": log_every, "resume": resume or None,
         "extend": extend or None, **student_flags(student),
     }
-    config = DistillConfig.from_sources(config_file, sets, flags)
-    if config.resume and (settings := saved_settings(Path(config.out).expanduser())) is not None:
-        config = DistillConfig.from_sources(config_file, sets, flags, base=settings)
+    config = run_settings(DistillConfig, config_file, sets, flags)
     if flags.get("preset") and config.model is not None:  # --student PRESET wins over a configured checkpoint
         config = dataclasses.replace(config, model=None)
     who = config.model or f"preset {config.preset} (random init)"

@@ -21,6 +21,39 @@ def _h(name: str) -> str:
     return TrainConfig.meaning(name)
 
 
+# The flags `gemmalab train` and `gemmalab distill` share, each a training setting under its own name.
+DataFlag = Annotated[Optional[str], typer.Option(help=_h("data"))]  # noqa: UP045
+StepsFlag = Annotated[Optional[int], typer.Option(help=_h("steps"))]  # noqa: UP045
+BatchSizeFlag = Annotated[Optional[int], typer.Option("--batch-size", help=_h("batch_size"))]  # noqa: UP045
+GradAccumFlag = Annotated[Optional[int], typer.Option("--grad-accum", help=_h("grad_accum"))]  # noqa: UP045
+SeqLenFlag = Annotated[Optional[int], typer.Option("--seq-len", help=_h("seq_len"))]  # noqa: UP045
+LrFlag = Annotated[Optional[float], typer.Option(help=_h("lr"))]  # noqa: UP045
+SeedFlag = Annotated[Optional[int], typer.Option(help=_h("seed"))]  # noqa: UP045
+CheckpointEveryFlag = Annotated[Optional[int], typer.Option("--checkpoint-every", help=_h("checkpoint_every"))]  # noqa: UP045
+LogEveryFlag = Annotated[Optional[int], typer.Option("--log-every", help=_h("log_every"))]  # noqa: UP045
+ExtendFlag = Annotated[bool, typer.Option("--extend", help="With --resume and a larger --steps: train on, the extra steps as a new schedule cycle.")]
+QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")]
+
+
+def precision_of(dtype: str | None) -> str | None:
+    """The precision setting of a --dtype flag (fp32, bf16, fp16), or None when no flag was given."""
+    from ..dtypes import canonical_dtype
+
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[canonical_dtype(dtype)] if dtype else None
+
+
+def run_settings(config_class: type[TrainConfig], config_file: Path | None, sets: list[str] | None,
+                 flags: dict) -> TrainConfig:
+    """The run's settings from a YAML file, --set and the flags. With --resume, the run's own saved settings
+    come first, so `--out DIR --resume` is enough; whatever is given here overrides them."""
+    from ..train.loop import saved_settings
+
+    config = config_class.from_sources(config_file, sets, flags)
+    if config.resume and (settings := saved_settings(Path(config.out).expanduser())) is not None:
+        config = config_class.from_sources(config_file, sets, flags, base=settings)
+    return config
+
+
 def print_settings(config_class: type[TrainConfig]) -> None:
     """The table of every setting of ``config_class`` (``--list-settings``), then exit."""
     table = Table(title=f"{config_class.command} settings (YAML keys, --set key=value, and flags where one exists)")
@@ -47,43 +80,38 @@ def train(
     list_settings: Annotated[bool, typer.Option("--list-settings", callback=_list_settings, is_eager=True, help="List every setting with its type, default and meaning, and exit.")] = False,
     preset: Annotated[Optional[str], typer.Option(help=_h("preset"))] = None,  # noqa: UP045
     model: Annotated[Optional[str], typer.Option("--model", help=_h("model"))] = None,  # noqa: UP045
-    data: Annotated[Optional[str], typer.Option(help=_h("data"))] = None,  # noqa: UP045
-    steps: Annotated[Optional[int], typer.Option(help=_h("steps"))] = None,  # noqa: UP045
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=_h("batch_size"))] = None,  # noqa: UP045
-    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help=_h("grad_accum"))] = None,  # noqa: UP045
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help=_h("seq_len"))] = None,  # noqa: UP045
-    lr: Annotated[Optional[float], typer.Option(help=_h("lr"))] = None,  # noqa: UP045
+    data: DataFlag = None,
+    steps: StepsFlag = None,
+    batch_size: BatchSizeFlag = None,
+    grad_accum: GradAccumFlag = None,
+    seq_len: SeqLenFlag = None,
+    lr: LrFlag = None,
     optimizer: Annotated[Optional[str], typer.Option(help=_h("optimizer"))] = None,  # noqa: UP045
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16 (sets precision; master weights stay float32) (default: float32)")] = None,  # noqa: UP045
     backend: BackendOption = None,
     device: DeviceOption = None,
-    seed: Annotated[Optional[int], typer.Option(help=_h("seed"))] = None,  # noqa: UP045
+    seed: SeedFlag = None,
     out: Annotated[Optional[str], typer.Option(help=_h("out"))] = None,  # noqa: UP045
-    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help=_h("checkpoint_every"))] = None,  # noqa: UP045
-    log_every: Annotated[Optional[int], typer.Option("--log-every", help=_h("log_every"))] = None,  # noqa: UP045
+    checkpoint_every: CheckpointEveryFlag = None,
+    log_every: LogEveryFlag = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint, with its own settings, on the backend that wrote it unless --backend chooses another.")] = False,
-    extend: Annotated[bool, typer.Option("--extend", help="With --resume and a larger --steps: train on, the extra steps as a new schedule cycle.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")] = False,
+    extend: ExtendFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Train or fine-tune a model: full-parameter training with AdamW or Adafactor on any backend.
 
     On a terminal a progress bar shows loss, tokens/s, learning rate and ETA; otherwise (a log file, nohup, a batch scheduler) a plain line every --log-every steps. Ctrl-C stops after the step in progress and keeps a checkpoint to resume from.
     """
-    from ..dtypes import canonical_dtype
     from ..train import train as run_training
-    from ..train.loop import saved_settings
 
-    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[canonical_dtype(dtype)] if dtype else None
+    precision = precision_of(dtype)
     flags = {
         "preset": preset, "model": model, "data": data, "steps": steps, "batch_size": batch_size,
         "grad_accum": grad_accum, "seq_len": seq_len, "lr": lr, "optimizer": optimizer, "precision": precision,
         "backend": backend, "device": device, "seed": seed, "out": out, "checkpoint_every": checkpoint_every,
         "log_every": log_every, "resume": resume or None, "extend": extend or None,
     }
-    config = TrainConfig.from_sources(config_file, sets, flags)
-    if config.resume and (settings := saved_settings(Path(config.out).expanduser())) is not None:
-        # the run's own settings first, so `--out DIR --resume` is enough; what is given here overrides them
-        config = TrainConfig.from_sources(config_file, sets, flags, base=settings)
+    config = run_settings(TrainConfig, config_file, sets, flags)
     source = config.model or f"preset {config.preset} (random init)"
     console.print(f"training {escape(source)} for {config.steps} steps -> {escape(config.out)}", soft_wrap=True)
     result = run_training(config, progress=not quiet and console.is_terminal, echo=_echo,
