@@ -8,6 +8,7 @@
     train.py     train, eval
     distill.py   distill (training)
     distill_cache.py  distill cache
+    distill_generate.py  distill generate
     experiments.py  experiments list, run, menu
 
 Importing this package imports no array framework: each command imports its backend when it runs.
@@ -15,7 +16,7 @@ Importing this package imports no array framework: each command imports its back
 
 from __future__ import annotations
 
-from . import bench, distill, distill_cache, experiments, generate, models, train  # noqa: F401  (each module registers its commands on `app`)
+from . import bench, distill, distill_cache, distill_generate, experiments, generate, models, train  # noqa: F401  (each module registers its commands on `app`)
 from .app import app, console, err_console, main
 
 __all__ = ["app", "console", "err_console", "main"]

@@ -3,6 +3,7 @@
 (gemmalab.train.objective); the losses are gemmalab.train.losses' Distillation term."""
 
 from .config import DistillConfig
+from .generate import generate_data
 from .run import DistillResult, distill
 
-__all__ = ["DistillConfig", "DistillResult", "distill"]
+__all__ = ["DistillConfig", "DistillResult", "distill", "generate_data"]

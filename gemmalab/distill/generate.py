@@ -1,0 +1,195 @@
+"""Sequence-level distillation data: the teacher writes a response to each prompt, and the student then trains
+on those responses (``gemmalab train --data DATA.jsonl``: the loss falls on the completions only).
+
+``generate_data(teacher, prompts, out)`` reads prompts from a JSONL file (one ``{"prompt": "..."}`` per line;
+other keys are carried into the record), feeds them to the teacher ``batch_size`` at a time through the
+generation layer (``Model.generate``: its sliding-window caches and samplers), and appends one record per
+prompt to ``out``::
+
+    {"prompt": <what the teacher was given>, "completion": <its response>, "index": i,
+     "source": <the prompt line's other keys>, "settings": {...}}
+
+``prompt``/``completion`` is the pair ``gemmalab train`` reads. With a template (``--cot`` takes
+``COT_TEMPLATE``), the prompt is the template with ``{prompt}`` filled in, and the student trains on the same
+templated prompt, so it learns to reason when asked as the teacher was.
+
+A batch's records are appended and flushed to disk together; a killed run leaves at most a partly written
+last batch. The next run with the same arguments drops a half-written last line and goes on from the first
+prompt without a record. The sampling seed of each batch is ``seed + batch index``, so a resumed file equals an uninterrupted
+one. A file written with other settings (or from other prompts) is refused in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, InputError
+
+COT_TEMPLATE = "{prompt}\nWork it out step by step, then give the answer on the last line."
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """What a generated file's records were made with; a resumed run must match them."""
+
+    teacher: str  # teacher_fingerprint of the checkpoint (its config and weights)
+    template: str | None = None
+    max_tokens: int = 256
+    batch_size: int = 8
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.template is not None and "{prompt}" not in self.template:
+            raise ConfigError(f"the template {self.template!r} has no {{prompt}}: put {{prompt}} where the prompt goes")
+        for name in ("max_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+    def fill(self, prompt: str) -> str:
+        """The text the teacher is given for ``prompt``."""
+        return prompt if self.template is None else self.template.replace("{prompt}", prompt)
+
+
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """Every line of a JSONL file as a dict with a ``prompt`` string; a bad line stops with its number."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"no prompts file at {path}: pass --prompts FILE.jsonl, one {{\"prompt\": ...}} per line")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}:{number} is not JSON ({error.msg}): one {{\"prompt\": ...}} object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise InputError(f'{path}:{number} has no "prompt" string: one {{"prompt": ...}} object per line')
+        prompts.append(record)
+    if not prompts:
+        raise InputError(f"{path} holds no prompts: one {{\"prompt\": ...}} object per line")
+    return prompts
+
+
+def _prompt_digest(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def _records_done(out: Path, settings: GenerateSettings, prompts: list[dict[str, Any]]) -> int:
+    """How many prompts ``out`` already answers, after dropping a half-written last line; refuses a file made
+    with other settings or from other prompts."""
+    if not out.exists():
+        return 0
+    data = out.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]  # a killed write leaves at most a partial last line
+    if len(complete) != len(data):
+        with out.open("r+b") as handle:
+            handle.truncate(len(complete))
+    lines = complete.decode("utf-8").splitlines()
+    mine = asdict(settings)
+    for index, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"{out}:{index + 1} is not a record of gemmalab distill generate: choose another --out") from None
+        if record.get("settings") != mine:
+            raise ConfigError(f"{out} was written with other settings ({record.get('settings')}): run with those, "
+                              f"or choose another --out")
+        if index >= len(prompts) or record.get("index") != index or \
+                record.get("prompt_sha256") != _prompt_digest(settings.fill(prompts[index]["prompt"])):
+            raise ConfigError(f"{out} was written from other prompts (record {index + 1} does not match): "
+                              f"choose another --out")
+    return len(lines)
+
+
+def generate_data(teacher: str | Path, prompts: str | Path, out: str | Path, *, template: str | None = None,
+                  max_tokens: int = 256, batch_size: int = 8, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0, seed: int = 0, backend: str | None = None, dtype: str | None = None,
+                  device: str | None = None, progress: bool = True, echo: Echo = print) -> Path:
+    """Write (or finish) ``out``: one teacher response per prompt (the module docstring). Returns its path."""
+    import gemmalab
+
+    from .. import checkpoint
+    from .cache_format import teacher_fingerprint
+
+    folder = checkpoint.locate(teacher)
+    settings = GenerateSettings(teacher_fingerprint(folder), template, max_tokens, batch_size, temperature, top_k,
+                                top_p, seed)
+    records = read_prompts(prompts)
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder: give a .jsonl file path")
+    done = _records_done(out, settings, records)
+    if done == len(records):
+        echo(f"{out}: all {done} prompts already answered")
+        return out
+    model = gemmalab.load(folder, backend=backend, dtype=dtype, device=device)
+    if model.tokenizer is None:
+        raise InputError(f"the teacher {teacher} has no tokenizer: generating text needs its tokenizer.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bar = _Progress(len(records), done, progress, echo)
+    try:
+        with out.open("a", encoding="utf-8") as handle:
+            # A batch cut short by a kill is generated again whole (the same prompts and seed give the same
+            # responses), and only its missing records are written.
+            for start in range(done - done % batch_size, len(records), batch_size):
+                batch = records[start : start + batch_size]
+                texts = [settings.fill(record["prompt"]) for record in batch]
+                result = model.generate(texts, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                        seed=seed + start // batch_size)
+                lines = []
+                for offset, (record, text, response) in enumerate(zip(batch, texts, result.texts, strict=True)):
+                    if start + offset < done:
+                        continue
+                    source = {key: value for key, value in record.items() if key != "prompt"}
+                    lines.append(json.dumps({"prompt": text, "completion": response, "index": start + offset,
+                                             "prompt_sha256": _prompt_digest(text), "source": source,
+                                             "settings": asdict(settings)}, ensure_ascii=False) + "\n")
+                handle.write("".join(lines))  # the batch's records together, then to disk
+                handle.flush()
+                os.fsync(handle.fileno())
+                bar.advance(len(lines))
+    finally:
+        bar.close()
+    return out
+
+
+class _Progress:
+    """A rich bar over prompts when enabled, else one plain line per batch."""
+
+    def __init__(self, total: int, done: int, enabled: bool, echo: Echo):
+        self.total, self.done, self.echo, self.bar = total, done, echo, None
+        self.started, self.fresh = time.monotonic(), 0
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]teacher responses"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn())
+            self.task = self.bar.add_task("generate", total=total, completed=done, rate="")
+            self.bar.start()
+
+    def advance(self, count: int) -> None:
+        self.done, self.fresh = self.done + count, self.fresh + count
+        rate = self.fresh / max(time.monotonic() - self.started, 1e-9)
+        if self.bar is not None:
+            self.bar.update(self.task, advance=count, rate=f"{rate:.2f} prompts/s")
+        else:
+            self.echo(f"teacher responses: {self.done} of {self.total} prompts ({rate:.2f} prompts/s)")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+__all__ = ["COT_TEMPLATE", "GenerateSettings", "generate_data", "read_prompts"]
