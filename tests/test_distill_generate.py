@@ -29,7 +29,7 @@ CLI_BACKEND = "torch" if "torch" in BACKENDS else (BACKENDS[0] if BACKENDS else 
 def teacher(tmp_path_factory) -> tuple[Path, dict]:
     """(checkpoint folder, float32 weights) of the tiny preset with std 0.3 weights (clear argmax margins), and
     the byte-level tokenizer beside them."""
-    weights = init_weights(CONFIG, seed=5, std=0.3)
+    weights = init_weights(CONFIG, seed=3, std=0.3)  # seed 3: chat replies with letters, not only newlines
     folder = checkpoint.save_checkpoint(tmp_path_factory.mktemp("teacher"), CONFIG.with_dtype("float32"), weights)
     Tokenizer.byte_level().save(folder)
     return folder, weights
@@ -42,14 +42,16 @@ def prompts(tmp_path) -> Path:
     return path
 
 
-def reference_greedy(weights: dict, text: str, max_tokens: int) -> str:
-    """The teacher's greedy continuation by full float64 forward passes of the reference, stopping at eos."""
+def reference_greedy(weights: dict, text: str, max_tokens: int, *, chat: bool = False) -> str:
+    """The teacher's greedy continuation by full float64 forward passes of the reference, stopping at eos (and,
+    in a chat, at <end_of_turn>); the prompt as plain text, or as a user turn in Gemma's chat format."""
     tokenizer = Tokenizer.byte_level()
-    ids = tokenizer.encode(text)
+    ids = tokenizer.apply_chat([{"role": "user", "content": text}]) if chat else tokenizer.encode(text)
+    stops = {*CONFIG.eos_token_ids, *([tokenizer.end_of_turn_id] if chat else [])}
     new: list[int] = []
     for _ in range(max_tokens):
         token = int(np.argmax(reference.forward(CONFIG, weights, np.array([ids + new]))[0, -1]))
-        if token in CONFIG.eos_token_ids:
+        if token in stops:
             break
         new.append(token)
     return tokenizer.decode(new)
@@ -74,6 +76,20 @@ def test_records_hold_the_teachers_greedy_responses(backend, teacher, prompts, t
     assert [r["completion"] for r in got] == [reference_greedy(weights, f"Q: {p}\nA:", 5) for p in PROMPTS]
     assert [r["source"] for r in got] == [{"id": f"p{i}"} for i in range(len(PROMPTS))]
     assert got[0]["settings"]["template"] == "Q: {prompt}\nA:" and got[0]["settings"]["max_tokens"] == 5
+
+
+def test_chat_records_are_message_lists_trained_on_the_reply(backend, teacher, prompts, tmp_path):
+    folder, weights = teacher
+    out = run(folder, prompts, tmp_path / "chat.jsonl", backend=backend, chat=True, max_tokens=8)
+    got = records(out)
+    assert [r["prompt"] for r in got] == [[{"role": "user", "content": p}] for p in PROMPTS]
+    assert [r["completion"] for r in got] == [[{"role": "assistant", "content": reference_greedy(weights, p, 8, chat=True)}]
+                                              for p in PROMPTS]
+    tokenizer = Tokenizer.byte_level()
+    for document, record in zip(load_documents(out), got, strict=True):
+        _, trained = tokenize(document, tokenizer)
+        # trained: the reply's bytes and its closing <end_of_turn>, nothing of the user's turn
+        assert int(trained.sum()) == len(record["completion"][0]["content"].strip().encode()) + 1
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

@@ -22,6 +22,7 @@ def generate(
     out: Annotated[Path, typer.Option("--out", help="The JSONL file to write (run again with the same arguments to resume).")],
     cot: Annotated[bool, typer.Option("--cot", help="Ask for step-by-step reasoning: the prompt goes into the chain-of-thought template (--template to change it).")] = False,
     template: Annotated[Optional[str], typer.Option("--template", help="A prompt template with {prompt} where the prompt goes (default: none; with --cot, the built-in one).")] = None,  # noqa: UP045
+    chat: Annotated[bool, typer.Option("--chat", help="For an instruction-tuned teacher: each prompt is a user turn in Gemma's chat format; the records are message lists.")] = False,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="New tokens per response at most.")] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per teacher batch.")] = 8,
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature (0 = greedy).")] = 0.0,
@@ -40,7 +41,7 @@ def generate(
     from ..distill.generate import COT_TEMPLATE, generate_data
 
     chosen = template if template is not None else COT_TEMPLATE if cot else None
-    path = generate_data(teacher, prompts, out, template=chosen, max_tokens=max_tokens, batch_size=batch_size,
+    path = generate_data(teacher, prompts, out, template=chosen, chat=chat, max_tokens=max_tokens, batch_size=batch_size,
                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, backend=backend, dtype=dtype,
                          device=device, progress=not quiet and console.is_terminal, echo=_echo)
     lines = sum(1 for _ in path.open(encoding="utf-8"))

@@ -11,7 +11,10 @@ prompt to ``out``::
 
 ``prompt``/``completion`` is the pair ``gemmalab train`` reads. With a template (``--cot`` takes
 ``COT_TEMPLATE``), the prompt is the template with ``{prompt}`` filled in, and the student trains on the same
-templated prompt, so it learns to reason when asked as the teacher was.
+templated prompt, so it learns to reason when asked as the teacher was. With ``chat`` (an instruction-tuned
+teacher), the prompt goes in as a user turn in Gemma's chat format, the response ends at <end_of_turn>, and
+the record holds the two as message lists (``[{"role": "user", ...}]``, ``[{"role": "assistant", ...}]``:
+TRL's conversational form, which ``gemmalab train`` reads as one chat trained on the reply).
 
 A batch's records are appended and flushed to disk together; a killed run leaves at most a partly written
 last batch. The next run with the same arguments drops a half-written last line and goes on from the first
@@ -42,6 +45,7 @@ class GenerateSettings:
 
     teacher: str  # teacher_fingerprint of the checkpoint (its config and weights)
     template: str | None = None
+    chat: bool = False
     max_tokens: int = 256
     batch_size: int = 8
     temperature: float = 0.0
@@ -114,7 +118,7 @@ def _records_done(out: Path, settings: GenerateSettings, prompts: list[dict[str,
 
 
 def generate_data(teacher: str | Path, prompts: str | Path, out: str | Path, *, template: str | None = None,
-                  max_tokens: int = 256, batch_size: int = 8, temperature: float = 0.0, top_k: int = 0,
+                  chat: bool = False, max_tokens: int = 256, batch_size: int = 8, temperature: float = 0.0, top_k: int = 0,
                   top_p: float = 1.0, seed: int = 0, backend: str | None = None, dtype: str | None = None,
                   device: str | None = None, progress: bool = True, echo: Echo = print) -> Path:
     """Write (or finish) ``out``: one teacher response per prompt (the module docstring). Returns its path."""
@@ -124,8 +128,8 @@ def generate_data(teacher: str | Path, prompts: str | Path, out: str | Path, *, 
     from .cache_format import teacher_fingerprint
 
     folder = checkpoint.locate(teacher)
-    settings = GenerateSettings(teacher_fingerprint(folder), template, max_tokens, batch_size, temperature, top_k,
-                                top_p, seed)
+    settings = GenerateSettings(teacher_fingerprint(folder), template, chat, max_tokens, batch_size, temperature,
+                                top_k, top_p, seed)
     records = read_prompts(prompts)
     out = Path(out).expanduser()
     if out.is_dir():
@@ -137,6 +141,10 @@ def generate_data(teacher: str | Path, prompts: str | Path, out: str | Path, *, 
     model = gemmalab.load(folder, backend=backend, dtype=dtype, device=device)
     if model.tokenizer is None:
         raise InputError(f"the teacher {teacher} has no tokenizer: generating text needs its tokenizer.json")
+    tokenizer = model.tokenizer
+    end_of_turn = tokenizer.end_of_turn_id if chat else None
+    if chat and end_of_turn is None:
+        raise InputError(f"the teacher {teacher}'s tokenizer has no <end_of_turn> token, so it cannot chat: drop --chat")
     out.parent.mkdir(parents=True, exist_ok=True)
     bar = _Progress(len(records), done, progress, echo)
     try:
@@ -146,14 +154,18 @@ def generate_data(teacher: str | Path, prompts: str | Path, out: str | Path, *, 
             for start in range(done - done % batch_size, len(records), batch_size):
                 batch = records[start : start + batch_size]
                 texts = [settings.fill(record["prompt"]) for record in batch]
-                result = model.generate(texts, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                        seed=seed + start // batch_size)
+                inputs = [tokenizer.apply_chat([{"role": "user", "content": t}]) for t in texts] if chat else texts
+                result = model.generate(inputs, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                        seed=seed + start // batch_size,
+                                        stop=[end_of_turn] if end_of_turn is not None else None)
                 lines = []
                 for offset, (record, text, response) in enumerate(zip(batch, texts, result.texts, strict=True)):
                     if start + offset < done:
                         continue
                     source = {key: value for key, value in record.items() if key != "prompt"}
-                    lines.append(json.dumps({"prompt": text, "completion": response, "index": start + offset,
+                    pair = ([{"role": "user", "content": text}], [{"role": "assistant", "content": response}]) if chat \
+                        else (text, response)
+                    lines.append(json.dumps({"prompt": pair[0], "completion": pair[1], "index": start + offset,
                                              "prompt_sha256": _prompt_digest(text), "source": source,
                                              "settings": asdict(settings)}, ensure_ascii=False) + "\n")
                 handle.write("".join(lines))  # the batch's records together, then to disk
