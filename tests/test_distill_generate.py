@@ -6,6 +6,12 @@ trainer reads the file with the loss on the completions only."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,10 +120,17 @@ def test_other_settings_or_prompts_are_refused_and_the_file_is_kept(teacher, pro
     with pytest.raises(ConfigError, match="other prompts"):
         run(folder, other, out)
     assert out.read_bytes() == before
+    # someone else's file as --out (here the prompts themselves, without a final newline) is left as it is
+    mistaken = tmp_path / "mine.jsonl"
+    mistaken.write_bytes(prompts.read_bytes().rstrip(b"\n"))
+    kept = mistaken.read_bytes()
+    with pytest.raises(InputError, match="not a record of gemmalab distill generate"):
+        run(folder, prompts, mistaken)
+    assert mistaken.read_bytes() == kept
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("not json\n", "prompts.jsonl:1 is not JSON"),
+    ("not json\n", "prompts.jsonl:1 is not valid JSON"),
     ('{"prompt": "ok"}\n{"text": "no prompt"}\n', 'prompts.jsonl:2 has no "prompt" string'),
     ("\n", "holds no prompts"),
 ])
@@ -156,3 +169,49 @@ def test_the_cli_writes_cot_records_and_refuses_bad_input_in_one_line(teacher, p
     assert [r["prompt"] for r in records(out)] == [COT_TEMPLATE.replace("{prompt}", p) for p in PROMPTS]
     assert_clean_failure(run_cli("distill", "generate", "--teacher", str(teacher[0]), "--prompts",
                                  str(tmp_path / "missing.jsonl"), "--out", str(out)), "no prompts file")
+
+
+KILLED_RUN = textwrap.dedent("""
+    # `gemmalab ARGS`, except that the run stops for good once its second batch is on disk, so the test can
+    # SIGKILL it there.
+    import os, sys, time
+    from gemmalab.distill import generate
+    synced = []
+    def fsync_or_hang(fd):
+        os.fsync(fd)
+        synced.append(fd)
+        if len(synced) == 2:
+            open(sys.argv[-1] + ".two-batches", "w").close()
+            time.sleep(600)
+    generate.os = type("os", (), {"fsync": staticmethod(fsync_or_hang)})
+    from gemmalab.cli import main
+    main(sys.argv[1:-1])
+""")
+
+
+@pytest.mark.skipif(CLI_BACKEND is None, reason="no backend installed")
+def test_a_sigkilled_cli_run_resumes_to_the_uninterrupted_file(teacher, prompts, tmp_path):
+    args = ["distill", "generate", "--teacher", str(teacher[0]), "--prompts", str(prompts), "--max-tokens", "4",
+            "--batch-size", "2", "--temperature", "1.0", "--seed", "5", "--backend", CLI_BACKEND, "-q"]
+    whole = tmp_path / "whole.jsonl"
+    assert run_cli(*args, "--out", str(whole)).returncode == 0
+    out, flag = tmp_path / "killed.jsonl", tmp_path / "flag"
+    driver = tmp_path / "killed_run.py"
+    driver.write_text(KILLED_RUN)
+    process = subprocess.Popen([sys.executable, str(driver), *args, "--out", str(out), str(flag)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(str(flag) + ".two-batches").exists():
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "the run never finished its second batch"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+    assert [r["index"] for r in records(out)] == [0, 1, 2, 3]  # two batches of two, then the kill
+    result = run_cli(*args, "--out", str(out))  # the same command: it goes on from prompt 4
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == whole.read_bytes()

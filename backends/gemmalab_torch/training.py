@@ -584,7 +584,8 @@ class Trainer:
         norm = float(torch.nn.utils.get_total_norm(grads)) / normalizer if grads else 0.0
         if math.isfinite(norm):
             factor = 1.0 if self.spec.max_grad_norm is None else min(1.0, self.spec.max_grad_norm / (norm + 1e-6))
-            torch._foreach_mul_(grads, factor / normalizer)
+            if grads:  # the foreach kernel refuses an empty list (everything frozen)
+                torch._foreach_mul_(grads, factor / normalizer)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * self.scales[group["name"]]
             self.optimizer.step()

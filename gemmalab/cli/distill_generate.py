@@ -36,7 +36,7 @@ def generate(
 ) -> None:
     """Sequence-level (and chain-of-thought) distillation data: the teacher answers every prompt.
 
-    Each line of --out is {"prompt", "completion", "index", "source", "settings"}: train the student on it with `gemmalab train --data OUT` (or `gemmalab distill --data OUT`), the loss on the completions only. A killed run resumes when run again with the same arguments; a file written with other settings is refused.
+    Each line of --out is {"index", "prompt_sha256", "prompt", "completion", "source", "settings"}: train the student on it with `gemmalab train --data OUT` (or `gemmalab distill --data OUT`), the loss on the completions only. A killed run resumes when run again with the same arguments; a file written with other settings is refused.
     """
     from ..distill.generate import COT_TEMPLATE, generate_data
 

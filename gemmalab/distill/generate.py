@@ -6,7 +6,7 @@ other keys are carried into the record), feeds them to the teacher ``batch_size`
 generation layer (``Model.generate``: its sliding-window caches and samplers), and appends one record per
 prompt to ``out``::
 
-    {"prompt": <what the teacher was given>, "completion": <its response>, "index": i,
+    {"index": i, "prompt_sha256": ..., "prompt": <what the teacher was given>, "completion": <its response>,
      "source": <the prompt line's other keys>, "settings": {...}}
 
 ``prompt``/``completion`` is the pair ``gemmalab train`` reads. With a template (``--cot`` takes
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InputError
+from ..train.data import jsonl_records
 
 COT_TEMPLATE = "{prompt}\nWork it out step by step, then give the answer on the last line."
 Echo = Callable[[str], None]
@@ -71,13 +72,7 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise InputError(f"no prompts file at {path}: pass --prompts FILE.jsonl, one {{\"prompt\": ...}} per line")
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path}:{number} is not JSON ({error.msg}): one {{\"prompt\": ...}} object per line") from None
+    for number, record in jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise InputError(f'{path}:{number} has no "prompt" string: one {{"prompt": ...}} object per line')
         prompts.append(record)
@@ -90,30 +85,40 @@ def _prompt_digest(prompt: str) -> str:
     return hashlib.sha256(prompt.encode()).hexdigest()[:16]
 
 
+# Every record starts with this, so the tail a killed write leaves can be told from the end of someone else's file.
+RECORD_START = '{"index": '
+
+
 def _records_done(out: Path, settings: GenerateSettings, prompts: list[dict[str, Any]]) -> int:
-    """How many prompts ``out`` already answers, after dropping a half-written last line; refuses a file made
-    with other settings or from other prompts."""
+    """How many prompts ``out`` already answers. Its complete lines must be this run's records (the same
+    settings, the same prompts in order), or it is refused untouched; then a half-written last line, which only
+    a killed write leaves, is dropped."""
     if not out.exists():
         return 0
     data = out.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]  # a killed write leaves at most a partial last line
-    if len(complete) != len(data):
-        with out.open("r+b") as handle:
-            handle.truncate(len(complete))
-    lines = complete.decode("utf-8").splitlines()
+    cut = data.rfind(b"\n") + 1
+    complete, tail = data[:cut], data[cut:].decode("utf-8", errors="replace")
+    lines = complete.decode("utf-8", errors="replace").splitlines()
     mine = asdict(settings)
     for index, line in enumerate(lines):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise InputError(f"{out}:{index + 1} is not a record of gemmalab distill generate: choose another --out") from None
-        if record.get("settings") != mine:
-            raise ConfigError(f"{out} was written with other settings ({record.get('settings')}): run with those, "
+            record = None
+        if not isinstance(record, dict) or "settings" not in record:
+            raise InputError(f"{out}:{index + 1} is not a record of gemmalab distill generate: choose another --out")
+        if record["settings"] != mine:
+            raise ConfigError(f"{out} was written with other settings ({record['settings']}): run with those, "
                               f"or choose another --out")
         if index >= len(prompts) or record.get("index") != index or \
                 record.get("prompt_sha256") != _prompt_digest(settings.fill(prompts[index]["prompt"])):
             raise ConfigError(f"{out} was written from other prompts (record {index + 1} does not match): "
                               f"choose another --out")
+    if tail:
+        if not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail)):
+            raise InputError(f"{out} ends in a line that is not a record of gemmalab distill generate: choose another --out")
+        with out.open("r+b") as handle:  # the half record of a killed write
+            handle.truncate(cut)
     return len(lines)
 
 
@@ -165,8 +170,8 @@ def generate_data(teacher: str | Path, prompts: str | Path, out: str | Path, *, 
                     source = {key: value for key, value in record.items() if key != "prompt"}
                     pair = ([{"role": "user", "content": text}], [{"role": "assistant", "content": response}]) if chat \
                         else (text, response)
-                    lines.append(json.dumps({"prompt": pair[0], "completion": pair[1], "index": start + offset,
-                                             "prompt_sha256": _prompt_digest(text), "source": source,
+                    lines.append(json.dumps({"index": start + offset, "prompt_sha256": _prompt_digest(text),
+                                             "prompt": pair[0], "completion": pair[1], "source": source,
                                              "settings": asdict(settings)}, ensure_ascii=False) + "\n")
                 handle.write("".join(lines))  # the batch's records together, then to disk
                 handle.flush()

@@ -58,22 +58,28 @@ def embedded_corpus() -> list[Document]:
     return [Document(text=topics[name]) for name in sorted(topics)]
 
 
-def _jsonl_documents(path: Path) -> Iterator[Document]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) of every non-blank line of a JSONL file; a line that is not JSON stops with
+    its number."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as err:
                 raise InputError(f"{path}:{number} is not valid JSON ({err.msg}): fix or remove that line") from None
-            document = _record_document(record)
-            if document is None:
-                raise InputError(
-                    f'{path}:{number} has no "text" string, "messages" list or "prompt"/"completion" pair: '
-                    "give each line one of them"
-                )
-            yield document
+
+
+def _jsonl_documents(path: Path) -> Iterator[Document]:
+    for number, record in jsonl_records(path):
+        document = _record_document(record)
+        if document is None:
+            raise InputError(
+                f'{path}:{number} has no "text" string, "messages" list or "prompt"/"completion" pair: '
+                "give each line one of them"
+            )
+        yield document
 
 
 def _record_document(record: object) -> Document | None:
