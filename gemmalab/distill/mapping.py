@@ -10,7 +10,7 @@ strategies (``round`` is half up, so every table is the same on every machine):
 * ``last``: student block i <- teacher block Lt - Ls + i, the teacher's top Ls blocks (needs Lt >= Ls).
 * ``progressive``: dense in the early blocks, sparser toward the top. The uniform positions warped by a
   quadratic, round(Lt * (i + 1)(i + 2) / (Ls (Ls + 1))) - 1, so the gaps between mapped teacher blocks grow
-  by one step at a time; when the teacher is at least as deep, the result is then made strictly increasing
+  linearly toward the top; when the teacher is at least as deep, the result is then made strictly increasing
   (each block at least one above the previous, and at most Lt - Ls + i, so there is room above it).
 * ``by-type``: Gemma 3's 5:1 pattern. A student global layer learns from a teacher global layer and a local
   from a local, in order (a higher student block never learns from a lower teacher block), each as close to
