@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -45,3 +48,20 @@ def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
         str(p.relative_to(folder)): (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
         for p in sorted(folder.rglob("*")) if p.is_file()
     }
+
+
+def sigkill_when(command: list[str], ready: Callable[[], bool], waiting_for: str, timeout: float = 120) -> None:
+    """Run ``command`` and SIGKILL it as soon as ``ready()`` holds (polled every 50 ms): a run killed at a
+    chosen point, as a crash or an OOM killer would. Fails when the process ends first or ``timeout`` passes."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, f"the run never reached {waiting_for}"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()

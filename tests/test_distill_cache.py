@@ -8,18 +8,14 @@ and log-softmax over the whole vocabulary, or a distribution over five words wor
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import assert_clean_failure, run_cli, snapshot
+from cli_helpers import assert_clean_failure, run_cli, sigkill_when, snapshot
 from conftest import BACKENDS, SHAPES, relative_error, token_ids
 from safetensors.numpy import load_file
 
@@ -331,19 +327,8 @@ def test_a_killed_build_resumes_to_the_same_files(teacher, corpus, built, tmp_pa
     out = tmp_path / "killed"
     driver = tmp_path / "killed_run.py"
     driver.write_text(KILLED_RUN)
-    process = subprocess.Popen([sys.executable, str(driver), *cli_args(teacher[0], corpus, out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob(".shard-00001.safetensors.*.tmp")):
-            assert process.poll() is None, process.stderr.read().decode()
-            assert time.monotonic() < deadline, "the build never reached its second shard"
-            time.sleep(0.05)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-        process.stderr.close()
+    sigkill_when([sys.executable, str(driver), *cli_args(teacher[0], corpus, out)],
+                 lambda: bool(list(out.glob(".shard-00001.safetensors.*.tmp"))), "its second shard")
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["file"] for s in manifest["shards"]] == ["shard-00000.safetensors"]
     with pytest.raises(CheckpointError, match="incomplete \\(1 of 3 shards\\).*--out .*killed"):

@@ -6,17 +6,13 @@ trainer reads the file with the loss on the completions only."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import assert_clean_failure, run_cli
+from cli_helpers import assert_clean_failure, run_cli, sigkill_when
 from conftest import BACKENDS, SHAPES
 
 from gemmalab import checkpoint, reference
@@ -198,19 +194,8 @@ def test_a_sigkilled_cli_run_resumes_to_the_uninterrupted_file(teacher, prompts,
     out, flag = tmp_path / "killed.jsonl", tmp_path / "flag"
     driver = tmp_path / "killed_run.py"
     driver.write_text(KILLED_RUN)
-    process = subprocess.Popen([sys.executable, str(driver), *args, "--out", str(out), str(flag)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not Path(str(flag) + ".two-batches").exists():
-            assert process.poll() is None, process.stderr.read().decode()
-            assert time.monotonic() < deadline, "the run never finished its second batch"
-            time.sleep(0.05)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-        process.stderr.close()
+    sigkill_when([sys.executable, str(driver), *args, "--out", str(out), str(flag)],
+                 lambda: Path(str(flag) + ".two-batches").exists(), "its second batch")
     assert [r["index"] for r in records(out)] == [0, 1, 2, 3]  # two batches of two, then the kill
     result = run_cli(*args, "--out", str(out))  # the same command: it goes on from prompt 4
     assert result.returncode == 0, result.stderr
