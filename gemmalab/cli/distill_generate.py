@@ -44,5 +44,6 @@ def generate(
     path = generate_data(teacher, prompts, out, template=chosen, chat=chat, max_tokens=max_tokens, batch_size=batch_size,
                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, backend=backend, dtype=dtype,
                          device=device, progress=not quiet and console.is_terminal, echo=_echo)
-    lines = sum(1 for _ in path.open(encoding="utf-8"))
+    with path.open(encoding="utf-8") as handle:  # closed here, not whenever the collector runs
+        lines = sum(1 for _ in handle)
     console.print(f"teacher responses: {escape(str(path))} ({lines} records)", soft_wrap=True)
