@@ -23,6 +23,7 @@ from ..config import Gemma3Config
 from ..errors import InputError
 from .losses import (
     AttentionKL,
+    AttentionTransfer,
     CachedDistillation,
     Distillation,
     HiddenStateMSE,
@@ -44,6 +45,7 @@ class StepInputs:
     extras: dict[str, np.ndarray]  # as the loss terms name them: float32, teacher ids int32
     hidden_layers: tuple[int, ...]  # hidden-state indices to capture (transformers' convention)
     attention_layers: tuple[int, ...]  # layers whose attention probabilities to capture
+    query_key_layers: tuple[int, ...] = ()  # layers whose queries and keys the attention transfer reads
     scalars: dict[str, float] = field(default_factory=dict)  # as the loss terms name them
     # companion name -> its masks per layer type (its own sliding window), with ``masks``; else None
     companion_masks: dict[str, dict[str, np.ndarray]] | None = None
@@ -78,13 +80,15 @@ def prepare(
     batch, seq = ids.shape
 
     at = per_type = companion_masks = None
-    if positions is not None or mask is not None:
+    # An attention transfer term reads each row's visible keys, so its batches always carry their masks.
+    if positions is not None or mask is not None or loss.query_key_layers():
         at = np.ascontiguousarray(mask_rules.as_positions(positions, batch, seq))
         explicit = None if mask is None else mask_rules.as_mask(mask, batch, seq, seq)
         per_type = _layer_masks(config, at, explicit)
         # A companion with the student's window shares its masks (the same arrays, not copies).
         companion_masks = {name: per_type if other.sliding_window == config.sliding_window
                            else _layer_masks(other, at, explicit) for name, other in companions.items()}
+        _check_transfer_rows(loss, config, companions, per_type, companion_masks)
 
     return StepInputs(
         inputs=ids.astype(np.int32),
@@ -95,6 +99,7 @@ def prepare(
         extras=_extras(config, loss, dict(extras or {}), batch, seq),
         hidden_layers=_layers(loss.hidden_layers(), config.num_hidden_layers + 1, "hidden state"),
         attention_layers=_layers(loss.attention_layers(), config.num_hidden_layers, "attention"),
+        query_key_layers=_layers(loss.query_key_layers(), config.num_hidden_layers, "attention"),
         scalars=_scalars(loss, dict(scalars or {})),
         companion_masks=companion_masks,
     )
@@ -104,6 +109,23 @@ def _layer_masks(config: Gemma3Config, positions: np.ndarray, explicit: np.ndarr
     per_type = mask_rules.layer_masks(config, positions, explicit)
     mask_rules.check_every_query_sees_a_key(per_type)
     return {kind: np.ascontiguousarray(m) for kind, m in per_type.items()}
+
+
+def _check_transfer_rows(loss: LossSpec, config: Gemma3Config, companions: Mapping[str, Gemma3Config],
+                         per_type: dict[str, np.ndarray], companion_masks: dict[str, dict[str, np.ndarray]]) -> None:
+    """An attention transfer compares the teacher's row over the keys both layers may see: refuse a mask under
+    which some query of a mapped pair sees no key in common (its teacher row would be 0/0)."""
+    for term in loss.transfer:
+        if not isinstance(term, AttentionTransfer) or term.teacher not in companions:
+            continue
+        student = per_type[config.layer_types[term.student_layer]]
+        teacher = companion_masks[term.teacher][companions[term.teacher].layer_types[term.teacher_layer]]
+        empty = np.argwhere(~(student & teacher).any(axis=-1))
+        if len(empty):
+            row, query = empty[0]
+            raise InputError(f"under this mask query {query} of row {row} sees no key that both student block "
+                             f"{term.student_layer} and teacher block {term.teacher_layer} may see: allow each query "
+                             "its own position")
 
 
 def _check_companion_ids(ids: np.ndarray, companions: Mapping[str, Gemma3Config]) -> None:

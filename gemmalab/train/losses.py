@@ -164,6 +164,74 @@ class AttentionKL:
         return (self.targets,)
 
 
+HIDDEN_METRICS = ("cosine", "mse")
+
+
+@dataclass(frozen=True)
+class HiddenStateTransfer:
+    """The student's hidden state ``student_layer`` against the companion ``teacher``'s hidden state
+    ``teacher_layer`` (both in transformers' index: 0 = the scaled embeddings, i = the output of block i - 1,
+    the last = after the final norm), per position: ``1 - cos(P h_s, h_t)`` (``cosine``) or
+    ``mean over features of (P h_s - h_t)^2`` (``mse``), where P is the trainable loss parameter
+    ``projection`` [teacher hidden, student hidden] (gemmalab.train.transfer), or the identity when None
+    (the widths must then agree)."""
+
+    student_layer: int
+    teacher_layer: int
+    metric: str = "cosine"
+    projection: str | None = None
+    teacher: str = "teacher"
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_layer(self.student_layer, "a hidden-state transfer (student side)")
+        _check_layer(self.teacher_layer, "a hidden-state transfer (teacher side)")
+        if self.metric not in HIDDEN_METRICS:
+            raise InputError(f"unknown hidden-state metric {self.metric!r}: choose one of {', '.join(HIDDEN_METRICS)}")
+        if self.projection is not None and not (isinstance(self.projection, str) and self.projection
+                                                and "/" not in self.projection):
+            raise InputError(f"a projection is named by a string without '/', got {self.projection!r}")
+        _check_companion_name(self.teacher, "a hidden-state transfer")
+        _check_weight(self.weight, "a hidden-state transfer")
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        return ()
+
+
+@dataclass(frozen=True)
+class AttentionTransfer:
+    """KL(teacher rows || student rows) of the attention of student block ``student_layer`` and companion
+    ``teacher``'s block ``teacher_layer``, per query position, at attention temperature ``temperature``, with
+    the query heads of each model brought to a common grouping (gemmalab.train.transfer.head_groups); the
+    backends compute it ``query_chunk`` query rows at a time."""
+
+    student_layer: int
+    teacher_layer: int
+    temperature: float = 1.0
+    teacher: str = "teacher"
+    query_chunk: int = 128
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_layer(self.student_layer, "an attention transfer (student side)")
+        _check_layer(self.teacher_layer, "an attention transfer (teacher side)")
+        _check_temperature(self.temperature)
+        if isinstance(self.query_chunk, bool) or not isinstance(self.query_chunk, int) or self.query_chunk < 1:
+            raise InputError(f"query_chunk must be a whole number >= 1, got {self.query_chunk!r}")
+        _check_companion_name(self.teacher, "an attention transfer")
+        _check_weight(self.weight, "an attention transfer")
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        return ()
+
+
+def _check_companion_name(name: object, what: str) -> None:
+    if not (isinstance(name, str) and name):
+        raise InputError(f"{what} needs the name of its companion model, got teacher={name!r}")
+
+
 DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
 
 
@@ -187,8 +255,7 @@ class Distillation:
         if not (_is_number(self.beta) and 0.0 <= self.beta <= 1.0):
             raise InputError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.beta!r}")
         _check_temperature(self.temperature)
-        if not (isinstance(self.teacher, str) and self.teacher):
-            raise InputError(f"a distillation term needs the name of its companion model, got teacher={self.teacher!r}")
+        _check_companion_name(self.teacher, "a distillation term")
         if self.temperature_input is not None and not (isinstance(self.temperature_input, str) and self.temperature_input):
             raise InputError(f"temperature_input must be the name of a per-step scalar or None, got {self.temperature_input!r}")
         _check_weight(self.weight, "a distillation term")
@@ -249,19 +316,23 @@ class CachedDistillation:
 
 HeadTerm = CrossEntropy | SoftTargetCrossEntropy | Distillation | CachedDistillation
 AuxTerm = HiddenStateMSE | AttentionKL
+TransferTerm = HiddenStateTransfer | AttentionTransfer
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """The terms of the trainer's loss: ``head`` on the logits (chunked), ``aux`` on captured tensors."""
+    """The terms of the trainer's loss: ``head`` on the logits (chunked), ``aux`` on captured tensors against
+    given targets, ``transfer`` on captured tensors against a companion's."""
 
     head: tuple[HeadTerm, ...] = (CrossEntropy(),)
     aux: tuple[AuxTerm, ...] = field(default=())
+    transfer: tuple[TransferTerm, ...] = field(default=())
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience; stored as tuples so the spec stays hashable (jit-static).
         object.__setattr__(self, "head", tuple(self.head))
         object.__setattr__(self, "aux", tuple(self.aux))
+        object.__setattr__(self, "transfer", tuple(self.transfer))
         if not self.head:
             raise InputError("a loss needs at least one term on the logits (e.g. CrossEntropy())")
         for term in self.head:
@@ -270,6 +341,9 @@ class LossSpec:
         for term in self.aux:
             if not isinstance(term, (HiddenStateMSE, AttentionKL)):
                 raise InputError(f"{type(term).__name__} is not an auxiliary loss: put it in head=")
+        for term in self.transfer:
+            if not isinstance(term, (HiddenStateTransfer, AttentionTransfer)):
+                raise InputError(f"{type(term).__name__} is not a transfer term (HiddenStateTransfer, AttentionTransfer)")
 
     @property
     def extras(self) -> tuple[str, ...]:
@@ -283,7 +357,18 @@ class LossSpec:
     @property
     def companions(self) -> tuple[str, ...]:
         """Names of the companion models (frozen teachers) the terms read, each once, in order."""
+        return tuple(dict.fromkeys([t.teacher for t in self.head if isinstance(t, Distillation)]
+                                   + [t.teacher for t in self.transfer]))
+
+    @property
+    def head_companions(self) -> tuple[str, ...]:
+        """The companions whose output head runs beside the student's (the Distillation terms' teachers)."""
         return tuple(dict.fromkeys(t.teacher for t in self.head if isinstance(t, Distillation)))
+
+    @property
+    def terms(self) -> tuple[HeadTerm | AuxTerm | TransferTerm, ...]:
+        """Every term, in the order of ``term_names``: head, aux, transfer."""
+        return self.head + self.aux + self.transfer
 
     @property
     def scalars(self) -> tuple[str, ...]:
@@ -293,30 +378,58 @@ class LossSpec:
     def term_names(self) -> tuple[str, ...]:
         """One unique name per term, head terms then aux terms (the keys of per-component metrics):
         ``cross_entropy``, ``soft_target_cross_entropy``, ``distillation``, ``cached_distillation``,
-        ``hidden_mse_<layer>``, ``attention_kl_<layer>``, with ``_2``, ``_3``, ... on the second and later use of a name."""
+        ``hidden_mse_<layer>``, ``attention_kl_<layer>``, ``hidden_transfer_<student layer>``,
+        ``attention_transfer_<student layer>``, with ``_2``, ``_3``, ... on the second and later use of a name."""
         seen: dict[str, int] = {}
         names = []
-        for term in self.head + self.aux:
+        for term in self.terms:
             base = _term_name(term)
             seen[base] = seen.get(base, 0) + 1
             names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
         return tuple(names)
 
     def hidden_layers(self) -> tuple[int, ...]:
-        """Hidden-state indices the aux terms read (the trainer captures these), sorted."""
-        return tuple(sorted({t.layer for t in self.aux if isinstance(t, HiddenStateMSE)}))
+        """The student's hidden-state indices the aux and transfer terms read (the trainer captures these),
+        sorted."""
+        return tuple(sorted({t.layer for t in self.aux if isinstance(t, HiddenStateMSE)}
+                            | {t.student_layer for t in self.transfer if isinstance(t, HiddenStateTransfer)}))
 
     def attention_layers(self) -> tuple[int, ...]:
         """Layers whose attention probabilities the aux terms read (only these leave the fused kernel)."""
         return tuple(sorted({t.layer for t in self.aux if isinstance(t, AttentionKL)}))
 
+    def query_key_layers(self) -> tuple[int, ...]:
+        """The student's blocks whose queries and keys the attention transfer terms read, sorted (captured
+        beside the fused kernel, which stays on)."""
+        return tuple(sorted({t.student_layer for t in self.transfer if isinstance(t, AttentionTransfer)}))
+
+    def companion_hidden_layers(self, name: str) -> tuple[int, ...]:
+        """Companion ``name``'s hidden-state indices the transfer terms read, sorted."""
+        return tuple(sorted({t.teacher_layer for t in self.transfer
+                             if isinstance(t, HiddenStateTransfer) and t.teacher == name}))
+
+    def companion_query_key_layers(self, name: str) -> tuple[int, ...]:
+        """Companion ``name``'s blocks whose queries and keys the attention transfer terms read, sorted."""
+        return tuple(sorted({t.teacher_layer for t in self.transfer
+                             if isinstance(t, AttentionTransfer) and t.teacher == name}))
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """Names of the trainable loss parameters (hidden-state projections) the terms use, each once."""
+        return tuple(dict.fromkeys(t.projection for t in self.transfer
+                                   if isinstance(t, HiddenStateTransfer) and t.projection is not None))
+
     @property
     def plain_cross_entropy(self) -> bool:
         """One cross-entropy term and nothing else: the case backends give a hand-written fused gradient."""
-        return len(self.head) == 1 and isinstance(self.head[0], CrossEntropy) and not self.aux
+        return len(self.head) == 1 and isinstance(self.head[0], CrossEntropy) and not self.aux and not self.transfer
 
 
-def _term_name(term: HeadTerm | AuxTerm) -> str:
+def _term_name(term: HeadTerm | AuxTerm | TransferTerm) -> str:
+    if isinstance(term, HiddenStateTransfer):
+        return f"hidden_transfer_{term.student_layer}"
+    if isinstance(term, AttentionTransfer):
+        return f"attention_transfer_{term.student_layer}"
     if isinstance(term, HiddenStateMSE):
         return f"hidden_mse_{term.layer}"
     if isinstance(term, AttentionKL):
@@ -516,13 +629,26 @@ def term_sums(
     *,
     companion_logits: dict[str, np.ndarray] | None = None,
     scalars: dict[str, float] | None = None,
+    companion_captures: dict[str, dict[str, list]] | None = None,
+    companion_groups: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    loss_parameters: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """{term name (``spec.term_names()``): sum over positions of position weight * per-position loss}, the
-    term's own weight not applied, in float64: the definition of the trainers' ``term_sums()``."""
+    term's own weight not applied, in float64: the definition of the trainers' ``term_sums()``. The transfer
+    terms read the student's ``hidden_states`` and ``attentions`` (by index), each companion's captures
+    (``{"hidden_states": [...], "attentions": [...]}``, as ``reference.forward(..., capture=True)`` returns
+    them), the head groups of the student and each companion (``transfer.head_groups``) and the loss
+    parameters (the projections)."""
+    from . import transfer  # transfer imports this module
+
     extras = extras or {}
     w = np.asarray(weights, np.float64)
     per_position = [head_term(term, logits, targets, extras, companion_logits, scalars) for term in spec.head]
     per_position += [aux_term(term, extras, hidden_states, attentions) for term in spec.aux]
+    student = {"hidden_states": hidden_states or {}, "attentions": attentions or {}}
+    per_position += [transfer.transfer_term(term, student, companion_captures or {}, loss_parameters,
+                                            (companion_groups or {}).get(term.teacher))
+                     for term in spec.transfer]
     return {name: float(np.sum(w * value)) for name, value in zip(spec.term_names(), per_position, strict=True)}
 
 
@@ -537,13 +663,17 @@ def loss_sum(
     *,
     companion_logits: dict[str, np.ndarray] | None = None,
     scalars: dict[str, float] | None = None,
+    companion_captures: dict[str, dict[str, list]] | None = None,
+    companion_groups: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    loss_parameters: dict[str, np.ndarray] | None = None,
 ) -> float:
     """The whole loss of ``spec`` from full logits [batch, seq, vocab], the captured tensors it reads and
-    the companions' full logits, in float64: the definition the chunked backends compute (each term's sum,
-    ``term_sums``, times its weight)."""
+    the companions' full logits and captures, in float64: the definition the chunked backends compute (each
+    term's sum, ``term_sums``, times its weight)."""
     sums = term_sums(spec, logits, targets, weights, extras, hidden_states, attentions,
-                     companion_logits=companion_logits, scalars=scalars)
-    terms = spec.head + spec.aux
+                     companion_logits=companion_logits, scalars=scalars, companion_captures=companion_captures,
+                     companion_groups=companion_groups, loss_parameters=loss_parameters)
+    terms = spec.terms
     return float(sum(term.weight * sums[name] for name, term in zip(spec.term_names(), terms, strict=True)))
 
 
@@ -551,15 +681,19 @@ __all__ = [
     "DIVERGENCES",
     "ESTIMATORS",
     "LOG_FLOOR",
+    "HIDDEN_METRICS",
     "AttentionKL",
+    "AttentionTransfer",
     "AuxTerm",
     "CachedDistillation",
     "CrossEntropy",
     "Distillation",
     "HeadTerm",
     "HiddenStateMSE",
+    "HiddenStateTransfer",
     "LossSpec",
     "SoftTargetCrossEntropy",
+    "TransferTerm",
     "attention_kl",
     "aux_term",
     "cached_distillation",

@@ -71,6 +71,7 @@ from ..checks import is_count
 from ..config import Gemma3Config
 from ..errors import CheckpointError, InputError
 from .losses import LossSpec
+from .transfer import check_transfer
 
 OptimizerName = Literal["adamw", "adafactor"]
 # Positions per loss chunk: at Gemma's 262k vocabulary a chunk's float32 logits take 0.5 GB.
@@ -200,8 +201,9 @@ class BackendTrainer(Protocol):
 
 def check_companions(loss: LossSpec, student: Gemma3Config, companions: Mapping[str, Gemma3Config]) -> None:
     """Refuse, in one InputError line, companion models (frozen teachers, by name -> config) that do not fit
-    ``loss``: one a term reads and is missing, one given that no term reads, or a config without a known
-    vocabulary size (the shared vocabulary, losses.shared_vocab, is computed from both)."""
+    ``loss``: one a term reads and is missing, one given that no term reads, a config without a known
+    vocabulary size (the shared vocabulary, losses.shared_vocab, is computed from both), or a transfer term
+    whose layers or widths do not fit the two models (transfer.check_transfer)."""
     missing = [name for name in loss.companions if name not in companions]
     if missing:
         raise InputError(f"the loss distils from the companion model {missing[0]!r}, which the trainer was not given: "
@@ -214,6 +216,7 @@ def check_companions(loss: LossSpec, student: Gemma3Config, companions: Mapping[
         vocab = getattr(config, "vocab_size", None)
         if not (is_count(vocab) and vocab >= 1):
             raise InputError(f"{what} has no known vocabulary size (vocab_size={vocab!r}): build it from a Gemma3Config")
+    check_transfer(loss, student, companions)
 
 
 def optimizer_state_by_parameter(
