@@ -393,8 +393,9 @@ class TorchBackend:
             torch.mps.empty_cache()
 
     # -- training -------------------------------------------------------------------------------------------
-    def trainer(self, model: Gemma3ForCausalLM, spec, companions: Mapping[str, Gemma3ForCausalLM] | None = None) -> Trainer:
-        return Trainer(model, spec, companions)
+    def trainer(self, model: Gemma3ForCausalLM, spec, companions: Mapping[str, Gemma3ForCausalLM] | None = None,
+                loss_parameters: Mapping[str, np.ndarray] | None = None) -> Trainer:
+        return Trainer(model, spec, companions, loss_parameters)
 
     def loss_sum(self, model: Gemma3ForCausalLM, inputs, targets, weights, *, chunk_tokens: int = LOSS_CHUNK_TOKENS,
                  label_smoothing: float = 0.0) -> float:

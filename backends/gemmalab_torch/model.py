@@ -54,8 +54,8 @@ Names shared with the other backends (gemmalab_mlx.model, gemmalab_jax.model), i
 ``DTYPES``, ``dtype_name``, ``RMSNorm``, ``apply_rope``, ``causal_mask``, ``Attention``, ``MLP``,
 ``DecoderLayer``, ``Gemma3Output``, ``Gemma3TextModel``, ``soft_cap``, ``select_positions``,
 ``Gemma3ForCausalLM`` with ``output_weight()`` and ``logits_from_hidden(hidden)``; its forward takes
-``ids, *, positions, mask, logits_at, cache, output_hidden_states, output_attentions`` and returns a
-``Gemma3Output(logits, last_hidden_state, hidden_states, attentions)``. ``rope_tables`` and ``rotate_half``
+``ids, *, positions, mask, logits_at, cache, output_hidden_states, output_attentions, output_queries_keys`` and
+returns a ``Gemma3Output(logits, last_hidden_state, hidden_states, attentions, queries_keys)``. ``rope_tables`` and ``rotate_half``
 are shared with JAX only (MLX rotates with mx.fast.rope, its ``Rotary``); ``fold_mask`` is PyTorch's alone
 (its GQA layout, see Attention).
 """
@@ -222,12 +222,15 @@ class Attention(nn.Module):
         *,
         cache: LayerCache | None = None,
         output_attentions: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+        output_queries_keys: bool = False,
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
         """x: [batch, seq, hidden]; rope: cos, sin [batch or 1, seq, 1, head_dim]; mask: folded boolean
         [batch or 1, 1, seq * groups, keys], or None = every key allowed. With a layer cache ``cache``, the
         new keys and values are stored there and the queries attend over the keys it returns (keys = cached
         + new); without one, keys = the seq positions of x. Returns the output [batch, seq, hidden] and, when
-        asked, the attention probabilities [batch, heads, seq, keys] (fp32, from a non-fused path)."""
+        asked, the attention probabilities [batch, heads, seq, keys] (fp32, from a non-fused path) and the
+        queries and keys the layer attends with, (q [batch, heads, seq, d], k [batch, kv_heads, seq, d]),
+        normed and rotated, in the matmul dtype (the fused kernel stays on)."""
         batch, seq, _ = x.shape
         heads, kv_heads, groups, d = self.num_heads, self.num_kv_heads, self.groups, self.head_dim
         q = self.q_proj(x).view(batch, seq, heads, d)  # [batch, seq, heads, d]
@@ -238,6 +241,8 @@ class Attention(nn.Module):
         cos, sin = rope
         q = apply_rope(self.q_norm(q, dtype=cos.dtype), cos, sin).to(v.dtype)
         k = apply_rope(self.k_norm(k, dtype=cos.dtype), cos, sin).to(v.dtype)
+        # [batch, heads, seq, d] and [batch, kv_heads, seq, d]: views, no copy
+        queries_keys = (q.transpose(1, 2), k.transpose(1, 2)) if output_queries_keys else None
 
         # GQA by folding: query head h = kv * groups + g belongs to kv head kv. Putting the groups beside the
         # sequence makes every kv head see `seq * groups` queries, so k and v are used as they are.
@@ -258,7 +263,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.view(batch, kv_heads, seq, groups, d).transpose(1, 2)  # [batch, seq, kv_heads, groups, d]
         out = out.reshape(batch, seq, heads * d)  # [batch, seq, heads * d], head-major as o_proj expects
-        return self.o_proj(out), probs
+        return self.o_proj(out), probs, queries_keys
 
     def _attention_with_probs(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
@@ -315,16 +320,19 @@ class DecoderLayer(nn.Module):
         dtype: torch.dtype,
         cache: LayerCache | None = None,
         output_attentions: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+        output_queries_keys: bool = False,
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
         """x: the residual stream [batch, seq, hidden] (fp32 in an fp16 model); ``dtype``: the matmul dtype.
-        The pre-norms hand ``dtype`` to the sublayers; the post-norms return the residual's dtype."""
-        attn_out, probs = self.self_attn(
-            self.input_layernorm(x, dtype=dtype), rope, mask, cache=cache, output_attentions=output_attentions
+        The pre-norms hand ``dtype`` to the sublayers; the post-norms return the residual's dtype. Returns
+        the new residual stream and the attention's captures (Attention.forward)."""
+        attn_out, probs, queries_keys = self.self_attn(
+            self.input_layernorm(x, dtype=dtype), rope, mask, cache=cache, output_attentions=output_attentions,
+            output_queries_keys=output_queries_keys,
         )
         x = x + self.post_attention_layernorm(attn_out, dtype=x.dtype)
         mlp_out = self.mlp(self.pre_feedforward_layernorm(x, dtype=dtype))
         x = x + self.post_feedforward_layernorm(mlp_out, dtype=x.dtype)
-        return x, probs
+        return x, probs, queries_keys
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -341,6 +349,8 @@ class Gemma3Output:
     hidden_states: list[Tensor] | None = None  # residual stream: embeddings, then after each block
     attentions: list[Tensor | None] | None = None  # per block, probabilities [batch, heads, seq, keys], fp32
     # (None where not asked)
+    queries_keys: list[tuple[Tensor, Tensor] | None] | None = None  # per block, (q [batch, heads, seq, d],
+    # k [batch, kv_heads, seq, d]) normed and rotated, matmul dtype (None where not asked)
 
 
 class Gemma3TextModel(nn.Module):
@@ -365,6 +375,7 @@ class Gemma3TextModel(nn.Module):
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool | Collection[int] = False,
+        output_queries_keys: Collection[int] = (),
     ) -> Gemma3Output:
         """ids: [batch, seq]. See Gemma3ForCausalLM.forward for the arguments; ``logits`` is None."""
         config = self.config
@@ -398,30 +409,34 @@ class Gemma3TextModel(nn.Module):
         # others keep the fused kernel). The list has one entry per layer, None where not captured.
         wanted = set(range(len(self.layers))) if output_attentions is True else set(output_attentions or ())
         attentions: list[Tensor | None] | None = [] if wanted else None
+        with_queries_keys = set(output_queries_keys)
+        queries_keys: list[tuple[Tensor, Tensor] | None] | None = [] if with_queries_keys else None
         remat = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
-            with_probs = i in wanted
+            capture = dict(output_attentions=i in wanted, output_queries_keys=i in with_queries_keys)
             if remat:  # keep only the block's input; rerun the block when its gradient is needed
-                x, probs = checkpoint(
-                    layer, x, ropes[config.rope(i)], masks[layer.layer_type], dtype=dtype,
-                    output_attentions=with_probs, use_reentrant=False,
+                x, probs, qk = checkpoint(
+                    layer, x, ropes[config.rope(i)], masks[layer.layer_type], dtype=dtype, use_reentrant=False,
+                    **capture,
                 )
             else:
-                x, probs = layer(
+                x, probs, qk = layer(
                     x,
                     ropes[config.rope(i)],
                     masks[layer.layer_type],
                     dtype=dtype,
                     cache=None if cache is None else cache.layers[i],
-                    output_attentions=with_probs,
+                    **capture,
                 )
             if hidden_states is not None:
                 hidden_states.append(x)
             if attentions is not None:
                 attentions.append(probs)
+            if queries_keys is not None:
+                queries_keys.append(qk)
         if cache is not None:
             cache.advance(seq)
-        return Gemma3Output(None, self.norm(x, dtype=dtype), hidden_states, attentions)
+        return Gemma3Output(None, self.norm(x, dtype=dtype), hidden_states, attentions, queries_keys)
 
     def embed(self, ids: Tensor) -> Tensor:
         """The scaled embeddings of ids [batch, seq]: the residual stream entering block 0, in the residual
@@ -446,7 +461,7 @@ class Gemma3TextModel(nn.Module):
         ropes = {spec: rope_tables(positions, spec, config.head_dim, _at_least_fp32(dtype))
                  for spec in {config.rope(i) for i in layers}}
         for i in layers:
-            x, _ = self.layers[i](x, ropes[config.rope(i)], masks[config.layer_types[i]], dtype=dtype)
+            x, _, _ = self.layers[i](x, ropes[config.rope(i)], masks[config.layer_types[i]], dtype=dtype)
         return x
 
     def _masks(self, positions: Tensor, mask: MaskArg, batch: int, seq: int) -> dict[str, Tensor]:
@@ -561,6 +576,7 @@ class Gemma3ForCausalLM(nn.Module):
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool | Collection[int] = False,
+        output_queries_keys: Collection[int] = (),
     ) -> Gemma3Output:
         """Run the model on token ids [batch, seq].
 
@@ -578,6 +594,9 @@ class Gemma3ForCausalLM(nn.Module):
         output_hidden_states: also return the residual stream after the embeddings and after every block.
         output_attentions: also return attention probabilities: True = every block's, a collection of
             layer indices = those blocks' only (they take a non-fused, slower path; the others do not).
+        output_queries_keys: block indices whose queries and keys to return (normed and rotated, the keys
+            before any GQA sharing), for losses that recompute attention rows themselves (attention transfer
+            in query chunks); the fused kernel stays on.
         """
         out = self.model(
             ids,
@@ -586,6 +605,7 @@ class Gemma3ForCausalLM(nn.Module):
             cache=cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            output_queries_keys=output_queries_keys,
         )
         out.logits = self.logits_from_hidden(select_positions(out.last_hidden_state, logits_at))
         return out

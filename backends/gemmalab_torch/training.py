@@ -8,7 +8,14 @@ gradient is all zero (the embedding row of a token absent from the batch) gets 0
 
 Companion models (frozen distillation teachers, ``Trainer(..., companions=)``) have ``requires_grad`` off on
 every parameter and run under ``no_grad`` in their own dtype (outside the student's autocast): their backbone
-once per micro-batch, their output head per chunk beside the student's, inside ``ChunkedHeadLoss``.
+once per micro-batch, capturing what the transfer terms read, their output head per chunk beside the
+student's, inside ``ChunkedHeadLoss``.
+
+Transfer terms (gemmalab/train/transfer.py) compare the student's captures with a companion's: hidden states
+through the trainer's *loss parameters* (projections, trainable parameters outside the model, in the
+optimizer beside the model's), and attention rows recomputed from the captured queries and keys a chunk of
+query rows at a time, each chunk under ``torch.utils.checkpoint`` so that one chunk's [batch, heads, rows,
+keys] scores are alive at a time, in the backward pass too.
 """
 
 from __future__ import annotations
@@ -20,11 +27,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from gemmalab.errors import InputError
 from gemmalab.train.inputs import StepInputs, prepare
 from gemmalab.train.losses import (
     LOG_FLOOR,
+    AttentionTransfer,
     AuxTerm,
     CachedDistillation,
     CrossEntropy,
@@ -32,9 +41,11 @@ from gemmalab.train.losses import (
     HeadTerm,
     HiddenStateMSE,
     LossSpec,
+    TransferTerm,
     shared_vocab,
 )
 from gemmalab.train.spec import TrainSpec, check_companions, check_optimizer_state
+from gemmalab.train.transfer import COSINE_EPS, checked_loss_parameters, head_groups
 
 from .model import Gemma3ForCausalLM, Gemma3Output
 
@@ -359,6 +370,7 @@ class Batch:
     extras: dict[str, Tensor]  # float32; int64 for teacher ids
     hidden_layers: tuple[int, ...]
     attention_layers: tuple[int, ...]
+    query_key_layers: tuple[int, ...] = ()
     scalars: dict[str, float] = field(default_factory=dict)
     companion_masks: dict[str, dict[str, Tensor]] | None = None  # like masks, per companion
 
@@ -367,7 +379,9 @@ def batch_arrays(model: Gemma3ForCausalLM, step: StepInputs) -> Batch:
     device = model.device
 
     def put(array: np.ndarray, dtype: torch.dtype) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+        array = np.ascontiguousarray(array)
+        # a read-only array (a broadcast view of one row of positions) is copied: torch wants writable memory
+        return torch.from_numpy(array if array.flags.writeable else array.copy()).to(device=device, dtype=dtype)
 
     def put_masks(per_type: dict[str, np.ndarray]) -> dict[str, Tensor]:
         return {kind: put(m[:, None], torch.bool) for kind, m in per_type.items()}
@@ -382,7 +396,7 @@ def batch_arrays(model: Gemma3ForCausalLM, step: StepInputs) -> Batch:
         extras={name: put(value, torch.long if np.issubdtype(value.dtype, np.integer) else torch.float32)
                 for name, value in step.extras.items()},
         hidden_layers=step.hidden_layers, attention_layers=step.attention_layers,
-        scalars=dict(step.scalars), companion_masks=companion_masks,
+        query_key_layers=step.query_key_layers, scalars=dict(step.scalars), companion_masks=companion_masks,
     )
 
 
@@ -392,43 +406,137 @@ def hidden_state(out: Gemma3Output, index: int) -> Tensor:
     return out.last_hidden_state if index == len(out.hidden_states) - 1 else out.hidden_states[index]
 
 
-def companion_heads(companions: Mapping[str, Gemma3ForCausalLM], batch: Batch, student_vocab: int) -> dict[str, CompanionHead]:
+@dataclass
+class CompanionCapture:
+    """What a companion's backbone returned for one micro-batch, without gradients: the hidden states and
+    the queries and keys the transfer terms read, by index."""
+
+    hidden_states: dict[int, Tensor]
+    queries_keys: dict[int, tuple[Tensor, Tensor]]
+
+
+def run_companions(companions: Mapping[str, Gemma3ForCausalLM], batch: Batch, loss: LossSpec,
+                   student_vocab: int) -> tuple[dict[str, CompanionHead], dict[str, CompanionCapture]]:
     """Each companion's backbone once on the batch's ids, positions and (its own) masks, without gradients,
-    in its own dtype (outside any autocast: a bf16 teacher stays bf16, an fp32 one fp32), with its output
-    matrix restricted to the shared ids."""
-    heads = {}
+    in its own dtype (outside any autocast: a bf16 teacher stays bf16, an fp32 one fp32): (the head side of
+    each companion a Distillation term reads, its output matrix restricted to the shared ids; the captures
+    of each companion a transfer term reads)."""
+    heads, captures = {}, {}
     for name, companion in companions.items():
         masks = None if batch.companion_masks is None else batch.companion_masks[name]
+        hidden_layers, qk_layers = loss.companion_hidden_layers(name), loss.companion_query_key_layers(name)
         with torch.no_grad(), torch.autocast(companion.device.type, enabled=False):
-            hidden = companion.model(batch.ids, positions=batch.positions, mask=masks).last_hidden_state
+            out = companion.model(batch.ids, positions=batch.positions, mask=masks,
+                                  output_hidden_states=bool(hidden_layers), output_queries_keys=qk_layers)
+        if name in loss.head_companions:
+            hidden = out.last_hidden_state
             shared = shared_vocab(student_vocab, companion.config.vocab_size)
             heads[name] = CompanionHead(hidden.reshape(-1, hidden.shape[-1]), companion.output_weight()[:shared],
                                         companion.config.final_logit_softcapping)
-    return heads
+        if hidden_layers or qk_layers:
+            captures[name] = CompanionCapture({i: hidden_state(out, i) for i in hidden_layers},
+                                              {i: out.queries_keys[i] for i in qk_layers})
+    return heads, captures
+
+
+def hidden_transfer(student: Tensor, teacher: Tensor, metric: str, projection: Tensor | None) -> Tensor:
+    """Per-position loss [batch, seq] of hidden states [batch, seq, Ds] and [batch, seq, Dt] in float32,
+    through ``projection`` [Dt, Ds] when given (transfer.hidden_transfer has the formulas)."""
+    h = student.float()
+    if projection is not None:
+        h = h @ projection.T  # [batch, seq, Dt]
+    t = teacher.float()
+    if metric == "mse":
+        return (h - t).square().mean(-1)
+    return 1 - (h * t).sum(-1) / (h.norm(dim=-1) * t.norm(dim=-1)).clamp_min(COSINE_EPS)
+
+
+def _attention_rows(q: Tensor, k: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Attention probabilities [batch, heads, rows, keys] (float32) of queries [batch, heads, rows, d] over keys
+    [batch, kv_heads, keys, d] (each shared by heads / kv_heads consecutive query heads) under a boolean mask
+    [batch, 1, rows, keys]; ``scale`` is the layer's score scale over the attention temperature."""
+    batch, heads, rows, d = q.shape
+    kv_heads = k.shape[1]
+    grouped = q.float().reshape(batch, kv_heads, heads // kv_heads, rows, d)  # [batch, kv, groups, rows, d]
+    scores = torch.einsum("bkgrd,bksd->bkgrs", grouped, k.float()).reshape(batch, heads, rows, -1) * scale
+    return torch.softmax(scores.masked_fill(~mask, -math.inf), dim=-1)
+
+
+def _attention_chunk_sum(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, mask_s: Tensor, mask_t: Tensor,
+                         weights: Tensor, groups_s: Tensor, groups_t: Tensor, scale_s: float, scale_t: float) -> Tensor:
+    """sum over one chunk of query rows of weights * mean over the common groups of KL(teacher || student)."""
+    student = torch.einsum("gh,bhrs->bgrs", groups_s, _attention_rows(q_s, k_s, mask_s, scale_s))
+    with torch.no_grad():
+        teacher = torch.einsum("gh,bhrs->bgrs", groups_t, _attention_rows(q_t, k_t, mask_t & mask_s, scale_t))
+    kl = (teacher * (teacher.clamp_min(LOG_FLOOR).log() - student.clamp_min(LOG_FLOOR).log())).sum(-1)  # [b, g, rows]
+    return (kl.mean(1) * weights).sum()
+
+
+def attention_transfer(term: AttentionTransfer, student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor],
+                       masks: tuple[Tensor, Tensor], weights: Tensor, scales: tuple[float, float],
+                       groups: tuple[Tensor, Tensor]) -> Tensor:
+    """The term's sum over positions (weights [batch, seq]), ``term.query_chunk`` query rows at a time: each
+    chunk is recomputed in the backward pass rather than kept (torch.utils.checkpoint), so one chunk's
+    [batch, heads, rows, keys] probabilities exist at a time. ``masks`` are the student's and the teacher's
+    boolean [batch, 1, seq, seq] masks of the two blocks' layer types, ``scales`` their score scales."""
+    (q_s, k_s), (q_t, k_t) = student, teacher
+    scale_s, scale_t = (scale / term.temperature for scale in scales)
+    total = q_s.new_zeros((), dtype=torch.float32)
+    for start in range(0, q_s.shape[2], term.query_chunk):
+        rows = slice(start, start + term.query_chunk)
+        total = total + checkpoint(
+            _attention_chunk_sum, q_s[:, :, rows], k_s, q_t[:, :, rows], k_t, masks[0][:, :, rows], masks[1][:, :, rows],
+            weights[:, rows], *groups, scale_s, scale_t, use_reentrant=False,
+        )
+    return total
+
+
+def transfer_sum(term: TransferTerm, model: Gemma3ForCausalLM, out: Gemma3Output, batch: Batch,
+                 companion: Gemma3ForCausalLM, captured: CompanionCapture, loss_parameters: Mapping[str, Tensor]) -> Tensor:
+    """One transfer term's sum over positions of weight * its per-position loss (its own weight not applied)."""
+    if isinstance(term, AttentionTransfer):
+        student, teacher = model.config, companion.config
+        masks = (batch.masks[student.layer_types[term.student_layer]],
+                 batch.companion_masks[term.teacher][teacher.layer_types[term.teacher_layer]])
+        groups = tuple(torch.from_numpy(g).to(batch.weights.device)
+                       for g in head_groups(student.num_attention_heads, student.num_key_value_heads,
+                                            teacher.num_attention_heads, teacher.num_key_value_heads))
+        return attention_transfer(term, out.queries_keys[term.student_layer], captured.queries_keys[term.teacher_layer],
+                                  masks, batch.weights, (student.attention_scale, teacher.attention_scale), groups)
+    projection = None if term.projection is None else loss_parameters[term.projection]
+    per_position = hidden_transfer(hidden_state(out, term.student_layer), captured.hidden_states[term.teacher_layer],
+                                   term.metric, projection)
+    return (per_position * batch.weights).sum()
 
 
 def chunked_loss_sum(model: Gemma3ForCausalLM, batch: Batch, loss: LossSpec, *, chunk_tokens: int,
                      companions: Mapping[str, Gemma3ForCausalLM] | None = None,
+                     loss_parameters: Mapping[str, Tensor] | None = None,
                      term_sums: list[Tensor] | None = None) -> Tensor:
-    """The backbone once (capturing what the aux terms read), then the head terms in chunks
-    (chunked_head_loss), plus the weighted aux terms: the whole loss sum of ``loss``. ``companions`` are the
-    frozen models the Distillation terms read; ``term_sums``, when given, receives the per-term sums (the
-    head's [head terms], then one 0-d tensor per aux term; weights not applied)."""
+    """The backbone once (capturing what the aux and transfer terms read), then the head terms in chunks
+    (chunked_head_loss), plus the weighted aux and transfer terms: the whole loss sum of ``loss``.
+    ``companions`` are the frozen models the Distillation and transfer terms read, ``loss_parameters`` the
+    projections; ``term_sums``, when given, receives the per-term sums (the head's [head terms], then one
+    0-d tensor per aux and transfer term; weights not applied)."""
     out = model.model(batch.ids, positions=batch.positions, mask=batch.masks,
                       output_hidden_states=bool(batch.hidden_layers),
-                      output_attentions=frozenset(batch.attention_layers))
+                      output_attentions=frozenset(batch.attention_layers), output_queries_keys=batch.query_key_layers)
     hidden = out.last_hidden_state  # [batch, seq, dim]
     dim = hidden.shape[-1]
     rows = hidden.shape[0] * hidden.shape[1]
     head_extras = {name: batch.extras[name].reshape(rows, *batch.extras[name].shape[2:]) for name in loss.head_extras}
-    heads = companion_heads(companions or {}, batch, model.config.vocab_size) if loss.companions else {}
+    companions = companions or {}
+    heads, captures = run_companions(companions, batch, loss, model.config.vocab_size) if loss.companions else ({}, {})
     total = chunked_head_loss(model.output_weight(), hidden.reshape(-1, dim), batch.targets.reshape(-1),
                               batch.weights.reshape(-1), terms=loss.head, chunk_tokens=chunk_tokens,
                               softcap=model.config.final_logit_softcapping, extras=head_extras, companions=heads,
                               scalars=batch.scalars, term_sums=term_sums)
-    for term in loss.aux:
-        captured = hidden_state(out, term.layer) if isinstance(term, HiddenStateMSE) else out.attentions[term.layer]
-        term_sum = (aux_term(term, captured, batch.extras[term.targets]) * batch.weights).sum()
+    sums = [(term, (aux_term(term, hidden_state(out, term.layer) if isinstance(term, HiddenStateMSE)
+                             else out.attentions[term.layer], batch.extras[term.targets]) * batch.weights).sum())
+            for term in loss.aux]
+    sums += [(term, transfer_sum(term, model, out, batch, companions[term.teacher], captures[term.teacher],
+                                 loss_parameters or {})) for term in loss.transfer]
+    for term, term_sum in sums:
         if term_sums is not None:
             term_sums.append(term_sum.detach()[None])
         total = total + term.weight * term_sum
@@ -515,10 +623,13 @@ def frozen_companions(model: Gemma3ForCausalLM, loss: LossSpec,
 
 class Trainer:
     """gemmalab.train.spec.BackendTrainer for a float32 model.Gemma3ForCausalLM, with frozen ``companions``
-    (name -> a model of any dtype built by this backend) for the loss's Distillation terms."""
+    (name -> a model of any dtype built by this backend) for the loss's Distillation and transfer terms, and
+    the loss's own trainable parameters (its projections) from ``loss_parameters`` (name -> numpy; None =
+    fresh ones, transfer.checked_loss_parameters)."""
 
     def __init__(self, model: Gemma3ForCausalLM, spec: TrainSpec,
-                 companions: Mapping[str, Gemma3ForCausalLM] | None = None):
+                 companions: Mapping[str, Gemma3ForCausalLM] | None = None,
+                 loss_parameters: Mapping[str, np.ndarray] | None = None):
         if model.dtype != torch.float32:
             raise InputError(f"training needs the model in float32 (master weights), got {model.dtype}: "
                              "build it with dtype='float32' and choose the compute precision in the spec")
@@ -528,7 +639,13 @@ class Trainer:
         self._term_sums: list[Tensor] = []  # of the last accumulate
         self.model.train()
         self.model.model.gradient_checkpointing = spec.grad_checkpointing
-        self.params = dict(model.named_parameters())  # canonical names; the tied head appears once
+        start = checked_loss_parameters(spec.loss, model.config, {n: c.config for n, c in self.companions.items()},
+                                        loss_parameters)
+        # Outside the model (never in its state_dict or checkpoint), trained by the same optimizer.
+        self.loss_params = {name: torch.nn.Parameter(torch.from_numpy(value.copy()).to(model.device))
+                            for name, value in start.items()}
+        # canonical names (the tied head appears once), then the loss's parameters
+        self.params = {**dict(model.named_parameters()), **self.loss_params}
         self.scales: dict[str, float] = {}
         self.set_lr_scales({})  # everything trains (built models hold their weights without gradients)
         # One parameter group per tensor, so each can carry its own learning rate (layer-wise scales).
@@ -561,7 +678,8 @@ class Trainer:
         self._term_sums = []
         with self._autocast():
             loss = chunked_loss_sum(self.model, batch, self.spec.loss, chunk_tokens=self.spec.loss_chunk_tokens,
-                                    companions=self.companions, term_sums=self._term_sums)
+                                    companions=self.companions, loss_parameters=self.loss_params,
+                                    term_sums=self._term_sums)
         (loss * loss_scale).backward()  # .grad of each trainable parameter sums over micro-batches
         return float(loss.detach())
 
@@ -575,6 +693,9 @@ class Trainer:
 
     def gradients(self) -> dict[str, np.ndarray]:
         return {n: p.grad.detach().cpu().numpy().copy() for n, p in self._trainable()}
+
+    def loss_parameters(self) -> dict[str, np.ndarray]:
+        return {name: p.detach().cpu().numpy().copy() for name, p in self.loss_params.items()}
 
     def apply(self, lr: float, normalizer: float) -> dict[str, float]:
         trainable = self._trainable()
@@ -627,5 +748,6 @@ class Trainer:
 
 
 __all__ = ["Adafactor", "ChunkedHeadLoss", "Batch", "CompanionHead", "Trainer", "aux_term", "batch_arrays",
-           "cached_distillation", "chunked_head_loss", "chunked_loss_sum", "companion_heads", "cross_entropy", "divergence",
-           "frozen_companions", "head_term", "hidden_state", "soft_target_cross_entropy"]
+           "cached_distillation", "chunked_head_loss", "chunked_loss_sum", "CompanionCapture", "cross_entropy", "divergence",
+           "frozen_companions", "head_term", "hidden_state", "hidden_transfer", "run_companions",
+           "soft_target_cross_entropy", "transfer_sum", "attention_transfer"]
