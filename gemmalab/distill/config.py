@@ -18,11 +18,21 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
+from ..config import Gemma3Config
 from ..errors import ConfigError
 from ..train.config import TrainConfig, _setting
-from ..train.losses import DIVERGENCES, LossSpec, cached_distillation_loss, distillation_loss
+from ..train.losses import (
+    DIVERGENCES,
+    HIDDEN_METRICS,
+    AttentionTransfer,
+    HiddenStateTransfer,
+    LossSpec,
+    cached_distillation_loss,
+    distillation_loss,
+)
 from ..train.schedules import SCHEDULES as VALUE_SCHEDULES
 from ..train.spec import TrainSpec
+from .mapping import layer_mapping
 
 # YAML section -> {key in that section: the flat setting}. The training section takes every TrainConfig key as
 # it is; `student` names the model being trained, which TrainConfig calls preset / model.
@@ -31,7 +41,10 @@ SECTIONS: dict[str, dict[str, str]] = {
     "student": {"model": "model", "preset": "preset"},
     "distillation": {"loss": "loss", "alpha": "alpha", "beta": "beta", "temperature": "temperature",
                      "temperature_end": "temperature_end", "temperature_schedule": "temperature_schedule",
-                     "t2_scaling": "t2_scaling"},
+                     "t2_scaling": "t2_scaling", "mapping": "mapping", "hidden_weight": "hidden_weight",
+                     "hidden_loss": "hidden_loss", "attention_weight": "attention_weight",
+                     "attention_temperature": "attention_temperature", "attention_chunk": "attention_chunk",
+                     "layer_figures": "layer_figures"},
 }
 TRAINING_SECTION = "training"
 # The per-step scalar the Distillation term reads its temperature from (a schedule, one value per step).
@@ -61,6 +74,21 @@ class DistillConfig(TrainConfig):
     temperature_schedule: str = _setting("constant", "constant, linear or cosine from temperature to "
                                                      "temperature_end over the run")
     t2_scaling: bool = _setting(True, "multiply the divergence by T^2 (keeps its gradient's scale independent of T)")
+    # feature transfer on mapped layer pairs: + hidden_weight * hidden loss + attention_weight * attention KL
+    mapping: str = _setting("uniform", "which teacher block each student block learns from: uniform, last, "
+                                       "progressive, by-type, or a list (s:t,s:t,... or t0,t1,...)")
+    hidden_weight: float = _setting(0.0, "weight of the hidden-state transfer, shared evenly by the mapped pairs "
+                                         "(0 = off)")
+    hidden_loss: str = _setting("cosine", "the hidden-state transfer: cosine (1 - cosine similarity) or mse, through "
+                                          "a learned projection when the widths differ")
+    attention_weight: float = _setting(0.0, "weight of the attention-map transfer (KL of attention rows), shared "
+                                            "evenly by the mapped pairs (0 = off)")
+    attention_temperature: float = _setting(1.0, "temperature of both models' attention rows in the attention "
+                                                 "transfer")
+    attention_chunk: int = _setting(128, "the attention transfer's query rows per chunk (memory: one chunk's "
+                                         "[batch, heads, rows, tokens] at a time)")
+    layer_figures: bool = _setting(False, "at each evaluation also the hidden-state cosine and attention KL of each "
+                                          "mapped pair (always on with hidden or attention transfer)")
     out: str = _setting("runs/distill", "run folder: config.yaml, metrics.jsonl, report.json, curves.png, "
                                         "checkpoints/")
 
@@ -89,6 +117,19 @@ class DistillConfig(TrainConfig):
                               f"{', '.join(VALUE_SCHEDULES)}")
         if self.teacher_dtype is not None and self.teacher_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"teacher_dtype {self.teacher_dtype!r} is not one of float32, bfloat16, float16")
+        for name in ("hidden_weight", "attention_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.hidden_loss not in HIDDEN_METRICS:
+            raise ConfigError(f"hidden_loss {self.hidden_loss!r} is not one of {', '.join(HIDDEN_METRICS)}")
+        if not self.attention_temperature > 0:
+            raise ConfigError(f"attention_temperature must be positive, got {self.attention_temperature}")
+        if not (isinstance(self.attention_chunk, int) and self.attention_chunk >= 1):
+            raise ConfigError(f"attention_chunk must be a whole number >= 1, got {self.attention_chunk!r}")
+        if self.cache and self.transfers_features:
+            raise ConfigError("a teacher cache holds the teacher's output distribution only: hidden-state and attention "
+                              "transfer need the teacher itself (--teacher SRC), or set hidden_weight and "
+                              "attention_weight to 0")
 
     @property
     def scheduled_temperature(self) -> bool:
@@ -96,19 +137,32 @@ class DistillConfig(TrainConfig):
         return self.temperature_end is not None and self.temperature_end != self.temperature \
             and self.temperature_schedule != "constant"
 
-    def loss_spec(self, cached: str | None = None) -> LossSpec:
-        """The objective's loss; ``cached`` ("top-k" or "sampled") for a run from a teacher cache of that kind."""
+    @property
+    def transfers_features(self) -> bool:
+        """Whether the run has hidden-state or attention transfer terms."""
+        return self.hidden_weight > 0 or self.attention_weight > 0
+
+    def loss_spec(self, cached: str | None = None, student: Gemma3Config | None = None,
+                  teacher: Gemma3Config | None = None) -> LossSpec:
+        """The objective's loss; ``cached`` ("top-k" or "sampled") for a run from a teacher cache of that kind.
+        Feature transfer needs the two models' configs (the mapping and the projections' widths)."""
         if cached is not None:
             return cached_distillation_loss(alpha=self.alpha, estimator=cached, temperature=self.temperature,
                                             label_smoothing=self.label_smoothing, t2_scaling=self.t2_scaling)
-        return distillation_loss(
+        logits = distillation_loss(
             alpha=self.alpha, temperature=self.temperature, divergence=self.loss, beta=self.beta,
             label_smoothing=self.label_smoothing, t2_scaling=self.t2_scaling, teacher=TEACHER,
             temperature_input=TEMPERATURE_SCALAR if self.scheduled_temperature else None,
         )
+        if not self.transfers_features:
+            return logits
+        if student is None or teacher is None:
+            raise ConfigError("hidden-state and attention transfer need the student's and the teacher's configs")
+        return replace(logits, transfer=transfer_terms(self, student, teacher))
 
-    def train_spec(self, cached: str | None = None) -> TrainSpec:
-        return replace(super().train_spec(), loss=self.loss_spec(cached))
+    def train_spec(self, cached: str | None = None, student: Gemma3Config | None = None,
+                   teacher: Gemma3Config | None = None) -> TrainSpec:
+        return replace(super().train_spec(), loss=self.loss_spec(cached, student, teacher))
 
     @classmethod
     def flatten(cls, values: dict[str, Any]) -> dict[str, Any]:
@@ -134,4 +188,36 @@ class DistillConfig(TrainConfig):
         return flat
 
 
-__all__ = ["SECTIONS", "TEACHER", "TEMPERATURE_SCALAR", "DistillConfig"]
+def projection_name(student_layer: int) -> str:
+    """The loss parameter that projects student block ``student_layer``'s hidden state to the teacher's width."""
+    return f"hidden_projection.{student_layer}"
+
+
+def transfer_terms(config: DistillConfig, student: Gemma3Config, teacher: Gemma3Config) -> tuple:
+    """The hidden-state and attention transfer terms of ``config`` on the pairs of its layer mapping, each
+    weight shared evenly by the pairs. A pair (student block s, teacher block t) compares the outputs of the
+    two blocks, hidden states s + 1 and t + 1 in transformers' index (the last is after the final norm), and
+    the attention rows of the two blocks; a projection bridges the widths when they differ."""
+    pairs = layer_mapping(student, teacher, config.mapping)
+    project = student.hidden_size != teacher.hidden_size
+    terms: list = []
+    if config.hidden_weight > 0:
+        terms += [HiddenStateTransfer(p.student_layer + 1, p.teacher_layer + 1, metric=config.hidden_loss,
+                                      projection=projection_name(p.student_layer) if project else None,
+                                      teacher=TEACHER, weight=config.hidden_weight / len(pairs)) for p in pairs]
+    if config.attention_weight > 0:
+        terms += [AttentionTransfer(p.student_layer, p.teacher_layer, temperature=config.attention_temperature,
+                                    teacher=TEACHER, query_chunk=config.attention_chunk,
+                                    weight=config.attention_weight / len(pairs)) for p in pairs]
+    return tuple(terms)
+
+
+def losses_applied(config: DistillConfig) -> str:
+    """What the transfer terms put on each mapped pair, as the mapping table shows it."""
+    applied = ([f"hidden ({config.hidden_loss})"] if config.hidden_weight > 0 else []) + \
+              (["attention KL"] if config.attention_weight > 0 else [])
+    return ", ".join(applied) or "none (hidden_weight and attention_weight are 0)"
+
+
+__all__ = ["SECTIONS", "TEACHER", "TEMPERATURE_SCALAR", "DistillConfig", "losses_applied", "projection_name",
+           "transfer_terms"]

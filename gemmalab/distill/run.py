@@ -35,7 +35,7 @@ def distill(config: DistillConfig, *, progress: bool = True, echo=print, log_lin
     for ``progress``, ``log_lines`` and ``on_step``."""
     objective = CachedTeacherObjective(config) if config.cache else TeacherObjective(config)
     result = train(config, progress=progress, echo=echo, log_lines=log_lines, on_step=on_step, objective=objective)
-    report = build_report(config, result)
+    report = build_report(config, result, objective.layer_pairs(config) if not config.cache else None)
     path = result.run_dir / REPORT_FILE
     with writing(path, "report"):
         atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
@@ -43,9 +43,24 @@ def distill(config: DistillConfig, *, progress: bool = True, echo=print, log_lin
     return DistillResult(result, report, path, curves)
 
 
-def build_report(config: DistillConfig, result: TrainResult) -> dict[str, Any]:
-    """The headline figures of the last evaluation (the end of the run) and the settings."""
+def layer_report(final: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-pair figures of an evaluation record, one entry per mapped student block, in block order."""
+    blocks = sorted({int(key.rpartition("/")[2]) for key in final if key.startswith(("eval_hidden_cosine/",
+                                                                                      "eval_attention_kl/"))})
+    return [{"student_layer": block, "hidden_cosine": final.get(f"eval_hidden_cosine/{block}"),
+             "attention_kl": final.get(f"eval_attention_kl/{block}")} for block in blocks]
+
+
+def build_report(config: DistillConfig, result: TrainResult, mapping: list | None = None) -> dict[str, Any]:
+    """The headline figures of the last evaluation (the end of the run), the layer mapping with each pair's
+    figures (``mapping``: the run's mapping.LayerPair list, when it transfers features or reports layers),
+    and the settings."""
     final = next((r for r in reversed(result.history) if "eval_loss" in r), {})
+    layers = []
+    if mapping:
+        figures = {row["student_layer"]: row for row in layer_report(final)}
+        layers = [{**pair.as_dict(), **{k: v for k, v in figures.get(pair.student_layer, {}).items()
+                                        if k != "student_layer"}} for pair in mapping]
     return {
         "student_perplexity": final.get("eval_perplexity"),
         "teacher_perplexity": final.get("eval_teacher_perplexity"),
@@ -56,6 +71,7 @@ def build_report(config: DistillConfig, result: TrainResult) -> dict[str, Any]:
         "final_train_loss": result.final_loss,
         "steps": result.steps,
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        **({"mapping": config.mapping, "layers": layers} if mapping else {}),
         "settings": config.to_dict(),
     }
 

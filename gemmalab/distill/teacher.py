@@ -4,8 +4,10 @@ loss's Distillation term inside the trainer's chunk loop (gemmalab.train.losses)
 
 ``TeacherObjective`` is the distillation objective of the training loop (gemmalab.train.objective): it
 decides the student (a preset student takes the teacher's vocabulary and tokenizer), refuses a tokenizer
-that differs from the teacher's, builds the teacher, hands it to the trainer as the loss's companion, feeds
-the temperature schedule, and adds the teacher's figures to every evaluation.
+that differs from the teacher's, builds the teacher, hands it to the trainer as the loss's companion (for the
+logits and, on the mapped layer pairs, the hidden-state and attention transfer), feeds the temperature
+schedule, and adds the teacher's figures to every evaluation (and, with feature transfer or
+``layer_figures``, each mapped pair's hidden-state cosine and attention KL).
 """
 
 from __future__ import annotations
@@ -13,15 +15,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from .. import checkpoint as hf_checkpoint
 from ..config import Gemma3Config, resolve_config
 from ..dtypes import canonical_dtype
 from ..errors import ConfigError
+from ..masks import layer_masks
 from ..tokenizer import Tokenizer
 from ..train.objective import ModelSource, Objective, checkpoint_source
 from ..train.schedules import ValueSchedule
-from .config import TEACHER, TEMPERATURE_SCALAR, DistillConfig
-from .metrics import HeldOutSums, figures, held_out_sums
+from ..train.transfer import head_groups
+from .config import TEACHER, TEMPERATURE_SCALAR, DistillConfig, projection_name
+from .mapping import layer_mapping
+from .metrics import HeldOutSums, LayerSums, figures, held_out_sums, layer_figures, layer_sums
 
 
 @dataclasses.dataclass
@@ -62,11 +69,18 @@ class TeacherObjective(Objective):
         self.config = config
         self.checkpoint = read_teacher(config.teacher)
         self.native: Any = None
+        self.student: Gemma3Config | None = None  # the student's config, once model_source has decided it
+        self.trainer: Any = None
         end = config.temperature if config.temperature_end is None else config.temperature_end
         self.temperature = ValueSchedule(config.temperature_schedule, config.temperature, end, config.steps)
 
     # -- what is trained -------------------------------------------------------------------------------------
     def model_source(self, config: DistillConfig) -> ModelSource:
+        source = self._model_source(config)
+        self.student = source.config
+        return source
+
+    def _model_source(self, config: DistillConfig) -> ModelSource:
         teacher = self.checkpoint
         if config.model is not None:
             source = checkpoint_source(config.model, "distillation")
@@ -84,6 +98,7 @@ class TeacherObjective(Objective):
     def start(self, backend: Any, config: DistillConfig, model_config: Gemma3Config, tokenizer: Tokenizer,
               windows: Any, trained: Any, echo=print) -> None:
         teacher = self.checkpoint
+        self.train_spec(config)  # a mapping or transfer that does not fit the pair refuses the run before any load
         dtype = canonical_dtype(config.teacher_dtype) if config.teacher_dtype else (teacher.config.stored_dtype or "float32")
         weights = hf_checkpoint.read_weights(teacher.folder, teacher.config)
         self.native = backend.build(teacher.config, weights, dtype=dtype, device=config.device)
@@ -92,8 +107,14 @@ class TeacherObjective(Objective):
              f"vocabulary {teacher.config.vocab_size}) -> student {model_config.num_parameters() / 1e6:.1f}M "
              f"(vocabulary {model_config.vocab_size})")
 
+    def train_spec(self, config: DistillConfig) -> Any:
+        return config.train_spec(student=self.student, teacher=self.checkpoint.config)
+
     def companions(self) -> dict[str, Any]:
         return {TEACHER: self.native}
+
+    def attach(self, trainer: Any) -> None:
+        self.trainer = trainer  # its projections enter the per-layer figures
 
     def scalars(self, step: int) -> dict[str, float]:
         if not self.config.scheduled_temperature:
@@ -105,14 +126,40 @@ class TeacherObjective(Objective):
         """The teacher's held-out perplexity, the student's top-1 agreement with it and KL(teacher || student)
         at temperature 1, over the shared vocabulary, on the same held-out batches as the student's loss.
         One row at a time: two [seq, vocab] logit arrays in memory, never [batch, seq, vocab]."""
-        sums = HeldOutSums()
+        sums, layers = HeldOutSums(), LayerSums()
+        with_layers = config.transfers_features or config.layer_figures
         for batch in stream.eval_batches(config.batch_size, config.eval_batches):
             for row in range(batch.inputs.shape[0]):
                 ids = batch.inputs[row : row + 1]
                 student = backend.logits(native, ids)  # float32 [1, seq, vocab]
                 teacher = backend.logits(self.native, ids)
                 sums = sums + held_out_sums(student[0], teacher[0], batch.targets[row], batch.weights[row])
-        return figures(sums)
+                if with_layers:
+                    layers = layers + self._layer_sums(backend, native, ids, batch.weights[row : row + 1], config)
+        return {**figures(sums), **layer_figures(layers)}
+
+    def layer_pairs(self, config: DistillConfig) -> list | None:
+        """The run's mapped pairs when it reports per-layer figures (feature transfer or layer_figures)."""
+        if not (config.transfers_features or config.layer_figures) or self.student is None:
+            return None
+        return layer_mapping(self.student, self.checkpoint.config, config.mapping)
+
+    def _layer_sums(self, backend: Any, native: Any, ids: Any, weights: Any, config: DistillConfig) -> LayerSums:
+        """The per-pair sums of one row: both models' captures of the mapped blocks, from the core's masks."""
+        student, teacher = self.student, self.checkpoint.config
+        pairs = self.layer_pairs(config)
+        captured = {}
+        for name, model, own, blocks in (("student", native, student, [p.student_layer for p in pairs]),
+                                         ("teacher", self.native, teacher, [p.teacher_layer for p in pairs])):
+            positions = np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1))
+            out = backend.forward(model, ids, positions=positions, masks=layer_masks(own, positions),
+                                  hidden_states=tuple(sorted({b + 1 for b in blocks})), attentions=tuple(sorted(set(blocks))),
+                                  logits=False)
+            captured[name] = {"hidden_states": out.hidden_states, "attentions": out.attentions}
+        groups = head_groups(student.num_attention_heads, student.num_key_value_heads, teacher.num_attention_heads,
+                             teacher.num_key_value_heads)
+        projections = self.trainer.loss_parameters() if self.trainer is not None else {}
+        return layer_sums(pairs, captured["student"], captured["teacher"], weights, projections, groups, projection_name)
 
 
 __all__ = ["TeacherObjective", "check_same_tokenizer", "read_teacher"]

@@ -6,6 +6,9 @@ A checkpoint is one folder ``RUN/checkpoints/step-00000060/`` holding
   ``generation_config.json``, the tokenizer), so ``gemmalab.load`` and transformers read it directly;
 * ``optimizer/state.safetensors``: the optimizer state, in the names of gemmalab/train/spec.py (the same
   for every backend, so any backend can resume it);
+* ``loss/parameters.safetensors``, when the loss has trainable parameters of its own (the projections of a
+  hidden-state transfer, gemmalab.train.transfer): they belong to the run, not to the model, so they are
+  kept apart from its checkpoint (gemmalab.load and transformers never see them);
 * ``trainer_state.json``: the step, the data position, the loss scale, the backend that wrote the
   checkpoint, the run's configuration.
 
@@ -32,6 +35,7 @@ from ..tokenizer import Tokenizer
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer/state.safetensors"  # in a subfolder: the model reader owns *.safetensors
+LOSS_PARAMETERS_FILE = "loss/parameters.safetensors"
 PREFIX = "step-"
 
 
@@ -57,8 +61,10 @@ def save(
     state: dict,
     tokenizer: Tokenizer | None,
     keep_last: int,
+    loss_parameters: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write the checkpoint of ``step`` and delete all but the newest ``keep_last`` complete ones."""
+    """Write the checkpoint of ``step`` and delete all but the newest ``keep_last`` complete ones;
+    ``loss_parameters`` (the loss's own trainable parameters) go beside the model, not into it."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -70,6 +76,9 @@ def save(
         tokenizer.save(staging)
     (staging / OPTIMIZER_FILE).parent.mkdir()
     atomic_save_safetensors(staging / OPTIMIZER_FILE, dict(optimizer_state))
+    if loss_parameters:
+        (staging / LOSS_PARAMETERS_FILE).parent.mkdir()
+        atomic_save_safetensors(staging / LOSS_PARAMETERS_FILE, dict(loss_parameters))
     atomic_write_json(staging / STATE_FILE, {"step": step, **state})
     if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
         shutil.rmtree(final)
@@ -108,4 +117,10 @@ def read_optimizer_state(folder: Path) -> dict[str, np.ndarray]:
     return load_file(str(path))
 
 
-__all__ = ["checkpoint_dir", "complete_checkpoints", "latest", "read_optimizer_state", "read_state", "save"]
+def read_loss_parameters(folder: Path) -> dict[str, np.ndarray]:
+    """The loss parameters a checkpoint holds ({} when its loss had none)."""
+    path = folder / LOSS_PARAMETERS_FILE
+    return load_file(str(path)) if path.is_file() else {}
+
+
+__all__ = ["LOSS_PARAMETERS_FILE", "OPTIMIZER_FILE", "checkpoint_dir", "read_loss_parameters", "complete_checkpoints", "latest", "read_optimizer_state", "read_state", "save"]

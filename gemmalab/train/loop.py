@@ -29,7 +29,7 @@ from ..checkpoint import atomic_write_bytes
 from ..errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
 from ..outputs import check_writable_folder, writing
 from ..params import init_weights
-from . import checkpoints
+from . import checkpoints, transfer
 from .config import TrainConfig
 from .data import DataStream, load_documents, pack
 from .layers import lr_scales
@@ -282,7 +282,10 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
         weights = init_weights(model_config, seed=config.seed, dtype="float32")
     native = backend.build(model_config, weights, dtype="float32", device=config.device)
     del weights
-    trainer = backend.trainer(native, objective.train_spec(config), companions=objective.companions())
+    spec, companions = objective.train_spec(config), objective.companions()
+    trainer = backend.trainer(native, spec, companions=companions,
+                              loss_parameters=_loss_parameters(spec, model_config, companions, resume_from, config.seed))
+    objective.attach(trainer)
 
     warmup, note = warmup_for(config)
     if note and saved_state is None:
@@ -317,7 +320,8 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
         with writing(run_dir, "checkpoint"):
             path = checkpoints.save(run_dir, step, config=model_config, weights=backend.weights(trainer.model),
                                     optimizer_state=trainer.optimizer_state(), state=state, tokenizer=tokenizer,
-                                    keep_last=config.keep_checkpoints)
+                                    keep_last=config.keep_checkpoints,
+                                    loss_parameters=trainer.loss_parameters() if spec.loss.projections else None)
         saved_at = step
         return path
 
@@ -411,6 +415,18 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
         bar.close()
         tracker.close()
     return result
+
+
+def _loss_parameters(spec, model_config, companions: dict, resume_from: Path | None, seed: int) -> dict | None:
+    """The loss's own trainable parameters (its projections) a run starts from: those of the checkpoint it
+    resumes, else fresh ones from the run's seed; None when the loss has none."""
+    if not spec.loss.projections:
+        return None
+    shapes = transfer.loss_parameter_shapes(spec.loss, model_config, {n: c.config for n, c in companions.items()})
+    if resume_from is None:
+        return transfer.init_loss_parameters(shapes, seed)
+    return transfer.check_loss_parameters(checkpoints.read_loss_parameters(resume_from), shapes,
+                                          error=lambda message: CheckpointError(f"{resume_from}: {message}"))
 
 
 def _eval_record(backend, native, stream: DataStream, config: TrainConfig, objective: Objective) -> dict:

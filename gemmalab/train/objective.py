@@ -10,7 +10,8 @@ The loop (gemmalab.train.loop.train) asks its objective, in this order:
    a teacher cache, checked against the run's packed ``windows`` and ``trained`` flags);
 3. ``train_spec(config)``: what the trainer optimises (the config's own spec, unless the objective knows
    better); ``companions()``: frozen models the loss terms read (gemmalab.train.losses.LossSpec.companions),
-   handed to ``backend.trainer(..., companions=...)``;
+   handed to ``backend.trainer(..., companions=...)``; then ``attach(trainer)`` with the trainer built (an
+   objective that reports on the loss's own parameters keeps it);
 4. ``scalars(step)``: the per-step scalars the loss terms read (a temperature schedule), passed to every
    ``accumulate`` of that step; ``batch_extras(batch)``: the per-position extra inputs the loss terms read
    for one batch (a teacher cache's sparse targets of the batch's windows);
@@ -79,6 +80,9 @@ class Objective:
 
     def companions(self) -> dict[str, Any]:
         return {}
+
+    def attach(self, trainer: Any) -> None:
+        """The trainer the loop built from ``train_spec`` and ``companions``; plain training keeps nothing."""
 
     def scalars(self, step: int) -> dict[str, float]:  # noqa: ARG002 (used by subclasses)
         return {}

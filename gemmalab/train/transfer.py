@@ -37,7 +37,7 @@ that trains with the student (in the optimizer and its state, under its name) an
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -200,9 +200,10 @@ def init_loss_parameters(shapes: Mapping[str, tuple[int, ...]], seed: int = 0) -
 
 
 def check_loss_parameters(values: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]],
-                          error: type[Exception] = InputError) -> dict[str, np.ndarray]:
+                          error: Callable[[str], Exception] = InputError) -> dict[str, np.ndarray]:
     """``values`` as float32 arrays, after checking they are exactly the loss parameters of ``shapes``
-    (one line naming a missing, unexpected or misshapen one, or one holding NaN or inf)."""
+    (one line naming a missing, unexpected or misshapen one, or one holding NaN or inf, raised as
+    ``error(message)``)."""
     missing = sorted(set(shapes) - set(values))
     if missing:
         raise error(f"the loss parameter {missing[0]!r} {list(shapes[missing[0]])} is missing: pass every "
