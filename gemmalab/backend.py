@@ -211,14 +211,21 @@ class Backend(Protocol):
         """Start a new peak-memory measurement (no-op where peak_memory returns None)."""
 
     # -- training: the tensor work of gemmalab.train (the loop itself lives in the core) -----------------
-    def trainer(self, model: Any, spec: Any, companions: Mapping[str, Any] | None = None) -> Any:
+    def trainer(self, model: Any, spec: Any, companions: Mapping[str, Any] | None = None,
+                loss_parameters: Mapping[str, np.ndarray] | None = None) -> Any:
         """A ``gemmalab.train.spec.BackendTrainer`` for ``model`` (built in float32) following ``spec``
         (a ``gemmalab.train.spec.TrainSpec``): the optimizer, the chunked loss and a gradient accumulator.
 
         ``companions`` maps a name to another model built by this backend (``build``, any dtype: e.g. a bf16
-        teacher beside a float32 student), read by the loss's Distillation terms (``Distillation.teacher``;
-        checked by gemmalab.train.spec.check_companions). Companions are frozen: never trained, no gradient
-        computed for them, never in the trainer's gradients, optimizer state or ``weights(trainer.model)``."""
+        teacher beside a float32 student), read by the loss's Distillation and transfer terms
+        (``Distillation.teacher``, ``HiddenStateTransfer.teacher``, ...; checked by
+        gemmalab.train.spec.check_companions). Companions are frozen: never trained, no gradient computed for
+        them, never in the trainer's gradients, optimizer state or ``weights(trainer.model)``.
+
+        ``loss_parameters`` are the starting values of the loss's own trainable parameters (its projections,
+        gemmalab.train.transfer; None = fresh ones from seed 0, ``transfer.checked_loss_parameters``). They
+        train with the model, under their own names in ``gradients()`` and the optimizer state, and are read
+        back with the trainer's ``loss_parameters()``; they are never in ``weights(trainer.model)``."""
 
     def loss_sum(
         self,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import assert_clean_failure, run_cli
 from safetensors.numpy import load_file
 
 from gemmalab import checkpoint, reference
@@ -128,3 +129,34 @@ def test_feature_transfer_refusals(tmp_path, wide_teacher):
         DistillConfig(cache=str(tmp_path), preset="tiny", hidden_weight=1.0)
     with pytest.raises(ConfigError, match="hidden_loss 'l1' is not one of cosine, mse"):
         DistillConfig(teacher=str(wide_teacher), hidden_loss="l1")
+
+
+# --- gemmalab distill --show-mapping ------------------------------------------------------------------------
+def test_show_mapping_prints_a_presets_table_as_json_without_weights():
+    result = run_cli("distill", "--show-mapping", "--teacher", "gemma-3-1b", "--student", "gemma-3-270m",
+                     "--mapping", "uniform", "--hidden-weight", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    # uniform for 18 student blocks from 26: round((i + 1) * 26 / 18) - 1 (tests/test_distill_mapping.py
+    # derives it by hand); types from the 5:1 pattern, global every 6th block
+    expected = [0, 2, 3, 5, 6, 8, 9, 11, 12, 13, 15, 16, 18, 19, 21, 22, 24, 25]
+    assert [row["teacher_layer"] for row in rows] == expected
+    assert [row["student_layer"] for row in rows] == list(range(18))
+    kind = {True: "global", False: "local"}
+    assert [row["student_type"] for row in rows] == [kind[i % 6 == 5] for i in range(18)]
+    assert [row["teacher_type"] for row in rows] == [kind[t % 6 == 5] for t in expected]
+    assert all(row["losses"] == ["hidden cosine"] for row in rows)
+
+
+def test_show_mapping_reads_a_checkpoints_config_and_names_the_losses(wide_teacher):
+    result = run_cli("distill", "--show-mapping", "--teacher", str(wide_teacher), "--student", "tiny",
+                     "--mapping", "by-type", "--hidden-weight", "1", "--attention-weight", "1")
+    assert result.returncode == 0, result.stderr
+    assert f"by-type mapping: tiny (6 blocks) <- {wide_teacher} (8 blocks)" in result.stdout
+    # tiny LLLLLG onto LLLGLLLG: the global block 5 on the teacher's last global block 7, locals in order
+    lines = [line for line in result.stdout.splitlines() if "hidden cosine + attention KL" in line]
+    assert len(lines) == 6
+    assert lines[5].replace("│", " ").split()[:4] == ["5", "global", "7", "global"]
+    assert "projected 64 -> 96" in result.stdout
+    assert_clean_failure(run_cli("distill", "--show-mapping", "--teacher", "gemma-3-1b", "--student", "gemma-3-270m",
+                                 "--mapping", "0:30"), "teacher block 30 is out of range")

@@ -104,6 +104,9 @@ def test_loss_parameters_are_shaped_checked_and_seeded():
     assert all(np.abs(v).max() <= 1 / math.sqrt(64) for v in fresh.values())
     np.testing.assert_array_equal(fresh["proj.3"], transfer.init_loss_parameters(shapes, seed=3)["proj.3"])
     assert not np.array_equal(fresh["proj.3"], fresh["proj.6"])
+    # names alike but for their last character draw apart too (each draw hashes the whole name)
+    alike = transfer.init_loss_parameters({"hidden_projection.0": (3, 4), "hidden_projection.1": (3, 4)})
+    assert not np.array_equal(alike["hidden_projection.0"], alike["hidden_projection.1"])
     with pytest.raises(InputError, match="needs a projection"):
         transfer.loss_parameter_shapes(LossSpec(transfer=(HiddenStateTransfer(3, 2),)), config, {"teacher": teacher})
     with pytest.raises(InputError, match="block 4, but it has 4"):

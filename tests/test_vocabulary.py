@@ -49,9 +49,10 @@ MODEL_ORDER = [
     "dtype_name", "RMSNorm", "<rotary>", "causal_mask", "Attention", "MLP", "DecoderLayer", "Gemma3Output",
     "Gemma3TextModel", "soft_cap", "select_positions", "Gemma3ForCausalLM",
 ]
-OUTPUT_FIELDS = ("logits", "last_hidden_state", "hidden_states", "attentions")
-FORWARD = ["ids", "positions", "mask", "logits_at", "cache", "output_hidden_states", "output_attentions"]
-TEXT_MODEL = ["ids", "positions", "mask", "cache", "output_hidden_states", "output_attentions"]
+OUTPUT_FIELDS = ("logits", "last_hidden_state", "hidden_states", "attentions", "queries_keys")
+FORWARD = ["ids", "positions", "mask", "logits_at", "cache", "output_hidden_states", "output_attentions",
+           "output_queries_keys"]
+TEXT_MODEL = ["ids", "positions", "mask", "cache", "output_hidden_states", "output_attentions", "output_queries_keys"]
 JAX_FIRST = ["params", "config"]  # the model, for JAX's functions
 JAX_OPTIONS = ["rope", "hint", "remat"]  # JAX's own options, after the shared arguments
 CACHE_UPDATE = ["k", "v"]

@@ -51,6 +51,53 @@ def student_flags(student: str | None) -> dict[str, str | None]:
     return {"model": student}
 
 
+def model_config_of(source: str):
+    """A preset's or a checkpoint's config, from its config.json alone (no weights are read)."""
+    from .. import checkpoint as hf_checkpoint
+    from ..config import PRESETS, preset_key, resolve_config
+
+    if preset_key(source) in PRESETS and not Path(source).exists():
+        return resolve_config(source)
+    return hf_checkpoint.load_config(hf_checkpoint.locate(source))
+
+
+def show_mapping(config: DistillConfig, as_json: bool) -> None:
+    """The layer mapping of the run's teacher and student: a table, or JSON objects with student_layer,
+    student_type, teacher_layer, teacher_type and losses."""
+    import json
+
+    from ..distill.config import losses_applied
+    from ..distill.mapping import layer_mapping
+
+    if not config.teacher:
+        raise typer.BadParameter("--show-mapping needs --teacher (a preset or a checkpoint)")
+    student_source = config.model or config.preset
+    student, teacher = model_config_of(student_source), model_config_of(config.teacher)
+    pairs = layer_mapping(student, teacher, config.mapping)
+    applied = losses_applied(config)
+    if as_json:
+        losses = [] if not config.transfers_features else applied.split(" + ")
+        print(json.dumps([{**pair.as_dict(), "losses": losses} for pair in pairs], indent=2))
+        return
+    from rich.table import Table
+
+    console.print(escape(f"{config.mapping} mapping: {student.name or student_source} ({student.num_hidden_layers} "
+                         f"blocks) <- {teacher.name or config.teacher} ({teacher.num_hidden_layers} blocks)"),
+                  soft_wrap=True)
+    table = Table()
+    for column in ("student", "type", "teacher", "type"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("losses")
+    for pair in pairs:
+        row = pair.as_dict()
+        table.add_row(str(row["student_layer"]), row["student_type"], str(row["teacher_layer"]), row["teacher_type"],
+                      applied)
+    console.print(table)
+    if student.hidden_size != teacher.hidden_size and config.hidden_weight > 0:
+        console.print(f"hidden states are projected {student.hidden_size} -> {teacher.hidden_size} by a learned "
+                      "matrix per pair (kept with the run, not in the student)")
+
+
 def distill(
     ctx: typer.Context,
     teacher: Annotated[Optional[str], typer.Option("--teacher", help=_h("teacher"))] = None,  # noqa: UP045
@@ -64,6 +111,13 @@ def distill(
     beta: Annotated[Optional[float], typer.Option("--beta", help=_h("beta"))] = None,  # noqa: UP045
     temperature: Annotated[Optional[float], typer.Option("--temperature", help=_h("temperature"))] = None,  # noqa: UP045
     teacher_dtype: Annotated[Optional[str], typer.Option("--teacher-dtype", help=_h("teacher_dtype"))] = None,  # noqa: UP045
+    mapping: Annotated[Optional[str], typer.Option("--mapping", help=_h("mapping"))] = None,  # noqa: UP045
+    hidden_weight: Annotated[Optional[float], typer.Option("--hidden-weight", help=_h("hidden_weight"))] = None,  # noqa: UP045
+    hidden_loss: Annotated[Optional[str], typer.Option("--hidden-loss", help=_h("hidden_loss"))] = None,  # noqa: UP045
+    attention_weight: Annotated[Optional[float], typer.Option("--attention-weight", help=_h("attention_weight"))] = None,  # noqa: UP045
+    attention_temperature: Annotated[Optional[float], typer.Option("--attention-temperature", help=_h("attention_temperature"))] = None,  # noqa: UP045
+    show: Annotated[bool, typer.Option("--show-mapping", help="Print the layer mapping of --teacher and --student (presets or checkpoints; no weights are read) with the losses on each pair, and exit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --show-mapping: print JSON for machines.")] = False,
     data: DataFlag = None,
     steps: StepsFlag = None,
     batch_size: BatchSizeFlag = None,
@@ -94,7 +148,9 @@ def distill(
     precision = precision_of(dtype)
     flags = {
         "teacher": teacher, "cache": cache, "teacher_dtype": canonical_dtype(teacher_dtype) if teacher_dtype else None,
-        "loss": loss, "alpha": alpha, "beta": beta, "temperature": temperature,
+        "loss": loss, "alpha": alpha, "beta": beta, "temperature": temperature, "mapping": mapping,
+        "hidden_weight": hidden_weight, "hidden_loss": hidden_loss, "attention_weight": attention_weight,
+        "attention_temperature": attention_temperature,
         "data": data, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
         "lr": lr, "precision": precision, "backend": backend, "device": device, "seed": seed, "out": out,
         "checkpoint_every": checkpoint_every, "log_every": log_every, "resume": resume or None,
@@ -103,6 +159,9 @@ def distill(
     config = run_settings(DistillConfig, config_file, sets, flags)
     if flags.get("preset") and config.model is not None:  # --student PRESET wins over a configured checkpoint
         config = dataclasses.replace(config, model=None)
+    if show:
+        show_mapping(config, as_json)
+        return
     who = config.model or f"preset {config.preset} (random init)"
     console.print(f"distilling {escape(config.teacher or 'the teacher cache ' + config.cache)} -> {escape(who)} ({config.loss}, alpha {config.alpha}, "
                   f"T {config.temperature}) for {config.steps} steps -> {escape(config.out)}", soft_wrap=True)

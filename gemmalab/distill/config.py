@@ -214,9 +214,9 @@ def transfer_terms(config: DistillConfig, student: Gemma3Config, teacher: Gemma3
 
 def losses_applied(config: DistillConfig) -> str:
     """What the transfer terms put on each mapped pair, as the mapping table shows it."""
-    applied = ([f"hidden ({config.hidden_loss})"] if config.hidden_weight > 0 else []) + \
+    applied = ([f"hidden {config.hidden_loss}"] if config.hidden_weight > 0 else []) + \
               (["attention KL"] if config.attention_weight > 0 else [])
-    return ", ".join(applied) or "none (hidden_weight and attention_weight are 0)"
+    return " + ".join(applied) or "none (hidden_weight, attention_weight 0)"
 
 
 __all__ = ["SECTIONS", "TEACHER", "TEMPERATURE_SCALAR", "DistillConfig", "losses_applied", "projection_name",

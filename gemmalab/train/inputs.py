@@ -99,7 +99,7 @@ def prepare(
         extras=_extras(config, loss, dict(extras or {}), batch, seq),
         hidden_layers=_layers(loss.hidden_layers(), config.num_hidden_layers + 1, "hidden state"),
         attention_layers=_layers(loss.attention_layers(), config.num_hidden_layers, "attention"),
-        query_key_layers=_layers(loss.query_key_layers(), config.num_hidden_layers, "attention"),
+        query_key_layers=_layers(loss.query_key_layers(), config.num_hidden_layers, "the queries and keys of block"),
         scalars=_scalars(loss, dict(scalars or {})),
         companion_masks=companion_masks,
     )

@@ -175,6 +175,11 @@ class BackendTrainer(Protocol):
         """The accumulated (un-normalised, un-clipped) gradients of the trainable parameters, float32,
         under canonical names (the tied head's gradient is in model.embed_tokens.weight)."""
 
+    def loss_parameters(self) -> dict[str, np.ndarray]:
+        """The current values of the loss's own trainable parameters (its projections, gemmalab.train.transfer),
+        float32 numpy copies by name; {} when the loss has none. Saved beside the model in a run's
+        checkpoint, never in it."""
+
     def apply(self, lr: float, normalizer: float) -> dict[str, float]:
         """Divide the accumulated gradients by ``normalizer`` (the token count times the loss scale),
         clip them, take one optimizer step with learning rate ``lr`` times each parameter's scale, and

@@ -36,6 +36,7 @@ that trains with the student (in the optimizer and its state, under its name) an
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping
 
@@ -192,7 +193,8 @@ def init_loss_parameters(shapes: Mapping[str, tuple[int, ...]], seed: int = 0) -
     as they were)."""
     out = {}
     for name, shape in sorted(shapes.items()):
-        name_seed = int.from_bytes(name.encode("utf-8")[:8].ljust(8, b"\0"), "little") ^ len(name)
+        # the whole name, hashed (not Python's hash(), which changes between processes)
+        name_seed = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
         rng = np.random.default_rng([seed, name_seed])
         bound = 1.0 / math.sqrt(shape[-1])
         out[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
