@@ -311,9 +311,13 @@ class MLXBackend:
 
     # -- training ----------------------------------------------------------------------------------------
     def trainer(self, model: Gemma3ForCausalLM, spec: TrainSpec,
-                companions: Mapping[str, Gemma3ForCausalLM] | None = None) -> Trainer:
+                companions: Mapping[str, Gemma3ForCausalLM] | None = None,
+                loss_parameters: Mapping[str, np.ndarray] | None = None) -> Trainer:
+        """A Trainer (gemmalab_mlx.training) of ``model``; ``loss_parameters`` are the starting values of the
+        loss's projections (None = fresh from seed 0), which train beside the model and are never in
+        ``weights(model)``."""
         _require_weights(model)
-        return Trainer(model, spec, companions)
+        return Trainer(model, spec, companions, loss_parameters)
 
     def loss_sum(
         self,

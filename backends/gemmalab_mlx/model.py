@@ -38,10 +38,12 @@ Names shared with the other backends (gemmalab_torch.model, gemmalab_jax.model),
 ``DTYPES``, ``dtype_name``, ``RMSNorm``, ``causal_mask``, ``Attention``, ``MLP``, ``DecoderLayer``,
 ``Gemma3Output``, ``Gemma3TextModel``, ``soft_cap``, ``select_positions``, ``Gemma3ForCausalLM`` with
 ``output_weight()`` and ``logits_from_hidden(hidden)``; its ``__call__`` takes ``ids, *, positions, mask,
-logits_at, cache, output_hidden_states, output_attentions`` and returns a ``Gemma3Output(logits,
-last_hidden_state, hidden_states, attentions)``. MLX alone has ``Rotary`` (mx.fast.rope where positions
-are implicit; the others build cos/sin tables) and, internal, ``Capture`` (how a forward pass records what
-the output_* flags ask for) and ``Gemma3TextModel.run`` (the text model with the ``keep`` fast path).
+logits_at, cache, output_hidden_states, output_attentions, output_queries_keys`` and returns a
+``Gemma3Output(logits, last_hidden_state, hidden_states, attentions, queries_keys)``. MLX alone has
+``Rotary`` (mx.fast.rope where positions are implicit; the others build cos/sin tables), ``gqa_scores``
+(the attention scores of grouped queries, shared with the trainer's attention transfer) and, internal,
+``Capture`` (how a forward pass records what the output_* flags ask for) and ``Gemma3TextModel.run`` (the
+text model with the ``keep`` fast path).
 """
 
 from __future__ import annotations
@@ -184,6 +186,19 @@ def _last_rows(mask: Mask, rows: int | None) -> Mask:
 # --------------------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------------------
+def gqa_scores(q: mx.array, k: mx.array, scale: float) -> mx.array:
+    """Attention scores ``(q * scale) @ k^T`` [batch, heads, queries, keys] in q's dtype, of queries
+    [batch, heads, queries, d] and keys [batch, kv_heads, keys, d], each kv head serving its group of query
+    heads without being repeated."""
+    batch, heads, queries, d = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    # Query head h uses kv head h // groups (transformers' repeat_kv), so split heads as [kv, group].
+    qg = q.reshape(batch, kv_heads, heads // kv_heads, queries, d)  # [batch, kv_heads, groups, queries, d]
+    kt = k[:, :, None].swapaxes(-1, -2)  # [batch, kv_heads, 1, d, keys]
+    scores = (qg * scale) @ kt  # [batch, kv_heads, groups, queries, keys]
+    return scores.reshape(batch, heads, queries, keys)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with q/k RMSNorm per head, RoPE, and Gemma's query_pre_attn_scalar."""
 
@@ -238,6 +253,11 @@ class Attention(nn.Module):
             else:
                 q = self.rope(q, offset=cache.offset + first)
                 k = self.rope(k, offset=cache.offset)
+        if capture is not None and capture.wants_queries_keys(self.layer):
+            # This call's queries and keys as the scores see them (normed, rotated), before the cache joins
+            # older keys and before any GQA repeat; the fused kernel below still computes the output.
+            capture.queries_keys[self.layer] = (q, k)
+        if cache is not None:
             k, v = cache.update(k, v)  # [batch, kv_heads, keys, d]
 
         if capture is not None and capture.wants_attention(self.layer):
@@ -256,11 +276,7 @@ class Attention(nn.Module):
         """Attention with the probabilities materialised (float32), for capture and analysis."""
         batch, heads, queries, d = q.shape
         keys, groups = k.shape[2], self.num_heads // self.num_kv_heads
-        # Query head h uses kv head h // groups (transformers' repeat_kv), so split heads as [kv, group].
-        qg = q.reshape(batch, self.num_kv_heads, groups, queries, d)  # [batch, kv_heads, groups, queries, d]
-        kt = k[:, :, None].swapaxes(-1, -2)  # [batch, kv_heads, 1, d, keys]
-        scores = (qg * self.scale) @ kt  # [batch, kv_heads, groups, queries, keys]
-        scores = scores.reshape(batch, heads, queries, keys).astype(mx.float32)  # [batch, heads, q, keys]
+        scores = gqa_scores(q, k, self.scale).astype(mx.float32)  # [batch, heads, q, keys]
         allowed = _as_array_mask(mask, queries, keys)
         if allowed is not None:
             scores = mx.where(allowed, scores, -mx.inf)
@@ -353,6 +369,8 @@ class Gemma3Output:
     hidden_states: list[mx.array] | None = None  # residual stream: embeddings, then after each block
     attentions: list[mx.array | None] | None = None  # per block, probabilities [batch, heads, q, keys],
     # float32 (None where not asked)
+    queries_keys: list[tuple[mx.array, mx.array] | None] | None = None  # per block, (q [batch, heads, seq, d],
+    # k [batch, kv_heads, seq, d]) after the q/k norms and RoPE, in the matmul dtype (None where not asked)
 
 
 @dataclass
@@ -362,16 +380,53 @@ class Capture:
     ``hidden_states`` gets the residual stream: the scaled embeddings, then the output of every block
     (before the final norm). ``attention`` names the layers whose attention probabilities
     [batch, heads, queries, keys] (float32) go into ``attentions``, by layer index (True = every layer):
-    only those take the non-fused attention path; every other layer keeps the fused kernel. The normal
+    only those take the non-fused attention path; every other layer keeps the fused kernel. The layers in
+    ``query_key`` put their queries and keys into ``queries_keys`` and keep the fused kernel. The normal
     path (no Capture) pays nothing for this.
     """
 
     attention: bool | Collection[int] = False
+    query_key: Collection[int] = frozenset()
     hidden_states: list[mx.array] = field(default_factory=list)
     attentions: dict[int, mx.array] = field(default_factory=dict)
+    queries_keys: dict[int, tuple[mx.array, mx.array]] = field(default_factory=dict)
 
     def wants_attention(self, layer: int) -> bool:
         return self.attention is True or (not isinstance(self.attention, bool) and layer in self.attention)
+
+    def wants_queries_keys(self, layer: int) -> bool:
+        return layer in self.query_key
+
+    def of_block(self, layer: int) -> list[mx.array]:
+        """What block ``layer`` recorded (its probabilities, then its queries and keys), as a flat list."""
+        probs = [self.attentions[layer]] if layer in self.attentions else []
+        return probs + list(self.queries_keys.get(layer, ()))
+
+    def put_block(self, layer: int, values: list[mx.array]) -> None:
+        """Record block ``layer``'s ``of_block`` list (the outputs of its rematerialised call)."""
+        if self.wants_attention(layer):
+            self.attentions[layer], values = values[0], values[1:]
+        if self.wants_queries_keys(layer):
+            self.queries_keys[layer] = (values[0], values[1])
+
+
+def _checkpointed(layer: DecoderLayer, index: int, h: mx.array, positions: mx.array | None, mask: Mask,
+                  capture: Capture | None, keep: int | None) -> mx.array:
+    """Block ``index`` under gradient checkpointing: only its input h (and its parameters) are kept for the
+    backward pass, which recomputes the rest. nn.utils.checkpoint passes the block's parameters in as
+    inputs: mx.checkpoint only differentiates its inputs. What the block captures leaves the checkpointed
+    function as outputs, recorded by a Capture of its own there: written into ``capture`` from inside, the
+    recomputation would write it again, and no gradient would flow back from those arrays."""
+    if capture is None:
+        return nn.utils.checkpoint(layer)(h, positions, mask, None, None, keep)
+
+    def block(h: mx.array, positions: mx.array | None, mask: Mask) -> list[mx.array]:
+        inner = Capture(attention=capture.attention, query_key=capture.query_key)
+        return [layer(h, positions, mask, inner, None, None), *inner.of_block(index)]
+
+    out, *recorded = nn.utils.checkpoint(layer, block)(h, positions, mask)
+    capture.put_block(index, recorded)
+    return out
 
 
 class Gemma3TextModel(nn.Module):
@@ -402,6 +457,7 @@ class Gemma3TextModel(nn.Module):
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool | Collection[int] = False,
+        output_queries_keys: Collection[int] = (),
     ) -> Gemma3Output:
         """ids: [batch, seq]. See Gemma3ForCausalLM.__call__ for the arguments; ``logits`` is None."""
         return self.run(
@@ -411,6 +467,7 @@ class Gemma3TextModel(nn.Module):
             cache=cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            output_queries_keys=output_queries_keys,
         )
 
     def run(
@@ -422,6 +479,7 @@ class Gemma3TextModel(nn.Module):
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool | Collection[int] = False,
+        output_queries_keys: Collection[int] = (),
         keep: int | None = None,
     ) -> Gemma3Output:
         """``__call__`` with MLX's fast path: with ``keep`` (and no capture, which wants every position),
@@ -430,7 +488,9 @@ class Gemma3TextModel(nn.Module):
         ``last_hidden_state`` is [batch, keep, hidden]."""
         wanted = bool(output_attentions)
         attention = output_attentions if output_attentions is True else frozenset(output_attentions or ())
-        capture = Capture(attention=attention) if output_hidden_states or wanted else None
+        query_key = frozenset(output_queries_keys)
+        capture = (Capture(attention=attention, query_key=query_key)
+                   if output_hidden_states or wanted or query_key else None)
         h = self.embed(ids)  # [batch, seq, hidden]
         if cache is None:
             masks = self._masks(ids.shape[1], positions, mask)
@@ -448,14 +508,12 @@ class Gemma3TextModel(nn.Module):
         if capture is not None:
             capture.hidden_states.append(h)
         last = len(self.layers) - 1
-        # A cache or a capture is written from inside the block, which a recomputation would do twice.
-        remat = self.gradient_checkpointing and cache is None and capture is None
+        # A cache is written from inside the block, which a recomputation would do twice.
+        remat = self.gradient_checkpointing and cache is None
         for i, (layer, layer_cache) in enumerate(zip(self.layers, caches, strict=True)):
             layer_keep = keep if i == last and capture is None else None
             if remat:
-                # nn.utils.checkpoint passes the block's parameters in as inputs: mx.checkpoint only
-                # differentiates its inputs. Only h (and the parameters) are kept for the backward pass.
-                h = nn.utils.checkpoint(layer)(h, positions, masks[layer.layer_type], None, None, layer_keep)
+                h = _checkpointed(layer, i, h, positions, masks[layer.layer_type], capture, layer_keep)
             else:
                 h = layer(h, positions, masks[layer.layer_type], capture, layer_cache, layer_keep)
             if capture is not None:
@@ -463,10 +521,12 @@ class Gemma3TextModel(nn.Module):
         if keep is not None and capture is not None:
             h = h[:, -keep:]  # [batch, keep, hidden]
         hidden_states = capture.hidden_states if capture is not None and output_hidden_states else None
-        attentions = None
+        attentions = queries_keys = None
         if capture is not None and wanted:  # one entry per layer, None where not captured
             attentions = [capture.attentions.get(i) for i in range(len(self.layers))]
-        return Gemma3Output(None, self.norm(h), hidden_states, attentions)
+        if capture is not None and query_key:  # likewise
+            queries_keys = [capture.queries_keys.get(i) for i in range(len(self.layers))]
+        return Gemma3Output(None, self.norm(h), hidden_states, attentions, queries_keys)
 
     def embed(self, ids: mx.array) -> mx.array:
         """The scaled embeddings of ids [batch, seq]: the residual stream entering block 0, in the residual
@@ -613,6 +673,7 @@ class Gemma3ForCausalLM(nn.Module):
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool | Collection[int] = False,
+        output_queries_keys: Collection[int] = (),
     ) -> Gemma3Output:
         """Run the model on int token ids [batch, seq].
 
@@ -631,9 +692,12 @@ class Gemma3ForCausalLM(nn.Module):
         output_hidden_states: also return the residual stream after the embeddings and after every block.
         output_attentions: also return attention probabilities: True = every block's, a collection of
             layer indices = those blocks' only (they take a non-fused, slower path; the others do not).
+        output_queries_keys: block indices whose queries [batch, heads, seq, d] and keys [batch, kv_heads,
+            seq, d] to return, after the q/k norms and RoPE, in the matmul dtype, the keys not repeated per
+            GQA group (with a cache, this call's keys only); those blocks keep the fused kernel.
         """
         # A capture records every position, so it computes them all (and keeps last_hidden_state whole).
-        captures = output_hidden_states or bool(output_attentions)
+        captures = output_hidden_states or bool(output_attentions) or bool(output_queries_keys)
         keep, at = (None, logits_at) if captures else _kept(logits_at, ids.shape[1])
         out = self.model.run(
             ids,
@@ -642,6 +706,7 @@ class Gemma3ForCausalLM(nn.Module):
             cache=cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            output_queries_keys=output_queries_keys,
             keep=keep,
         )
         out.logits = self.logits_from_hidden(select_positions(out.last_hidden_state, at))
@@ -660,6 +725,7 @@ __all__ = [
     "Rotary",
     "causal_mask",
     "dtype_name",
+    "gqa_scores",
     "select_positions",
     "soft_cap",
 ]

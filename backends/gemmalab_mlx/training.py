@@ -25,9 +25,22 @@ scaled rate; spec.py keeps the moment of the unscaled update and decays by ``lr`
 parameter with >= 2 dims, as spec.py), the update clipping and the first moment exactly, and this file
 applies ``p * (1 - lr * wd) - lr * max(eps2, rms(p)) * u``.
 
-Companion models (frozen distillation teachers, ``Trainer(..., companions=)``) are frozen modules outside the
-student's ``value_and_grad``: their backbone runs first, in their own dtype, and is evaluated; their output
-head runs per chunk inside ``fused_head_loss`` beside the student's, as a constant of the chunk's gradient.
+Companion models (frozen teachers, ``Trainer(..., companions=)``) are frozen modules outside the student's
+``value_and_grad``: their backbone runs first, in their own dtype, and is evaluated, returning what the loss
+reads of it (``companion_passes``): for the Distillation terms' companions (``LossSpec.head_companions``) the
+final-normed hidden states, whose output head then runs per chunk inside ``fused_head_loss`` beside the
+student's, as a constant of the chunk's gradient; for the transfer terms the hidden states and the queries
+and keys of the blocks they name.
+
+The transfer terms (gemmalab/train/transfer.py has their definitions) follow the head and aux terms. A
+hidden-state transfer is a per-position function of two captured hidden states (through a projection).
+An attention transfer rebuilds both models' attention rows of the mapped blocks from their captured queries
+and keys, ``query_chunk`` query rows at a time (``attention_transfer_sum``): like ``fused_head_loss`` it
+computes each chunk's gradient (queries, keys) in the forward pass and evaluates it before the next chunk is
+built, so one chunk's [batch, heads, rows, keys] scores exist at a time, and none is kept or recomputed for
+the backward pass. The projections the hidden-state terms name are the trainer's *loss parameters*: float32
+arrays outside the model (never in ``Backend.weights``), differentiated in the same ``mx.value_and_grad`` as
+the model's trainable parameters and updated by the same optimizer formulas under their own names.
 """
 
 from __future__ import annotations
@@ -43,23 +56,27 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from gemmalab.config import Gemma3Config
 from gemmalab.errors import InputError
+from gemmalab.train import transfer
 from gemmalab.train.inputs import StepInputs, prepare
 from gemmalab.train.losses import (
     LOG_FLOOR,
+    AttentionTransfer,
     AuxTerm,
     CachedDistillation,
     CrossEntropy,
     Distillation,
     HeadTerm,
     HiddenStateMSE,
+    HiddenStateTransfer,
     LossSpec,
     shared_vocab,
 )
 from gemmalab.train.spec import TrainSpec, check_companions, check_optimizer_state
 
 from .linears import Wrapper
-from .model import Gemma3ForCausalLM, Gemma3Output, soft_cap
+from .model import Gemma3ForCausalLM, Gemma3Output, gqa_scores, soft_cap
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": mx.bfloat16, "fp16": mx.float16}
 
@@ -147,12 +164,23 @@ def head_term(term: HeadTerm, logits: mx.array, targets: mx.array, extras: Mappi
     return soft_target_cross_entropy(logits, extras[term.targets], term.temperature)
 
 
+def hidden_mse(hidden: mx.array, target: mx.array) -> mx.array:
+    """Per-position mean over features of (hidden - target)^2 [...], in float32."""
+    return (hidden.astype(mx.float32) - target).square().mean(axis=-1)
+
+
+def attention_kl(probs: mx.array, target: mx.array) -> mx.array:
+    """Per (batch, query) mean over heads (or head groups) of KL(target || probs) [batch, queries], of
+    [batch, heads, queries, keys] rows; 0 log 0 = 0 through the LOG_FLOOR clamps."""
+    log_p = mx.log(mx.maximum(probs.astype(mx.float32), LOG_FLOOR))
+    return (target * (mx.log(mx.maximum(target, LOG_FLOOR)) - log_p)).sum(axis=-1).mean(axis=1)
+
+
 def aux_term(term: AuxTerm, captured: mx.array, target: mx.array) -> mx.array:
     """One auxiliary term's per-position loss [batch, seq] (its weight not applied)."""
     if isinstance(term, HiddenStateMSE):
-        return (captured.astype(mx.float32) - target).square().mean(axis=-1)
-    log_p = mx.log(mx.maximum(captured.astype(mx.float32), LOG_FLOOR))  # [batch, heads, seq, keys]
-    return (target * (mx.log(mx.maximum(target, LOG_FLOOR)) - log_p)).sum(axis=-1).mean(axis=1)
+        return hidden_mse(captured, target)
+    return attention_kl(captured, target)
 
 
 def chunk_term_sums(
@@ -191,18 +219,45 @@ class CompanionHead:
         return mx.stop_gradient(soft_cap(logits, self.softcap)[:, : self.shared])
 
 
-def companion_heads(companions: Mapping[str, Gemma3ForCausalLM], batch: Batch, student_vocab: int) -> dict[str, CompanionHead]:
+@dataclass
+class CompanionCaptures:
+    """What the transfer terms read of a frozen companion on one micro-batch, evaluated and without a graph:
+    its hidden states by index (float32 [batch, seq, its hidden]) and its queries and keys by block (its
+    dtype), with its config (attention scale, layer types, heads)."""
+
+    config: Gemma3Config
+    hidden_states: dict[int, mx.array]
+    queries_keys: dict[int, tuple[mx.array, mx.array]]
+
+
+def companion_passes(companions: Mapping[str, Gemma3ForCausalLM], loss: LossSpec, batch: Batch, student_vocab: int
+                     ) -> tuple[dict[str, CompanionHead], dict[str, CompanionCaptures]]:
     """Each companion's backbone once on the batch's ids, positions and (its own) masks, in its own dtype,
-    evaluated here (before the student's gradient transformation is traced)."""
-    heads = {}
+    evaluated here (before the student's gradient transformation is traced): the head side of the
+    Distillation terms' companions, and the captures the transfer terms read. Nothing else is evaluated, so
+    a companion read by transfer terms alone runs no further than the last block they name."""
+    heads, captures = {}, {}
     for name, companion in companions.items():
         masks = None if batch.companion_masks is None else batch.companion_masks[name]
-        hidden = mx.stop_gradient(companion.model(batch.ids, positions=batch.positions, mask=masks).last_hidden_state)
-        hidden = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, its hidden]
-        mx.eval(hidden)
-        heads[name] = CompanionHead(hidden, companion.output_weight(), companion.config.final_logit_softcapping,
-                                    shared_vocab(student_vocab, companion.config.vocab_size))
-    return heads
+        hidden_layers, query_key = loss.companion_hidden_layers(name), loss.companion_query_key_layers(name)
+        out = companion.model(batch.ids, positions=batch.positions, mask=masks,
+                              output_hidden_states=bool(hidden_layers), output_queries_keys=query_key)
+        evaluated = []
+        if name in loss.head_companions:
+            hidden = mx.stop_gradient(out.last_hidden_state)
+            hidden = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, its hidden]
+            heads[name] = CompanionHead(hidden, companion.output_weight(), companion.config.final_logit_softcapping,
+                                        shared_vocab(student_vocab, companion.config.vocab_size))
+            evaluated.append(hidden)
+        if hidden_layers or query_key:
+            captures[name] = CompanionCaptures(
+                companion.config,
+                {i: mx.stop_gradient(hidden_state(out, i).astype(mx.float32)) for i in hidden_layers},
+                {i: tuple(mx.stop_gradient(a) for a in out.queries_keys[i]) for i in query_key},
+            )
+            evaluated += [captures[name].hidden_states, captures[name].queries_keys]
+        mx.eval(evaluated)
+    return heads, captures
 
 
 def hidden_state(out: Gemma3Output, index: int) -> mx.array:
@@ -231,6 +286,7 @@ class Batch:
     extras: dict[str, mx.array]  # float32; int32 for teacher ids
     hidden_layers: tuple[int, ...]
     attention_layers: tuple[int, ...]
+    query_key_layers: tuple[int, ...] = ()
     scalars: dict[str, float] = field(default_factory=dict)
     companion_masks: dict[str, dict[str, mx.array]] | None = None  # like masks, per companion
 
@@ -253,16 +309,17 @@ def batch_arrays(step: StepInputs) -> Batch:
         positions=None if step.positions is None else mx.array(step.positions.astype(np.int32)), masks=masks,
         extras={name: mx.array(value) for name, value in step.extras.items()},
         hidden_layers=step.hidden_layers, attention_layers=step.attention_layers,
-        scalars=dict(step.scalars), companion_masks=companion_masks,
+        query_key_layers=step.query_key_layers, scalars=dict(step.scalars), companion_masks=companion_masks,
     )
 
 
 def backbone(model: Gemma3ForCausalLM, batch: Batch) -> Gemma3Output:
     """The text model's output: final-normed hidden states [batch, seq, hidden], and the captures the
-    batch's aux terms read."""
+    batch's aux and transfer terms read."""
     return model.model(batch.ids, positions=batch.positions, mask=batch.masks,
                        output_hidden_states=bool(batch.hidden_layers),
-                       output_attentions=frozenset(batch.attention_layers))
+                       output_attentions=frozenset(batch.attention_layers),
+                       output_queries_keys=batch.query_key_layers)
 
 
 def aux_term_sums(loss: LossSpec, batch: Batch, out: Gemma3Output) -> list[mx.array]:
@@ -277,34 +334,153 @@ def aux_term_sums(loss: LossSpec, batch: Batch, out: Gemma3Output) -> list[mx.ar
     return sums
 
 
-def aux_loss_sum(loss: LossSpec, batch: Batch, out: Gemma3Output, sums: list[mx.array] | None = None) -> mx.array | None:
-    """The weighted sum of the aux terms of ``loss`` (None when there are none), from their ``sums``
-    (aux_term_sums) when already computed."""
-    sums = aux_term_sums(loss, batch, out) if sums is None else sums
+def weighted_sum(terms: tuple, sums: list[mx.array]) -> mx.array | None:
+    """sum of term.weight * its sum over ``terms``, the terms after the head (None when there are none)."""
     total = None
-    for term, value in zip(loss.aux, sums, strict=True):
+    for term, value in zip(terms, sums, strict=True):
         total = term.weight * value if total is None else total + term.weight * value
     return total
 
 
+# --- the transfer terms (gemmalab/train/transfer.py has their definitions) --------------------------------------
+def hidden_transfer(student: mx.array, teacher: mx.array, metric: str, projection: mx.array | None) -> mx.array:
+    """Per-position loss [...] of hidden states [..., Ds] (any dtype; float32 here) and float32 [..., Dt],
+    through ``projection`` [Dt, Ds] (None = the identity): 1 - cosine, or the mean squared error."""
+    h = student.astype(mx.float32)
+    if projection is not None:
+        h = h @ projection.T  # [..., Dt]
+    if metric == "mse":
+        return hidden_mse(h, teacher)
+    norms = mx.sqrt(h.square().sum(axis=-1)) * mx.sqrt(teacher.square().sum(axis=-1))
+    return 1.0 - (h * teacher).sum(axis=-1) / mx.maximum(norms, transfer.COSINE_EPS)
+
+
+def grouped_probs(q: mx.array, k: mx.array, mask: mx.array, scale: float, temperature: float,
+                  groups: mx.array) -> mx.array:
+    """One model's attention rows at ``temperature``, its heads averaged into groups: float32 [batch, G,
+    rows, keys] of queries [batch, heads, rows, d], keys [batch, kv_heads, keys, d], a boolean mask [batch,
+    1, rows, keys] and the averaging matrix [G, heads] (transfer.head_groups)."""
+    scores = gqa_scores(q.astype(mx.float32), k.astype(mx.float32), scale)  # [batch, heads, rows, keys]
+    probs = mx.softmax(mx.where(mask, scores / temperature, -mx.inf), axis=-1)
+    return mx.einsum("gh,bhqk->bgqk", groups, probs)
+
+
+@dataclass
+class AttentionRows:
+    """One attention transfer term on one micro-batch, all but the student's queries and keys: the
+    teacher's queries and keys of its block (constants), the student's mask of its block's layer type, the
+    teacher's (its own mask of its block's type and the student's: the keys both layers may see), the
+    position weights [batch, seq], the attention scales (student, teacher) and the head groups."""
+
+    term: AttentionTransfer
+    teacher: tuple[mx.array, mx.array]
+    student_mask: mx.array  # bool [batch, 1, seq, seq]
+    teacher_mask: mx.array  # bool [batch, 1, seq, seq]
+    weights: mx.array
+    scales: tuple[float, float]
+    groups: tuple[mx.array, mx.array]  # float32 [G, student heads], [G, teacher heads]
+
+    def chunk_sum(self, q: mx.array, k: mx.array, part: slice) -> mx.array:
+        """sum over the query rows ``part`` of weights * mean over groups of KL(T_g || S_g), from the
+        student's queries of those rows [batch, heads, rows, d] and all its keys."""
+        tau = self.term.temperature
+        s = grouped_probs(q, k, self.student_mask[:, :, part], self.scales[0], tau, self.groups[0])
+        q_t, k_t = self.teacher
+        t = grouped_probs(q_t[:, :, part], k_t, self.teacher_mask[:, :, part], self.scales[1], tau, self.groups[1])
+        return (attention_kl(s, mx.stop_gradient(t)) * self.weights[:, part]).sum()
+
+    def parts(self) -> list[slice]:
+        return chunks(self.weights.shape[1], self.term.query_chunk)
+
+    def value(self, q: mx.array, k: mx.array) -> mx.array:
+        """The term's sum without gradients, one evaluated chunk at a time."""
+        return mx.array(sum(self.chunk_sum(q[:, :, part], k, part).item() for part in self.parts()), dtype=mx.float32)
+
+
+def attention_rows(term: AttentionTransfer, student: Gemma3Config, batch: Batch, teacher: CompanionCaptures) -> AttentionRows:
+    """The AttentionRows of ``term`` on ``batch`` (whose masks prepare always builds for such a term)."""
+    student_mask = batch.masks[student.layer_types[term.student_layer]]
+    own = batch.companion_masks[term.teacher][teacher.config.layer_types[term.teacher_layer]]
+    groups = transfer.attention_groups(term, student, teacher.config)
+    return AttentionRows(term, teacher.queries_keys[term.teacher_layer], student_mask, mx.logical_and(own, student_mask),
+                         batch.weights, (student.attention_scale, teacher.config.attention_scale),
+                         (mx.array(groups[0]), mx.array(groups[1])))
+
+
+def attention_transfer_sum(q: mx.array, k: mx.array, rows: AttentionRows) -> mx.array:
+    """The term's sum (its weight not applied) from the student's queries [batch, heads, seq, d] and keys
+    [batch, kv_heads, seq, d], differentiable with respect to both. As in ``fused_head_loss``, the forward
+    pass computes each chunk's value and gradients and evaluates them (copied out through numpy, so no
+    graph is kept behind them) before the next chunk is built: one chunk's scores exist at a time, in the
+    forward and in the backward pass, which only hands the gradients out."""
+    grads: list[mx.array] = []  # float32 d/dq [batch, heads, seq, d] and d/dk, set by the forward pass
+
+    @mx.custom_function
+    def total(q: mx.array, k: mx.array) -> mx.array:
+        q, k = mx.stop_gradient(q), mx.stop_gradient(k)  # differentiated here; the outer transformation sees the vjp
+        grad_fn = mx.value_and_grad(rows.chunk_sum, argnums=(0, 1))
+        value, q_parts, k_sum = 0.0, [], None
+        for part in rows.parts():
+            chunk_value, (d_q, d_k) = grad_fn(q[:, :, part], k, part)
+            d_q, d_k = d_q.astype(mx.float32), d_k.astype(mx.float32)
+            mx.eval(chunk_value, d_q, d_k)
+            value += chunk_value.item()
+            q_parts.append(mx.array(np.asarray(d_q)))
+            k_sum = _add_into(k_sum, np.asarray(d_k))
+        grads[:] = [mx.concatenate(q_parts, axis=2), mx.array(k_sum)]
+        return mx.array(value, dtype=mx.float32)
+
+    @total.vjp
+    def total_vjp(primals, cotangent, output):
+        q, k = primals
+        return (cotangent * grads[0]).astype(q.dtype), (cotangent * grads[1]).astype(k.dtype)
+
+    return total(q, k)
+
+
+def transfer_term_sums(loss: LossSpec, student: Gemma3Config, batch: Batch, out: Gemma3Output,
+                       companions: Mapping[str, CompanionCaptures], loss_parameters: Mapping[str, mx.array],
+                       *, differentiable: bool = True) -> list[mx.array]:
+    """Per transfer term of ``loss``, the sum of weights * its per-position loss (its weight not applied),
+    from the student's captures ``out``, the companions' and the loss parameters (the projections); the
+    attention terms without gradients unless ``differentiable``."""
+    sums = []
+    for term in loss.transfer:
+        teacher = companions[term.teacher]
+        if isinstance(term, HiddenStateTransfer):
+            projection = None if term.projection is None else loss_parameters[term.projection]
+            per_position = hidden_transfer(hidden_state(out, term.student_layer), teacher.hidden_states[term.teacher_layer],
+                                           term.metric, projection)
+            sums.append((per_position * batch.weights).sum())
+        else:
+            rows = attention_rows(term, student, batch, teacher)
+            q, k = out.queries_keys[term.student_layer]
+            sums.append(attention_transfer_sum(q, k, rows) if differentiable else rows.value(q, k))
+    return sums
+
+
 def chunked_loss_sum(model: Gemma3ForCausalLM, batch: Batch, loss: LossSpec, *, chunk_tokens: int,
-                     companions: Mapping[str, Gemma3ForCausalLM] | None = None) -> float:
+                     companions: Mapping[str, Gemma3ForCausalLM] | None = None,
+                     loss_parameters: Mapping[str, mx.array] | None = None) -> float:
     """The whole loss without gradients: the backbone once, then the head terms one chunk at a time, each
-    evaluated before the next is built, so one chunk's logits exist at a time; then the aux terms.
-    ``companions`` are the frozen models the Distillation terms read."""
+    evaluated before the next is built, so one chunk's logits exist at a time; then the aux and transfer
+    terms. ``companions`` are the frozen models the Distillation and transfer terms read, ``loss_parameters``
+    the projections these name."""
     out = backbone(model, batch)
     flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])  # [batch * seq, hidden]
     targets, weights = batch.targets.reshape(-1), batch.weights.reshape(-1)  # [batch * seq]
     extras = batch.flat_extras(loss.head_extras)
-    heads = companion_heads(companions or {}, batch, model.config.vocab_size) if loss.companions else {}
+    heads, captures = companion_passes(companions or {}, loss, batch, model.config.vocab_size)
     total = 0.0
     for part in chunks(flat.shape[0], chunk_tokens):
         logits = model.logits_from_hidden(flat[part]).astype(mx.float32)  # [chunk, vocab]
         chunk_extras = {name: value[part] for name, value in extras.items()}
         teachers = {name: head.logits(part) for name, head in heads.items()}
         total += chunk_loss(logits, targets[part], weights[part], loss.head, chunk_extras, teachers, batch.scalars).item()
-    aux = aux_loss_sum(loss, batch, out)
-    return total + (0.0 if aux is None else aux.item())
+    sums = aux_term_sums(loss, batch, out)
+    sums += transfer_term_sums(loss, model.config, batch, out, captures, loss_parameters or {}, differentiable=False)
+    rest = weighted_sum(loss.aux + loss.transfer, sums)
+    return total + (0.0 if rest is None else rest.item())
 
 
 @dataclass
@@ -314,9 +490,10 @@ class HeadLossResult:
 
     loss: float = 0.0
     weight_grad: mx.array | None = None
-    aux: mx.array | None = None  # the aux terms' unscaled sum, set by the trainer
+    aux: mx.array | None = None  # the aux and transfer terms' unscaled weighted sum, set by the trainer
     term_sums: np.ndarray | None = None  # float64 [head terms]: each head term's sum, its weight not applied
     aux_sums: list[mx.array] = field(default_factory=list)  # each aux term's sum, set by the trainer
+    transfer_sums: list[mx.array] = field(default_factory=list)  # each transfer term's sum, likewise
 
 
 def fused_head_loss(
@@ -386,10 +563,7 @@ def fused_head_loss(
             result.term_sums += np.array(sums, np.float64)
             hidden_grads.append(mx.array(np.asarray(d_hidden)))
             if d_weight is not None:
-                d_weight = np.asarray(d_weight)  # a view of MLX's buffer
-                weight_sum = (
-                    d_weight.copy() if weight_sum is None else np.add(weight_sum, d_weight, out=weight_sum)
-                )
+                weight_sum = _add_into(weight_sum, np.asarray(d_weight))
         if weight_sum is not None:
             result.weight_grad = mx.array(weight_sum)
         return mx.array(result.loss * loss_scale, dtype=mx.float32)
@@ -400,6 +574,12 @@ def fused_head_loss(
         return (cotangent * mx.concatenate(hidden_grads)).astype(hidden.dtype)
 
     return scaled_loss(hidden), result
+
+
+def _add_into(total: np.ndarray | None, part: np.ndarray) -> np.ndarray:
+    """``total + part`` in ``total``'s buffer (one buffer for all chunks); a copy of ``part`` at first (a view
+    of MLX's buffer, which the next chunk may reuse)."""
+    return part.copy() if total is None else np.add(total, part, out=total)
 
 
 # --- precision ----------------------------------------------------------------------------------------------
@@ -450,7 +630,7 @@ def cast_parameters(model: Gemma3ForCausalLM, precision: str) -> None:
 def frozen_companions(model: Gemma3ForCausalLM, loss: LossSpec,
                       companions: Mapping[str, Gemma3ForCausalLM] | None) -> dict[str, Gemma3ForCausalLM]:
     """The companion models the loss reads (checked by spec.check_companions), frozen (``Module.freeze``);
-    they are never part of the student's gradient transformation either (companion_heads)."""
+    they are never part of the student's gradient transformation either (companion_passes)."""
     companions = dict(companions or {})
     for name, companion in companions.items():
         if not isinstance(companion, Gemma3ForCausalLM):
@@ -469,10 +649,13 @@ def frozen_companions(model: Gemma3ForCausalLM, loss: LossSpec,
 
 class Trainer:
     """gemmalab.train.spec.BackendTrainer for a float32 gemmalab_mlx.model.Gemma3ForCausalLM, with frozen
-    ``companions`` (name -> a model of any dtype built by this backend) for the loss's Distillation terms."""
+    ``companions`` (name -> a model of any dtype built by this backend) for the loss's Distillation and
+    transfer terms, and the loss's trainable parameters (its projections) starting from ``loss_parameters``
+    (name -> float32 array; None = fresh ones from seed 0, transfer.checked_loss_parameters)."""
 
     def __init__(self, model: Gemma3ForCausalLM, spec: TrainSpec,
-                 companions: Mapping[str, Gemma3ForCausalLM] | None = None):
+                 companions: Mapping[str, Gemma3ForCausalLM] | None = None,
+                 loss_parameters: Mapping[str, np.ndarray] | None = None):
         if model.dtype != "float32":
             raise InputError(
                 f"training needs the model in float32 (master weights), got {model.dtype}: "
@@ -484,6 +667,10 @@ class Trainer:
             raise InputError(f"optimizer must be 'adamw' or 'adafactor', got {spec.optimizer.name!r}")
         self.model, self.spec = model, spec
         self.companions = frozen_companions(model, spec.loss, companions)
+        start = transfer.checked_loss_parameters(spec.loss, model.config,
+                                                 {name: c.config for name, c in self.companions.items()}, loss_parameters)
+        with mx.stream(self._stream):
+            self.loss_params: dict[str, mx.array] = {name: mx.array(value) for name, value in start.items()}
         self.term_names = spec.loss.term_names()
         self._term_sums: dict[str, float] = {}  # of the last accumulate
         model.model.gradient_checkpointing = spec.grad_checkpointing
@@ -495,23 +682,31 @@ class Trainer:
         self.head: nn.Module = model.model.embed_tokens if tied else model.lm_head
         self.head_prefix = "model.embed_tokens." if tied else "lm_head."
         self.head_names = [name for name in self.names if name.startswith(self.head_prefix)]
-        self.scales: dict[str, float] = {}
+        self.scales: dict[str, float] = {}  # of the model's parameters and the loss parameters
         self.grads: dict[str, mx.array] = {}  # the float32 accumulator of the trainable parameters
         self.optimizers: dict[str, optim.Optimizer] = {}  # one per parameter, made at its first update
-        self._loss_and_grad = nn.value_and_grad(model, self._scaled_loss)  # reads what is trainable per call
+        self._loss_and_grad = mx.value_and_grad(self._parameters_loss, argnums=(0, 1))
         self.set_lr_scales({})
 
     @property
     def _stream(self) -> mx.Device:
         return self.model.device or mx.default_device()
 
+    def _parameters_loss(self, params: dict, loss_params: dict[str, mx.array], *args) -> mx.array:
+        """``_scaled_loss`` as a function of the model's trainable parameters and the trained loss
+        parameters (what nn.value_and_grad does for a model alone); the frozen loss parameters are constants."""
+        self.model.update(params)
+        return self._scaled_loss(*args, {**self.loss_params, **loss_params})
+
     def _scaled_loss(
         self, batch: Batch, head_weight: mx.array, loss_scale: float, results: list[HeadLossResult],
-        companions: dict[str, CompanionHead],
+        companions: dict[str, CompanionHead], captures: dict[str, CompanionCaptures],
+        loss_params: dict[str, mx.array],
     ) -> mx.array:
         """loss_scale * loss sum of one micro-batch (what ``accumulate`` differentiates); appends the
-        head's HeadLossResult to ``results``, its ``aux`` holding the unscaled aux terms' sum. ``companions``
-        are the frozen teachers' evaluated hidden states (constants here)."""
+        head's HeadLossResult to ``results``, its ``aux`` holding the unscaled weighted sum of the aux and
+        transfer terms. ``companions`` and ``captures`` are the frozen teachers' evaluated head sides and
+        captures (constants here), ``loss_params`` the loss parameters."""
         cast_parameters(self.model, self.spec.precision)
         out = backbone(self.model, batch)
         hidden = out.last_hidden_state  # [batch, seq, hidden]
@@ -528,8 +723,10 @@ class Trainer:
             companions=companions,
             scalars=batch.scalars,
         )
-        result.aux_sums = aux_term_sums(self.spec.loss, batch, out)
-        result.aux = aux_loss_sum(self.spec.loss, batch, out, result.aux_sums)
+        loss_spec = self.spec.loss
+        result.aux_sums = aux_term_sums(loss_spec, batch, out)
+        result.transfer_sums = transfer_term_sums(loss_spec, self.model.config, batch, out, captures, loss_params)
+        result.aux = weighted_sum(loss_spec.aux + loss_spec.transfer, result.aux_sums + result.transfer_sums)
         results.append(result)
         return loss if result.aux is None else loss + loss_scale * result.aux
 
@@ -548,9 +745,10 @@ class Trainer:
         """Forward and backward on one micro-batch; adds d(loss_scale * loss_sum)/d(params) to the
         accumulated gradients of the trainable parameters. Returns the unscaled loss sum.
 
-        One ``nn.value_and_grad`` over the trainable parameters, the head weight excepted: fused_head_loss
-        computes its gradient (and the hidden states') chunk by chunk in the forward pass, and the
-        transformation carries the hidden states' gradient back through the backbone, with the aux terms'.
+        One ``mx.value_and_grad`` over the trainable parameters (the model's, the head weight excepted, and
+        the loss parameters): fused_head_loss computes the head weight's gradient (and the hidden states')
+        chunk by chunk in the forward pass, as attention_transfer_sum does the captured queries' and keys',
+        and the transformation carries those back through the backbone, with the aux and transfer terms'.
         The companions' backbones run first, outside the transformation, and are evaluated: the student's
         gradient never reaches them, and their graphs are not kept.
         """
@@ -562,25 +760,26 @@ class Trainer:
         head_weight = self.model.output_weight()
         untied_head = not self.model.config.tie_word_embeddings
         # Whether anything but the head trains: the tied head is also the embedding, which does.
-        backbone_trains = any(
-            scale for name, scale in self.scales.items() if name not in self.head_names or not untied_head
-        )
+        backbone_trains = any(self.scales[name] for name in self.names if name not in self.head_names or not untied_head)
+        trained_loss_params = {name: value for name, value in self.loss_params.items() if self.scales[name]}
         results: list[HeadLossResult] = []
         grads: dict[str, mx.array] = {}
         with mx.stream(self._stream):  # in their own dtype: outside the student's compute-precision scope
-            heads = companion_heads(self.companions, batch, self.model.config.vocab_size)
+            heads, captures = companion_passes(self.companions, self.spec.loss, batch, self.model.config.vocab_size)
         with mx.stream(self._stream), compute_precision(self.model, self.spec.precision):
-            if backbone_trains:
+            args = (batch, head_weight, loss_scale, results, heads, captures)
+            if backbone_trains or trained_loss_params:
                 if untied_head:  # its gradient comes from fused_head_loss, not from the transformation
                     self.model.lm_head.freeze()
                 try:
-                    _, tree = self._loss_and_grad(batch, head_weight, loss_scale, results, heads)
+                    _, (tree, loss_grads) = self._loss_and_grad(self.model.trainable_parameters(), trained_loss_params,
+                                                                *args)
                 finally:
                     if untied_head:
                         self._freeze_by_scales()
-                grads = dict(tree_flatten(tree))
+                grads = {**dict(tree_flatten(tree)), **loss_grads}
             else:  # only the untied head trains, or nothing: no backbone gradients at all
-                self._scaled_loss(batch, head_weight, loss_scale, results, heads)
+                self._scaled_loss(*args, self.loss_params)
             for name, grad in self._head_gradients(results[0].weight_grad).items():
                 grads[name] = grads[name] + grad if name in grads else grad
             for name, grad in grads.items():
@@ -588,7 +787,8 @@ class Trainer:
                 self.grads[name] = grad if previous is None else previous + grad
             mx.eval(self.grads)
             aux = results[0].aux
-            sums = [*results[0].term_sums.tolist(), *(value.item() for value in results[0].aux_sums)]
+            sums = [*results[0].term_sums.tolist(),
+                    *(value.item() for value in results[0].aux_sums + results[0].transfer_sums)]
         self._term_sums = dict(zip(self.term_names, sums, strict=True))
         return results[0].loss + (0.0 if aux is None else aux.item())
 
@@ -612,8 +812,13 @@ class Trainer:
         return {self.head_prefix + name: grad for name, grad in tree_flatten(tree)}
 
     def gradients(self) -> dict[str, np.ndarray]:
-        """The accumulated gradients of the trainable parameters, float32 numpy, canonical names."""
+        """The accumulated gradients of the trainable parameters, float32 numpy, canonical names (and the
+        loss parameters' under theirs)."""
         return {name: np.array(grad) for name, grad in self.grads.items()}
+
+    def loss_parameters(self) -> dict[str, np.ndarray]:
+        """The loss parameters' current values (the projections), float32 numpy copies, by name."""
+        return {name: np.array(value) for name, value in self.loss_params.items()}
 
     def apply(self, lr: float, normalizer: float) -> dict[str, float]:
         """Normalise, clip and take one optimizer step (see gemmalab.train.spec.BackendTrainer.apply)."""
@@ -630,12 +835,13 @@ class Trainer:
             grad_norm = float(norm)
             if not math.isfinite(grad_norm):
                 return {"grad_norm": grad_norm}  # nothing updated; the accumulator is already empty
-            params = dict(tree_flatten(self.model.parameters()))
+            params = {**dict(tree_flatten(self.model.parameters())), **self.loss_params}
             updated = {
                 name: self._update(name, grad, params[name], lr * self.scales[name])
                 for name, grad in grads.items()
             }
-            self.model.update(tree_unflatten(list(updated.items())))
+            self.model.update(tree_unflatten([(n, v) for n, v in updated.items() if n not in self.loss_params]))
+            self.loss_params.update({n: v for n, v in updated.items() if n in self.loss_params})
             mx.eval(updated, [self.optimizers[name].state for name in updated])
         return {"grad_norm": grad_norm}
 
@@ -677,11 +883,13 @@ class Trainer:
         return param * (1 - lr * opt.weight_decay) + step * direction
 
     def set_lr_scales(self, scales: Mapping[str, float]) -> None:
-        """Per-parameter learning-rate multipliers by canonical name (missing = 1.0); 0 freezes."""
-        unknown = sorted(set(scales) - set(self.names))
+        """Per-parameter learning-rate multipliers by canonical name or loss-parameter name (missing = 1.0);
+        0 freezes."""
+        names = [*self.names, *self.loss_params]
+        unknown = sorted(set(scales) - set(names))
         if unknown:
             raise InputError(f"learning-rate scales name parameters this model does not have: {unknown[:3]}")
-        self.scales = {name: float(scales.get(name, 1.0)) for name in self.names}
+        self.scales = {name: float(scales.get(name, 1.0)) for name in names}
         self._freeze_by_scales()
         for name, scale in self.scales.items():
             if scale == 0.0:
@@ -691,8 +899,8 @@ class Trainer:
         """Freeze exactly the parameters whose scale is 0 (value_and_grad then computes no gradient for them)."""
         self.model.unfreeze()
         modules = dict(self.model.named_modules())
-        for name, scale in self.scales.items():
-            if scale == 0.0:
+        for name in self.names:  # the loss parameters are frozen by leaving them out of value_and_grad
+            if self.scales[name] == 0.0:
                 owner, _, key = name.rpartition(".")
                 modules[owner].freeze(recurse=False, keys=[key])
 
@@ -710,7 +918,7 @@ class Trainer:
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore a canonical state, written by any backend (checked by spec.check_optimizer_state)."""
-        params = dict(tree_flatten(self.model.parameters()))
+        params = {**dict(tree_flatten(self.model.parameters())), **self.loss_params}
         shapes = {name: tuple(value.shape) for name, value in params.items()}
         checked = check_optimizer_state(state, self.spec.optimizer, shapes)
         self.optimizers = {}
@@ -733,12 +941,16 @@ CANONICAL_NAMES = {
 
 
 __all__ = [
+    "AttentionRows",
     "Batch",
+    "CompanionCaptures",
     "CompanionHead",
     "Trainer",
-    "aux_loss_sum",
     "aux_term",
     "aux_term_sums",
+    "attention_kl",
+    "attention_rows",
+    "attention_transfer_sum",
     "backbone",
     "batch_arrays",
     "cached_distillation",
@@ -747,14 +959,19 @@ __all__ = [
     "chunk_term_sums",
     "chunked_loss_sum",
     "chunks",
-    "companion_heads",
+    "companion_passes",
     "compute_precision",
     "cross_entropy",
     "divergence",
     "frozen_companions",
     "fused_head_loss",
+    "grouped_probs",
     "head_term",
+    "hidden_mse",
     "hidden_state",
+    "hidden_transfer",
     "HeadLossResult",
     "soft_target_cross_entropy",
+    "transfer_term_sums",
+    "weighted_sum",
 ]
