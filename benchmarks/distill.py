@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/distill.py                                      # -> results/distill.json
     .venv/bin/python benchmarks/distill.py --engines mlx,mlx-lm --batch 1 --seq 64 --no-loss-memory \
         --results distill-mlx.json      # MLX's Linux CPU build is ~25x slower at fp32 matmuls: a smaller batch
+    .venv/bin/python benchmarks/distill.py --engines torch,torch+features --no-loss-memory \
+        --results distill-features.json  # the cost of hidden-state and attention transfer on the same step
     .venv/bin/python benchmarks/distill.py --student-preset tiny --teacher-preset tiny-mqa --vocab 4096 \
         --engines torch,transformers,mlx,mlx-lm --positions 512,2048 --loss-vocab 32768 \
         --results distill-smoke.json                     # the smoke run: tiny shapes, about a minute
@@ -35,6 +37,13 @@ loads the same two, in a fresh process (so its peak RSS is its own), on ``--thre
   and transformers by the exact float32 value, so that pair's first losses differ by ~3e-5 at the 270M shape;
   the mlx-lm worker also computes, once and untimed, the same loss with the exact scale (embeddings pre-multiplied
   through the model's ``input_embeddings``), which agrees with gemmalab-mlx's to float32 rounding.
+
+Feature transfer (``--engines torch,torch+features``, also ``mlx+features`` and ``jax+features``): the same
+gemmalab step with, beside the logits' loss, ``gemmalab distill``'s hidden-state transfer (cosine, through a
+learned 640 -> 1152 projection per pair) and attention-map transfer (KL of attention rows, ``--attention-chunk``
+query rows at a time) on every student block, uniformly mapped onto the teacher's (``hidden_weight`` and
+``attention_weight`` 1, the terms of gemmalab.distill.config.transfer_terms). Its row against the plain row of
+the same backend gives the cost: ``feature_costs`` in the JSON, step time and peak RSS ratios.
 
 Step time = the median after one warm-up step; tokens/s = batch x seq / step time; peak memory = the worker
 process's peak RSS (VmHWM, gemmalab.bench.process_peak_rss). Each engine records the loss of every step and its
@@ -86,6 +95,7 @@ import train  # timed_steps, run_matmul, machine, the optimizer settings: the sa
 
 RESULTS = Path(__file__).parent / "results"
 PAIRS = [("torch", "transformers"), ("mlx", "mlx-lm")]
+FEATURES = "+features"  # an engine suffix: the same gemmalab step with hidden-state and attention transfer
 LR, WEIGHT_DECAY, MAX_NORM = train.LR, train.WEIGHT_DECAY, train.MAX_NORM
 ALPHA, TEMPERATURE = 0.5, 2.0
 TEACHER = "teacher"
@@ -115,21 +125,37 @@ def kd_formula_torch(student_logits, teacher_logits, targets):
     return ALPHA * ce + (1 - ALPHA) * kd, ce, kd
 
 
-def run_gemmalab(backend_name: str, student_folder: str, teacher_folder: str, tokens: np.ndarray, steps: int) -> dict:
+def feature_loss(student_folder: str, teacher_folder: str, attention_chunk: int):
+    """The logits' loss plus gemmalab distill's hidden-state and attention transfer on the uniform mapping."""
+    from dataclasses import replace
+
+    from gemmalab import checkpoint
+    from gemmalab.distill.config import DistillConfig, transfer_terms
+    from gemmalab.train.losses import distillation_loss
+
+    config = DistillConfig(teacher=teacher_folder, hidden_weight=1.0, attention_weight=1.0,
+                           attention_chunk=attention_chunk, mapping="uniform")
+    terms = transfer_terms(config, checkpoint.load_config(Path(student_folder)), checkpoint.load_config(Path(teacher_folder)))
+    return replace(distillation_loss(alpha=ALPHA, temperature=TEMPERATURE, teacher=TEACHER), transfer=terms)
+
+
+def run_gemmalab(engine: str, student_folder: str, teacher_folder: str, tokens: np.ndarray, steps: int,
+                 attention_chunk: int = 128) -> dict:
     from gemmalab import checkpoint
     from gemmalab.backend import get_backend
     from gemmalab.train.losses import distillation_loss
     from gemmalab.train.spec import OptimizerSpec, TrainSpec
 
-    backend = get_backend(backend_name)
+    backend = get_backend(engine.removesuffix(FEATURES))
 
     def build(folder: str):
         config = checkpoint.load_config(Path(folder))
         return backend.build(config, checkpoint.read_weights(Path(folder), config), dtype="float32", device="cpu")
 
     student, teacher = build(student_folder), build(teacher_folder)
-    spec = TrainSpec(optimizer=OptimizerSpec(weight_decay=WEIGHT_DECAY), max_grad_norm=MAX_NORM,
-                     loss=distillation_loss(alpha=ALPHA, temperature=TEMPERATURE, teacher=TEACHER))
+    loss = feature_loss(student_folder, teacher_folder, attention_chunk) if engine.endswith(FEATURES) else \
+        distillation_loss(alpha=ALPHA, temperature=TEMPERATURE, teacher=TEACHER)
+    spec = TrainSpec(optimizer=OptimizerSpec(weight_decay=WEIGHT_DECAY), max_grad_norm=MAX_NORM, loss=loss)
     trainer = backend.trainer(student, spec, companions={TEACHER: teacher})
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     weights = np.ones(inputs.shape, np.float32)
@@ -331,7 +357,7 @@ def worker(args: argparse.Namespace) -> None:
         elif args.worker == "mlx-lm":
             result = run_mlx_lm(args.student, args.teacher, tokens, args.steps)
         else:
-            result = run_gemmalab(args.worker, args.student, args.teacher, tokens, args.steps)
+            result = run_gemmalab(args.worker, args.student, args.teacher, tokens, args.steps, args.attention_chunk)
         if torch_engine:
             result["matmul"] = [matmul_before, train.run_matmul(args.matmul_n)]
     from gemmalab.bench import process_peak_rss
@@ -501,6 +527,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default="distill.json", help="file name under benchmarks/results/")
     parser.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmul for the fp32 rate")
+    parser.add_argument("--attention-chunk", type=int, default=128, help="query rows per chunk of the attention transfer")
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -572,6 +599,12 @@ def main() -> None:
                 exact = b["first_exact_embed_scale"]
                 report["ratios"][-1]["first_loss_exact_embed_scale_rel_diff"] = {
                     key: abs(a[series][0] / exact[key] - 1) for key, series in (("loss", "losses"), ("ce", "ce"), ("kd", "kd"))}
+    report["feature_costs"] = [
+        {"pair": f"gemmalab-{engine} / gemmalab-{engine.removesuffix(FEATURES)}",
+         "step_time_ratio": row["step_s"] / by_engine[engine.removesuffix(FEATURES)]["step_s"],
+         "peak_rss_ratio": row["peak_rss_bytes"] / by_engine[engine.removesuffix(FEATURES)]["peak_rss_bytes"],
+         "attention_chunk": args.attention_chunk}
+        for engine, row in by_engine.items() if engine.endswith(FEATURES) and engine.removesuffix(FEATURES) in by_engine]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.results).write_text(json.dumps(report, indent=2) + "\n")
     print_report(args, report, rate)
@@ -604,6 +637,9 @@ def print_report(args: argparse.Namespace, report: dict, rate: float) -> None:
             d = r["first_loss_exact_embed_scale_rel_diff"]
             print(f"{'':<32} with mlx-lm's embedding scale exact (not bf16-rounded), step-1 rel diff: loss {d['loss']:.1e}, "
                   f"CE {d['ce']:.1e}, KD {d['kd']:.1e}")
+    for r in report.get("feature_costs", []):
+        print(f"{r['pair']:<40} step time x{r['step_time_ratio']:.2f}  peak RSS x{r['peak_rss_ratio']:.2f}  "
+              f"(hidden-state + attention transfer on every student block, {r['attention_chunk']} query rows a chunk)")
     m = report.get("loss_memory")
     if m:
         print(f"KD loss memory, fwd + bwd, vocab {m['vocab']}, student [n, {STUDENT_DIM}] (trained head), teacher "

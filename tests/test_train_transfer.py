@@ -109,6 +109,9 @@ def test_loss_parameters_are_shaped_checked_and_seeded():
     assert not np.array_equal(alike["hidden_projection.0"], alike["hidden_projection.1"])
     with pytest.raises(InputError, match="needs a projection"):
         transfer.loss_parameter_shapes(LossSpec(transfer=(HiddenStateTransfer(3, 2),)), config, {"teacher": teacher})
+    with pytest.raises(InputError, match="has the name of a parameter of the student"):
+        transfer.loss_parameter_shapes(LossSpec(transfer=(HiddenStateTransfer(3, 2, projection="model.norm.weight"),)),
+                                       config, {"teacher": teacher})
     with pytest.raises(InputError, match="block 4, but it has 4"):
         transfer.loss_parameter_shapes(LossSpec(transfer=(AttentionTransfer(1, 4),)), config, {"teacher": teacher})
     with pytest.raises(InputError, match="shape \\[64, 64\\], not \\[96, 64\\]"):

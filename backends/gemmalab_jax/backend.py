@@ -540,10 +540,12 @@ class JaxBackend:
         """No-op: JAX has no API to reset the peak (see peak_memory)."""
 
     # -- training: the tensor work of gemmalab.train (training.py) -------------------------------------------
-    def trainer(self, model: JaxModel, spec: TrainSpec, companions: Mapping[str, JaxModel] | None = None) -> Trainer:
+    def trainer(self, model: JaxModel, spec: TrainSpec, companions: Mapping[str, JaxModel] | None = None, *,
+                loss_parameters: Mapping[str, np.ndarray] | None = None) -> Trainer:
         """A gemmalab.train.spec.BackendTrainer for ``model`` (built in float32) following ``spec``, with the
-        frozen ``companions`` its Distillation terms read."""
-        return Trainer(model, spec, companions)
+        frozen ``companions`` its Distillation and transfer terms read and the loss parameters (projections)
+        starting from ``loss_parameters`` (None: fresh ones, gemmalab.train.transfer)."""
+        return Trainer(model, spec, companions, loss_parameters)
 
     def loss_sum(
         self,

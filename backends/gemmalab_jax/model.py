@@ -62,12 +62,12 @@ Names shared with the other backends (gemmalab_torch.model, gemmalab_mlx.model),
 ``DTYPES``, ``dtype_name``, ``rms_norm``, ``apply_rope``, ``causal_mask``, ``attention``, ``mlp``,
 ``decoder_layer``, ``Gemma3Output``, ``text_model``, ``soft_cap``, ``select_positions``, ``output_weight``,
 ``logits_from_hidden``, ``forward``. ``forward(params, config, ids, *, positions, mask, logits_at, cache,
-output_hidden_states, output_attentions)`` returns a ``Gemma3Output(logits, last_hidden_state,
-hidden_states, attentions)`` (a NamedTuple: a pytree, so jitted functions return it); after those
-arguments come JAX's own: ``rope`` (the RoPE tables, made on the host: under jit positions are traced),
-``hint`` and ``remat``. JAX alone has the parameter-tree functions (``flatten``, ``unflatten``, ``rebuild``,
-``abstract_params``), ``linear``, ``default_masks`` and ``layer_rope_tables``; ``rope_tables`` and
-``rotate_half`` are shared with PyTorch.
+output_hidden_states, output_attentions, output_queries_keys)`` returns a ``Gemma3Output(logits,
+last_hidden_state, hidden_states, attentions, queries_keys)`` (a NamedTuple: a pytree, so jitted functions
+return it); after those arguments come JAX's own: ``rope`` (the RoPE tables, made on the host: under jit
+positions are traced), ``hint`` and ``remat``. JAX alone has the parameter-tree functions (``flatten``,
+``unflatten``, ``rebuild``, ``abstract_params``), ``linear``, ``default_masks`` and ``layer_rope_tables``;
+``rope_tables`` and ``rotate_half`` are shared with PyTorch.
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ MaskArg = jax.Array | Masks | None
 PositionsArg = int | slice | jax.Array | np.ndarray | None
 # hint(x, axes): x with its layout constrained; axes names each dim's role ("batch", "heads", ...) or None.
 Hint = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
+# One block's captured queries [batch, heads, seq, head_dim] and keys [batch, kv_heads, seq, head_dim].
+QueriesKeys = tuple[jax.Array, jax.Array]
 
 
 def no_hint(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
@@ -300,10 +302,12 @@ def attention(
     cache: LayerCache | None = None,
     hint: Hint = no_hint,
     output_attentions: bool = False,
-) -> tuple[jax.Array, jax.Array | None]:
+    output_queries_keys: bool = False,
+) -> tuple[jax.Array, jax.Array | None, QueriesKeys | None]:
     """Gemma 3 self-attention. x: [batch, seq, hidden] in the matmul dtype; mask: boolean [batch or 1, 1,
     seq, keys]. Keys are x's own positions, or with a layer cache what ``cache.update`` returns. Returns the
-    output [batch, seq, hidden] and, when asked, the probabilities [batch, heads, seq, keys] (fp32)."""
+    output [batch, seq, hidden] and, when asked, the probabilities [batch, heads, seq, keys] (fp32) and the
+    queries and keys of x's positions (``Gemma3Output.queries_keys``)."""
     batch, seq, _ = x.shape
     heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q = linear(p["q_proj"], x).reshape(batch, seq, heads, d)  # [batch, seq, heads, d]
@@ -318,6 +322,8 @@ def attention(
     q = hint(q, ("batch", None, "heads", None))
     k = hint(k, ("batch", None, "kv_heads", None))
     v = hint(v, ("batch", None, "kv_heads", None))
+    # Captured before the cache: the keys of these positions, with their kv_heads heads (no GQA repeat).
+    queries_keys = (q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)) if output_queries_keys else None
     if cache is not None:
         k, v = cache.update(k, v)  # [batch, keys, kv_heads, d]
 
@@ -331,7 +337,7 @@ def attention(
         out = jax.nn.dot_product_attention(*qkv, mask=mask, scale=config.attention_scale).astype(x.dtype)
     out = hint(out, ("batch", None, "heads", None))  # [batch, seq, heads, d]
     out = out.reshape(batch, seq, heads * d)  # head-major, as o_proj expects
-    return linear(p["o_proj"], out), probs
+    return linear(p["o_proj"], out), probs, queries_keys
 
 
 def attention_with_probs(
@@ -376,12 +382,14 @@ def decoder_layer(
     cache: LayerCache | None = None,
     hint: Hint = no_hint,
     output_attentions: bool = False,
-) -> tuple[jax.Array, jax.Array | None]:
+    output_queries_keys: bool = False,
+) -> tuple[jax.Array, jax.Array | None, QueriesKeys | None]:
     """Norm -> attention -> norm -> add; norm -> MLP -> norm -> add (four norms, Gemma's sandwich).
     x: the residual stream [batch, seq, hidden] (fp32 in an fp16 model); ``dtype``: the matmul dtype. The
-    pre-norms hand ``dtype`` to the sublayers; the post-norms return the residual's dtype."""
+    pre-norms hand ``dtype`` to the sublayers; the post-norms return the residual's dtype. Returns x and
+    the attention's captures (``attention``)."""
     eps = config.rms_norm_eps
-    attn_out, probs = attention(
+    attn_out, probs, queries_keys = attention(
         p["self_attn"],
         config,
         rms_norm(x, p["input_layernorm"]["weight"], eps, dtype),
@@ -390,11 +398,12 @@ def decoder_layer(
         cache=cache,
         hint=hint,
         output_attentions=output_attentions,
+        output_queries_keys=output_queries_keys,
     )
     x = x + rms_norm(attn_out, p["post_attention_layernorm"]["weight"], eps, x.dtype)
     mlp_out = mlp(p["mlp"], rms_norm(x, p["pre_feedforward_layernorm"]["weight"], eps, dtype), hint)
     x = x + rms_norm(mlp_out, p["post_feedforward_layernorm"]["weight"], eps, x.dtype)
-    return hint(x, ("batch", None, None)), probs
+    return hint(x, ("batch", None, None)), probs, queries_keys
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -410,6 +419,8 @@ class Gemma3Output(NamedTuple):
     hidden_states: list[jax.Array] | None = None  # residual stream: embeddings, then after each block
     attentions: list[jax.Array | None] | None = None  # per block, probabilities [batch, heads, seq, keys],
     # fp32 (None where not asked)
+    queries_keys: list[QueriesKeys | None] | None = None  # per block, (q [batch, heads, seq, head_dim],
+    # k [batch, kv_heads, seq, head_dim]) after the q/k norms and RoPE, matmul dtype (None where not asked)
 
 
 def _host_positions(positions: Any, seq: int) -> np.ndarray:
@@ -446,7 +457,7 @@ def blocks(layer_params: list[Params], config: Gemma3Config, x: jax.Array, rope:
     masks = _layer_masks(config, None, mask, x.shape[1])
     for i, p in zip(layers, layer_params, strict=True):
         layer_type = config.layer_types[i]
-        x, _ = decoder_layer(p, config, x, rope[layer_type], masks[layer_type], dtype=dtype, hint=hint)
+        x, _, _ = decoder_layer(p, config, x, rope[layer_type], masks[layer_type], dtype=dtype, hint=hint)
     return x
 
 
@@ -460,6 +471,7 @@ def text_model(
     cache: StepCache | KVCache | None = None,
     output_hidden_states: bool = False,
     output_attentions: bool | Collection[int] = False,
+    output_queries_keys: Collection[int] = (),
     rope: Rope | None = None,
     hint: Hint = no_hint,
     remat: bool = False,
@@ -487,6 +499,11 @@ def text_model(
         if remat:
             raise InputError("remat is for training, which runs without a KV cache: drop cache= or remat=")
         if hasattr(cache, "run_step"):
+            if output_queries_keys:
+                raise InputError(
+                    "queries and keys are captured on passes without a host KVCache (training, extend's "
+                    "jitted steps): drop output_queries_keys= or cache="
+                )
             # The host-side cache.KVCache (the backend's new_cache), as PyTorch's and MLX's models take
             # theirs: it runs this function in one jitted step by the core's plan, and updates itself.
             if isinstance(ids, jax.core.Tracer):
@@ -510,24 +527,32 @@ def text_model(
     # keep the fused kernel). The list has one entry per layer, None where not captured.
     wanted = set(range(len(layers))) if output_attentions is True else set(output_attentions or ())
     attentions = [] if wanted else None
+    # Queries and keys beside the fused kernel: the same collection form, one entry per layer.
+    wanted_qk = set(output_queries_keys or ())
+    queries_keys = [] if wanted_qk else None
     blocks = {}
     for with_probs in (False, True):
-        block = partial(decoder_layer, dtype=dtype, hint=hint, output_attentions=with_probs)
-        # jax.checkpoint traces its arguments as arrays: the config stays a Python value.
-        blocks[with_probs] = jax.checkpoint(block, static_argnums=(1,)) if remat else block
+        for with_qk in (False, True):
+            block = partial(decoder_layer, dtype=dtype, hint=hint, output_attentions=with_probs,
+                            output_queries_keys=with_qk)
+            # jax.checkpoint traces its arguments as arrays: the config stays a Python value.
+            blocks[with_probs, with_qk] = jax.checkpoint(block, static_argnums=(1,)) if remat else block
     for i, p in enumerate(layers):
         layer_type = config.layer_types[i]
         args = (p, config, x, rope[layer_type], masks[layer_type])
+        block = blocks[i in wanted, i in wanted_qk]
         if caches is None:
-            x, probs = blocks[i in wanted](*args)
+            x, probs, qk = block(*args)
         else:
-            x, probs = blocks[i in wanted](*args, cache=caches[i])
+            x, probs, qk = block(*args, cache=caches[i])
         if hidden_states is not None:
             hidden_states.append(x)
         if attentions is not None:
             attentions.append(probs)
+        if queries_keys is not None:
+            queries_keys.append(qk)
     hidden = rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps, dtype)
-    return Gemma3Output(None, hidden, hidden_states, attentions)
+    return Gemma3Output(None, hidden, hidden_states, attentions, queries_keys)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -597,6 +622,7 @@ def forward(
     cache: StepCache | KVCache | None = None,
     output_hidden_states: bool = False,
     output_attentions: bool | Collection[int] = False,
+    output_queries_keys: Collection[int] = (),
     rope: Rope | None = None,
     hint: Hint = no_hint,
     remat: bool = False,
@@ -617,6 +643,9 @@ def forward(
     output_hidden_states: also return the residual stream after the embeddings and after every block.
     output_attentions: also return attention probabilities: True = every block's, a collection of layer
         indices = those blocks' only (they take a non-fused, slower path; the others do not).
+    output_queries_keys: a collection of layer indices (hashable, e.g. a frozenset, to be a static jit
+        argument) whose queries and keys to return (``Gemma3Output.queries_keys``); those blocks keep the
+        fused kernel. Not with the host ``KVCache``.
     rope, hint, remat: see ``text_model``.
     """
     out = text_model(
@@ -628,6 +657,7 @@ def forward(
         cache=cache,
         output_hidden_states=output_hidden_states,
         output_attentions=output_attentions,
+        output_queries_keys=output_queries_keys,
         rope=rope,
         hint=hint,
         remat=remat,

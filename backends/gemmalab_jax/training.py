@@ -4,8 +4,8 @@ gemmalab.train.spec.BackendTrainer. The formulas are in gemmalab/train/spec.py.
 Two jitted functions do the work, both compiled once per shape and then reused step after step:
 
 * ``accumulate``: ``jax.value_and_grad`` of ``loss_scale * chunked_loss_sum`` over the trainable parameters
-  only (frozen ones go in as constants, so no gradient is computed for them), added into a float32
-  accumulator that is donated and updated in place;
+  only (the model's and the loss's; frozen ones go in as constants, so no gradient is computed for them),
+  added into a float32 accumulator that is donated and updated in place;
 * ``apply``: divide by the normaliser, global norm, clip, one optax update per parameter, all skipped by a
   ``lax.cond`` when the norm is not finite; parameters, optimizer state and accumulator are donated.
 
@@ -46,8 +46,21 @@ matrix with more rows than columns), and the momentum negated (optax averages -u
 
 Companion models (frozen distillation teachers, ``Trainer(..., companions=)``) enter ``accumulate`` as their
 own parameter trees, an argument that is never differentiated, in their own dtype; their backbone runs once
-under ``stop_gradient`` and their output head per chunk inside the loss's scan, beside the student's. The
+under ``stop_gradient``, capturing what the transfer terms read, and for the Distillation terms' teachers
+(``loss.head_companions``) their output head runs per chunk inside the loss's scan, beside the student's. The
 step's scalars (a scheduled temperature) are traced arguments: a new value each step compiles nothing.
+
+The transfer terms (gemmalab/train/transfer.py has their definitions) come after the head and aux terms.
+A hidden-state transfer compares the student's captured hidden state, through a projection, with the
+companion's, in float32. An attention transfer reads each model's queries and keys of the mapped block
+(captured beside the fused attention kernel, model.Gemma3Output.queries_keys) and forms the attention rows
+``term.query_chunk`` queries at a time in a checkpointed ``lax.scan``, as the head's chunks: a layer's
+[batch, heads, seq, seq] probabilities never exist at once, in the forward or the backward pass.
+
+The loss parameters (the projections) are float32 parameters outside the model, under their own names:
+the trainer holds them beside the model's and hands both to the two jitted functions in the same dicts, so
+they are differentiated, clipped, updated, decayed and kept in the optimizer state exactly as the model's
+are. A loss without projections has none, and compiles the same functions as before.
 """
 
 from __future__ import annotations
@@ -70,16 +83,20 @@ from gemmalab.errors import BackendError, InputError
 from gemmalab.train.inputs import StepInputs, prepare
 from gemmalab.train.losses import (
     LOG_FLOOR,
+    AttentionTransfer,
     AuxTerm,
     CachedDistillation,
     CrossEntropy,
     Distillation,
     HeadTerm,
     HiddenStateMSE,
+    HiddenStateTransfer,
     LossSpec,
+    TransferTerm,
     shared_vocab,
 )
 from gemmalab.train.spec import OptimizerSpec, TrainSpec, check_companions, check_optimizer_state
+from gemmalab.train.transfer import COSINE_EPS, attention_groups, checked_loss_parameters
 
 from .model import (
     DTYPES,
@@ -87,7 +104,9 @@ from .model import (
     Hint,
     Masks,
     Params,
+    QueriesKeys,
     Rope,
+    default_masks,
     flatten,
     logits_from_hidden,
     no_hint,
@@ -177,9 +196,89 @@ def head_term(term: HeadTerm, logits: jax.Array, targets: jax.Array, extras: Map
 def aux_term(term: AuxTerm, captured: jax.Array, target: jax.Array) -> jax.Array:
     """One auxiliary term's per-position loss [batch, seq] (its weight not applied)."""
     if isinstance(term, HiddenStateMSE):
-        return jnp.square(captured.astype(jnp.float32) - target).mean(axis=-1)
-    log_p = jnp.log(jnp.maximum(captured.astype(jnp.float32), LOG_FLOOR))  # [batch, heads, seq, keys]
-    return (target * (jnp.log(jnp.maximum(target, LOG_FLOOR)) - log_p)).sum(axis=-1).mean(axis=1)
+        return _mean_squared_error(captured.astype(jnp.float32), target)
+    return _row_kl(target, captured.astype(jnp.float32)).mean(axis=1)  # [batch, heads, seq] -> [batch, seq]
+
+
+def _mean_squared_error(x: jax.Array, target: jax.Array) -> jax.Array:
+    """mean over the last axis of (x - target)^2."""
+    return jnp.square(x - target).mean(axis=-1)
+
+
+def _row_kl(target: jax.Array, probs: jax.Array) -> jax.Array:
+    """KL(target || probs) over the last axis of probability rows, 0 log 0 = 0: the LOG_FLOOR clamps keep
+    the logarithms of zeros finite, and a zero target multiplies its term away."""
+    log_p = jnp.log(jnp.maximum(probs, LOG_FLOOR))
+    return (target * (jnp.log(jnp.maximum(target, LOG_FLOOR)) - log_p)).sum(axis=-1)
+
+
+def hidden_transfer(student: jax.Array, teacher: jax.Array, metric: str,
+                    projection: jax.Array | None = None) -> jax.Array:
+    """Per-position loss [...] of hidden states [..., Ds] and [..., Dt] through the float32 projection
+    [Dt, Ds] (None: the identity), in float32 (transfer.hidden_transfer has the formulas)."""
+    h = student.astype(jnp.float32)
+    if projection is not None:
+        h = h @ projection.T  # [..., Dt]
+    t = teacher.astype(jnp.float32)
+    if metric == "mse":
+        return _mean_squared_error(h, t)
+    # max(|h| |t|, eps) taken as sqrt(max(|h|^2 |t|^2, eps^2)): the same value, and a zero vector's gradient
+    # stays finite (the square root of a norm has an infinite derivative at 0).
+    norms = jnp.sqrt(jnp.maximum(jnp.sum(h * h, axis=-1) * jnp.sum(t * t, axis=-1), COSINE_EPS**2))
+    return 1.0 - jnp.sum(h * t, axis=-1) / norms
+
+
+def _attention_rows(q: jax.Array, k: jax.Array, mask: jax.Array, scale: float, temperature: float) -> jax.Array:
+    """softmax(masked q k^T * scale / temperature) over the keys, float32 [batch, heads, rows, keys], of
+    queries [batch, heads, rows, d] and keys [batch, kv_heads, keys, d] (query head h reads kv head
+    h // (heads / kv_heads), as in the model) under a boolean mask [batch or 1, 1, rows, keys]."""
+    batch, heads, rows, d = q.shape
+    kv_heads = k.shape[1]
+    grouped = q.astype(jnp.float32).reshape(batch, kv_heads, heads // kv_heads, rows, d)
+    scores = jnp.einsum("bkgqd,bksd->bkgqs", grouped, k.astype(jnp.float32)).reshape(batch, heads, rows, -1)
+    return jax.nn.softmax(jnp.where(mask, scores * scale / temperature, -jnp.inf), axis=-1)
+
+
+def _row_chunks(x: jax.Array, axis: int, chunk: int, fill: Any = 0) -> jax.Array:
+    """x with its ``axis`` (the query rows) padded with ``fill`` to whole chunks and split: the chunks lead,
+    [chunks, ..., chunk, ...]."""
+    count = -(-x.shape[axis] // chunk)
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, count * chunk - x.shape[axis])
+    x = jnp.pad(x, widths, constant_values=fill)
+    return jnp.moveaxis(x.reshape(*x.shape[:axis], count, chunk, *x.shape[axis + 1 :]), axis, 0)
+
+
+def attention_transfer_sum(term: AttentionTransfer, student: tuple[Gemma3Config, QueriesKeys, jax.Array],
+                           teacher: tuple[Gemma3Config, QueriesKeys, jax.Array], weights: jax.Array) -> jax.Array:
+    """sum over (batch, query) of weights [batch, seq] * the attention transfer's per-row loss
+    (transfer.attention_transfer has the definition), float32. ``student`` and ``teacher`` are each (config,
+    the block's captured (q, k), its layer type's mask [batch or 1, 1, seq, seq]); the teacher's row is
+    restricted to the keys the student's may see too, and takes no gradient.
+
+    ``term.query_chunk`` query rows at a time, through ``lax.scan`` with a checkpointed body (as
+    head_term_sums chunks the logits): a chunk's [batch, heads, chunk, seq] rows, the teacher's and the
+    student's, exist one chunk at a time, in the backward pass too. The last chunk is padded with zero
+    queries that see every key and weigh 0: finite rows, adding 0 (and 0 to the gradient)."""
+    (s_config, (q_s, k_s), s_mask), (t_config, (q_t, k_t), t_mask) = student, teacher
+    chunk = min(term.query_chunk, q_s.shape[2])
+    s_groups, t_groups = (jnp.asarray(g) for g in attention_groups(term, s_config, t_config))  # [G, H]
+
+    @partial(jax.checkpoint, prevent_cse=False)
+    def chunk_sum(qs: jax.Array, qt: jax.Array, ms: jax.Array, mt: jax.Array, w: jax.Array) -> jax.Array:
+        s_rows = _attention_rows(qs, k_s, ms, s_config.attention_scale, term.temperature)  # [b, Hs, chunk, seq]
+        t_rows = _attention_rows(qt, k_t, mt & ms, t_config.attention_scale, term.temperature)
+        s = jnp.einsum("gh,bhqk->bgqk", s_groups, s_rows)  # [b, G, chunk, seq]
+        t = jax.lax.stop_gradient(jnp.einsum("gh,bhqk->bgqk", t_groups, t_rows))
+        return jnp.sum(_row_kl(t, s).mean(axis=1) * w)
+
+    def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+        return total + chunk_sum(*xs), None
+
+    xs = (_row_chunks(q_s, 2, chunk), _row_chunks(q_t, 2, chunk), _row_chunks(s_mask, 2, chunk, True),
+          _row_chunks(t_mask, 2, chunk, True), _row_chunks(weights.astype(jnp.float32), 1, chunk))
+    total, _ = jax.lax.scan(body, jnp.float32(0.0), xs)
+    return total
 
 
 @dataclass(frozen=True)
@@ -202,6 +301,56 @@ class CompanionHead:
         logits = jnp.matmul(hidden, output_weight(self.params).T, preferred_element_type=jnp.float32)
         logits = self.hint(logits, ("batch", "vocab"))
         return jax.lax.stop_gradient(soft_cap(logits, self.config.final_logit_softcapping)[:, : self.shared])
+
+
+@dataclass(frozen=True)
+class CompanionCapture:
+    """A frozen companion model's side of the transfer terms, inside the jitted step (a closure, like
+    CompanionHead): its config, the hidden states the terms read {index: [batch, seq, its hidden]} and the
+    queries and keys {block: (q, k)}, computed under stop_gradient, and its masks per layer type (None: the
+    built-in causal ones)."""
+
+    config: Gemma3Config
+    hidden_states: dict[int, jax.Array]
+    queries_keys: dict[int, QueriesKeys]
+    masks: Masks | None
+
+
+def transfer_term_sums(
+    terms: tuple[TransferTerm, ...],
+    config: Gemma3Config,
+    out: Gemma3Output,
+    masks: Masks | None,
+    weights: jax.Array,
+    captures: Mapping[str, CompanionCapture],
+    loss_parameters: Mapping[str, jax.Array],
+) -> list[jax.Array]:
+    """Per transfer term, the sum over positions of weights [batch, seq] * its per-position loss (its weight
+    not applied), float32: the student's captures ``out`` (its masks per layer type ``masks``, None: the
+    built-in causal ones) against each companion's ``captures``, through the float32 ``loss_parameters``
+    (the projections)."""
+    seq = weights.shape[1]
+    sums = []
+    for term in terms:
+        teacher = captures[term.teacher]
+        if isinstance(term, HiddenStateTransfer):
+            projection = None if term.projection is None else loss_parameters[term.projection]
+            per_position = hidden_transfer(hidden_state(out, term.student_layer), teacher.hidden_states[term.teacher_layer],
+                                           term.metric, projection)
+            sums.append(jnp.sum(per_position * weights))
+        else:
+            t_config = teacher.config
+            student = (config, out.queries_keys[term.student_layer],
+                       _masks(config, masks, seq)[config.layer_types[term.student_layer]])
+            teacher_side = (t_config, teacher.queries_keys[term.teacher_layer],
+                            _masks(t_config, teacher.masks, seq)[t_config.layer_types[term.teacher_layer]])
+            sums.append(attention_transfer_sum(term, student, teacher_side, weights))
+    return sums
+
+
+def _masks(config: Gemma3Config, masks: Masks | None, seq: int) -> Masks:
+    """The masks per layer type given, else the built-in causal ones of positions 0 .. seq-1."""
+    return masks if masks is not None else default_masks(config, jnp.arange(seq)[None])
 
 
 def head_term_sums(
@@ -311,18 +460,22 @@ def chunked_term_sums(
     head_params: Params | None = None,
     companions: Mapping[str, CompanionHead] | None = None,
     scalars: Mapping[str, jax.Array] | None = None,
+    captures: Mapping[str, CompanionCapture] | None = None,
+    loss_parameters: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(the whole loss sum of ``loss``, the per-term sums [head terms + aux terms] with the terms' weights not
-    applied): the backbone once on ids [batch, seq] (with ``masks``, else the built-in causal ones for
-    positions 0 .. seq-1; capturing what the aux terms read), then ``head_term_sums`` over the flattened
-    positions, then the aux terms. ``remat`` rematerialises each decoder block; ``head_params`` (default
-    ``params``) are the parameters the output head reads, in their dtype; ``companions`` and ``scalars``
-    are those of ``head_term_sums``."""
+    """(the whole loss sum of ``loss``, the per-term sums [head terms + aux terms + transfer terms] with the
+    terms' weights not applied): the backbone once on ids [batch, seq] (with ``masks``, else the built-in
+    causal ones for positions 0 .. seq-1; capturing what the aux and transfer terms read), then
+    ``head_term_sums`` over the flattened positions, then the aux terms, then the transfer terms
+    (``transfer_term_sums``) against the companions' ``captures`` with the ``loss_parameters``. ``remat``
+    rematerialises each decoder block; ``head_params`` (default ``params``) are the parameters the output
+    head reads, in their dtype; ``companions`` and ``scalars`` are those of ``head_term_sums``."""
     extras = dict(extras or {})
     hidden_layers, attention_layers = loss.hidden_layers(), loss.attention_layers()
     out = text_model(  # masks None: the built-in ones of positions 0 .. seq-1, one for every row
         params, config, ids, mask=masks, rope=rope, hint=hint, remat=remat,
         output_hidden_states=bool(hidden_layers), output_attentions=frozenset(attention_layers),
+        output_queries_keys=frozenset(loss.query_key_layers()),
     )
     head_params = params if head_params is None else head_params
     hidden = out.last_hidden_state.astype(output_weight(head_params).dtype)
@@ -340,12 +493,13 @@ def chunked_term_sums(
         companions=companions,
         scalars=scalars,
     )
-    aux_sums = []
+    captured_sums = []  # the aux terms', then the transfer terms'
     for term in loss.aux:
         captured = hidden_state(out, term.layer) if isinstance(term, HiddenStateMSE) else out.attentions[term.layer]
-        aux_sums.append(jnp.sum(aux_term(term, captured, extras[term.targets]) * weights))
-    sums = jnp.concatenate([head_sums, jnp.stack(aux_sums)]) if aux_sums else head_sums
-    return _weighted(loss.head + loss.aux, sums), sums
+        captured_sums.append(jnp.sum(aux_term(term, captured, extras[term.targets]) * weights))
+    captured_sums += transfer_term_sums(loss.transfer, config, out, masks, weights, captures or {}, loss_parameters or {})
+    sums = jnp.concatenate([head_sums, jnp.stack(captured_sums)]) if captured_sums else head_sums
+    return _weighted(loss.terms, sums), sums
 
 
 def chunked_loss_sum(
@@ -365,11 +519,14 @@ def chunked_loss_sum(
     head_params: Params | None = None,
     companions: Mapping[str, CompanionHead] | None = None,
     scalars: Mapping[str, jax.Array] | None = None,
+    captures: Mapping[str, CompanionCapture] | None = None,
+    loss_parameters: Mapping[str, jax.Array] | None = None,
 ) -> jax.Array:
     """The whole loss sum of ``loss`` (``chunked_term_sums``'s first value, which see)."""
     total, _ = chunked_term_sums(
         params, config, ids, targets, weights, rope, chunk_tokens=chunk_tokens, loss=loss, masks=masks,
         extras=extras, remat=remat, hint=hint, head_params=head_params, companions=companions, scalars=scalars,
+        captures=captures, loss_parameters=loss_parameters,
     )
     return total
 
@@ -378,20 +535,32 @@ def chunked_loss_sum(
 CompanionSpec = tuple[str, Gemma3Config, Plan]
 
 
-def companion_heads(
-    companion_params: Mapping[str, Params], specs: tuple[CompanionSpec, ...], batch: Batch, student_vocab: int
-) -> dict[str, CompanionHead]:
-    """Each companion's backbone once on the batch's ids, with its own RoPE tables and masks (batch.companions),
-    in its own dtype, under stop_gradient (its parameters are a separate, never differentiated argument of
-    the step anyway): the final hidden states flattened [batch * seq, its hidden]."""
-    heads = {}
+def companion_passes(
+    companion_params: Mapping[str, Params], specs: tuple[CompanionSpec, ...], batch: Batch, loss: LossSpec,
+    student_vocab: int,
+) -> tuple[dict[str, CompanionHead], dict[str, CompanionCapture]]:
+    """(the head side of the companions the Distillation terms read, ``loss.head_companions``: their final
+    hidden states flattened [batch * seq, its hidden]; the captures of the companions the transfer terms
+    read): each companion's backbone once on the batch's ids, with its own RoPE tables and masks
+    (batch.companions), in its own dtype, capturing the hidden states and queries and keys its transfer
+    terms name, under stop_gradient (its parameters are a separate, never differentiated argument of the
+    step anyway)."""
+    heads, captures = {}, {}
     for name, config, plan in specs:
         rope, masks = batch.companions[name]
-        out = text_model(companion_params[name], config, batch.ids, mask=masks, rope=rope, hint=plan.hint)
-        hidden = jax.lax.stop_gradient(out.last_hidden_state)
-        heads[name] = CompanionHead(companion_params[name], hidden.reshape(-1, hidden.shape[-1]), config,
-                                    shared_vocab(student_vocab, config.vocab_size), plan.hint)
-    return heads
+        hidden_layers, query_key_layers = loss.companion_hidden_layers(name), loss.companion_query_key_layers(name)
+        out = jax.lax.stop_gradient(text_model(
+            companion_params[name], config, batch.ids, mask=masks, rope=rope, hint=plan.hint,
+            output_hidden_states=bool(hidden_layers), output_queries_keys=frozenset(query_key_layers),
+        ))
+        if name in loss.head_companions:
+            hidden = out.last_hidden_state
+            heads[name] = CompanionHead(companion_params[name], hidden.reshape(-1, hidden.shape[-1]), config,
+                                        shared_vocab(student_vocab, config.vocab_size), plan.hint)
+        if hidden_layers or query_key_layers:
+            captures[name] = CompanionCapture(config, {i: hidden_state(out, i) for i in hidden_layers},
+                                              {i: out.queries_keys[i] for i in query_key_layers}, masks)
+    return heads, captures
 
 
 def _loss_sum(
@@ -428,13 +597,16 @@ def _accumulate(
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """(unscaled loss sum, per-term sums, accumulator + d(loss_scale * loss sum)/d(trainable)) for one
     micro-batch; ``structure`` is the parameter tree's (hashable, so static: a wrapped model compiles its
-    own step). ``companion_params`` are the frozen companions' parameters (in their own dtype: never cast,
-    never differentiated), ``companions`` their static (name, config, plan)."""
-    heads = companion_heads(companion_params, companions, batch, config.vocab_size)
+    own step). ``trainable`` and ``frozen`` hold the model's parameters and the loss parameters (the
+    projections ``loss.projections`` names, float32, never cast) by name. ``companion_params`` are the
+    frozen companions' parameters (in their own dtype: never cast, never differentiated), ``companions``
+    their static (name, config, plan)."""
+    heads, captures = companion_passes(companion_params, companions, batch, loss, config.vocab_size)
 
     def scaled_loss(trainable: dict[str, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         # The cast is inside the differentiated function: gradients flow back through it to float32.
-        master = rebuild(structure, {**trainable, **frozen})  # wrappers (linears.py) kept
+        everything = {**trainable, **frozen}
+        master = rebuild(structure, everything)  # wrappers (linears.py) kept; the loss parameters left out
         params = jax.tree.map(lambda p: p.astype(DTYPES[compute]), master)
         value, sums = chunked_term_sums(
             params,
@@ -455,6 +627,8 @@ def _accumulate(
             head_params=master if compute == "float16" else None,
             companions=heads,
             scalars=batch.scalars,
+            captures=captures,
+            loss_parameters={name: everything[name] for name in loss.projections},
         )
         return value * loss_scale, (value, sums)
 
@@ -644,12 +818,27 @@ def frozen_companions(model: JaxModel, loss: LossSpec, companions: Mapping[str, 
     return companions
 
 
+def placed_loss_parameters(model: JaxModel, loss: LossSpec, companions: Mapping[str, JaxModel],
+                           given: Mapping[str, np.ndarray] | None) -> dict[str, jax.Array]:
+    """The loss parameters a trainer starts from (transfer.checked_loss_parameters: ``given``, checked, or
+    fresh from seed 0; a name clashing with a model parameter is refused there), float32, replicated on the
+    model's mesh."""
+    values = checked_loss_parameters(loss, model.config, {name: c.config for name, c in companions.items()}, given)
+    return {name: jax.device_put(value, model.plan.replicated()) for name, value in values.items()}
+
+
 class Trainer:
     """gemmalab.train.spec.BackendTrainer for a float32 ``JaxModel``; ``trainer.model.params`` holds the
     current weights after every step (new arrays: the old ones are donated to the update). ``companions``
-    (name -> a JaxModel of any dtype) are the frozen models the loss's Distillation terms read."""
+    (name -> a JaxModel of any dtype) are the frozen models the loss's Distillation and transfer terms read.
 
-    def __init__(self, model: JaxModel, spec: TrainSpec, companions: Mapping[str, JaxModel] | None = None):
+    The loss parameters (the projections of the transfer terms, gemmalab.train.transfer) start from
+    ``loss_parameters`` (None: fresh ones from seed 0) and train beside the model's under their own names:
+    in the gradients, the clipping norm, the optimizer step and its state, the learning-rate scales; never
+    in the model (``loss_parameters()`` reads them)."""
+
+    def __init__(self, model: JaxModel, spec: TrainSpec, companions: Mapping[str, JaxModel] | None = None,
+                 loss_parameters: Mapping[str, np.ndarray] | None = None):
         if model.shape_only:
             raise BackendError(
                 "this model was built shape-only (weights=None): build it with weights to train"
@@ -661,11 +850,13 @@ class Trainer:
             )
         self.model, self.spec = model, spec
         self.companions = frozen_companions(model, spec.loss, companions)
+        self._loss_parameters = placed_loss_parameters(model, spec.loss, self.companions, loss_parameters)
         self.term_names = spec.loss.term_names()
         self._term_sums: jax.Array | None = None  # of the last accumulate
         self.compute = COMPUTE_DTYPES[spec.precision]
         self.transform = optimizer_transform(spec.optimizer)
-        self.names = list(flatten(model.params))  # canonical; the tied head once
+        # canonical (the tied head once), then the loss parameters
+        self.names = [*flatten(model.params), *self._loss_parameters]
         self.scales: dict[str, float] = {}
         self.states: dict[str, Any] = {}  # optax state per parameter, made at its first update
         self.accumulator: dict[str, jax.Array] = {}  # float32, one entry per trainable parameter
@@ -695,7 +886,7 @@ class Trainer:
             self.model, step, self._cached_rope(None, self.model, step),
             {name: (c, self._cached_rope(name, c, step)) for name, c in self.companions.items()},
         )
-        flat = flatten(self.model.params)
+        flat = self._parameters()
         trainable = {name: flat[name] for name in self.accumulator}
         frozen = {name: value for name, value in flat.items() if name not in self.accumulator}
         with _matmul_precision(self.compute):
@@ -727,20 +918,30 @@ class Trainer:
             self._rope[key] = owner.rope(_positions(key[1]))
         return self._rope[key]
 
+    def _parameters(self) -> dict[str, jax.Array]:
+        """Every parameter the optimizer may update, by name: the model's (canonical) and the loss's."""
+        return {**flatten(self.model.params), **self._loss_parameters}
+
+    def loss_parameters(self) -> dict[str, np.ndarray]:
+        """The current loss parameters (the projections), float32 numpy copies: what a resumed trainer
+        starts from (``loss_parameters=``)."""
+        return {name: np.array(value, np.float32) for name, value in self._loss_parameters.items()}
+
     def term_sums(self) -> dict[str, float]:
         if self._term_sums is None:
             return {}
         return dict(zip(self.term_names, np.asarray(self._term_sums, np.float64).tolist(), strict=True))
 
     def gradients(self) -> dict[str, np.ndarray]:
-        """The accumulated gradients of the trainable parameters, float32 numpy, canonical names."""
+        """The accumulated gradients of the trainable parameters, float32 numpy, canonical names (and the
+        loss parameters' under theirs)."""
         return {name: np.array(grad) for name, grad in self.accumulator.items()}
 
     def apply(self, lr: float, normalizer: float) -> dict[str, float]:
         """Normalise, clip and take one optimizer step (see gemmalab.train.spec.BackendTrainer.apply)."""
         if not self.accumulator:
             return {"grad_norm": 0.0}
-        flat = flatten(self.model.params)
+        flat = self._parameters()
         params = {name: flat[name] for name in self.accumulator}
         for name, value in params.items():
             if name not in self.states:  # the parameter's first update: fresh state, t = 0
@@ -756,7 +957,8 @@ class Trainer:
             max_grad_norm=self.spec.max_grad_norm,
         )
         self.states.update(states)
-        self.model.params = rebuild(self.model.params, {**flat, **params})
+        self.model.params = rebuild(self.model.params, {**flat, **params})  # the loss parameters left out
+        self._loss_parameters = {name: params.get(name, value) for name, value in self._loss_parameters.items()}
         return {"grad_norm": float(norm)}
 
     def _placed(self, state: Any, param: jax.Array) -> Any:
@@ -779,7 +981,7 @@ class Trainer:
         if bad:
             raise InputError(f"learning-rate scales must be finite and >= 0, got {bad}")
         self.scales = {name: float(scales.get(name, 1.0)) for name in self.names}
-        flat = flatten(self.model.params)
+        flat = self._parameters()
         trainable = [name for name in self.names if self.scales[name] != 0.0]
         self.accumulator = {
             name: self.accumulator[name] if name in self.accumulator else jnp.zeros_like(flat[name])
@@ -791,7 +993,7 @@ class Trainer:
         """The canonical state of gemmalab/train/spec.py, translated from optax's (``optax_state_names``).
         A parameter whose state was made for an update that did not happen (its gradients were not finite)
         has no entry, as on the other backends: a state at step 0 is a fresh one."""
-        flat = flatten(self.model.params)
+        flat = self._parameters()
         out = {}
         for name, state in self.states.items():
             leaves = {_key(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
@@ -802,7 +1004,7 @@ class Trainer:
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore a canonical state, written by any backend (checked by spec.check_optimizer_state)."""
-        flat = flatten(self.model.params)
+        flat = self._parameters()
         shapes = {name: tuple(value.shape) for name, value in flat.items()}
         states = {}
         for name, values in check_optimizer_state(state, self.spec.optimizer, shapes).items():
@@ -896,20 +1098,25 @@ def _optax_leaf(values: Mapping[str, np.ndarray], kind: str | None, path: str, l
 
 __all__ = [
     "Batch",
+    "CompanionCapture",
     "CompanionHead",
     "Trainer",
+    "attention_transfer_sum",
     "aux_term",
     "batch_arrays",
     "cached_distillation",
     "chunked_loss_sum",
     "chunked_term_sums",
-    "companion_heads",
+    "companion_passes",
     "divergence",
     "frozen_companions",
     "head_loss_sum",
     "head_term",
     "head_term_sums",
     "hidden_state",
+    "hidden_transfer",
     "loss_sum",
     "optimizer_transform",
+    "placed_loss_parameters",
+    "transfer_term_sums",
 ]

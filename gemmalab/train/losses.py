@@ -376,7 +376,8 @@ class LossSpec:
         return tuple(dict.fromkeys(name for t in self.head if isinstance(t, Distillation) for name in t.scalars))
 
     def term_names(self) -> tuple[str, ...]:
-        """One unique name per term, head terms then aux terms (the keys of per-component metrics):
+        """One unique name per term, head terms, then aux terms, then transfer terms (the keys of per-component
+        metrics):
         ``cross_entropy``, ``soft_target_cross_entropy``, ``distillation``, ``cached_distillation``,
         ``hidden_mse_<layer>``, ``attention_kl_<layer>``, ``hidden_transfer_<student layer>``,
         ``attention_transfer_<student layer>``, with ``_2``, ``_3``, ... on the second and later use of a name."""

@@ -44,6 +44,7 @@ import numpy as np
 
 from ..config import Gemma3Config
 from ..errors import InputError
+from ..params import parameter_shapes
 from .losses import LOG_FLOOR, AttentionTransfer, HiddenStateTransfer, LossSpec
 
 COSINE_EPS = 1e-8  # the floor of |P h_s| |h_t|: only a zero vector meets it
@@ -152,9 +153,13 @@ def loss_parameter_shapes(loss: LossSpec, student: Gemma3Config,
     """{name: shape} of the trainable loss parameters of ``loss`` (its projections), after checking every
     transfer term against the two models (``check_transfer``)."""
     check_transfer(loss, student, companions)
+    model_names = parameter_shapes(student)
     shapes: dict[str, tuple[int, ...]] = {}
     for term in loss.transfer:
         if isinstance(term, HiddenStateTransfer) and term.projection is not None:
+            if term.projection in model_names:  # one optimizer state holds both: "<state>/<name>"
+                raise InputError(f"the projection {term.projection!r} has the name of a parameter of the student: "
+                                 "name it otherwise (e.g. hidden_projection.<block>)")
             shape = (companions[term.teacher].hidden_size, student.hidden_size)
             if shapes.setdefault(term.projection, shape) != shape:
                 raise InputError(f"the projection {term.projection!r} is shared by terms that need the shapes "
