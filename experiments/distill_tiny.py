@@ -20,6 +20,7 @@ from gemmalab.backend import resolve_backend_name
 from gemmalab.distill import DistillConfig, distill
 from gemmalab.experiments import Experiment
 from gemmalab.experiments.plots import columns, line_plot
+from gemmalab.experiments.progress import step_reporter
 from gemmalab.train import TrainConfig, train
 from gemmalab.train.losses import perplexity_from_loss
 
@@ -33,12 +34,7 @@ def run(settings: dict[str, Any], out: Path, progress, log) -> dict[str, Any]:
     backend = resolve_backend_name(teacher.backend)
 
     def reporter(phase: str, total: int, curve: list[tuple[int, float]] | None = None):
-        def on_step(record: dict) -> None:
-            if curve is not None and "eval_perplexity" in record:
-                curve.append((record["step"], record["eval_perplexity"]))
-            progress(phase, record["step"], total, f"loss {record['loss']:.3f}")
-
-        return on_step
+        return step_reporter(progress, phase, total, curve)
 
     log(f"1/3: training the teacher ({teacher.preset}, {teacher.steps} steps) on {backend}")
     taught = train(teacher, progress=False, echo=log, on_step=reporter("teacher", teacher.steps))

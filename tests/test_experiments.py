@@ -84,6 +84,33 @@ def test_distill_tiny_smoke_run_reports_the_gap_it_closes(tmp_path):
     assert (tmp_path / "run" / report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_distill_features_smoke_run_reports_both_gaps_and_each_pair(tmp_path):
+    from gemmalab.experiments.registry import run
+
+    entry = get("distill-features")
+    smoke = [f"{k}={json.dumps(v)}" for k, v in entry.smoke.items()]
+    report = run(entry, tmp_path / "run", overrides=smoke)
+    plain, teacher = report["ppl_plain"], report["ppl_teacher"]
+    assert teacher < plain < UNIFORM_PERPLEXITY
+    for name in ("logits", "features"):
+        assert report[f"gap_closed_{name}"] == pytest.approx((plain - report[f"ppl_{name}"]) / (plain - teacher), rel=1e-12)
+    # the mapping of the config, block by block, with each pair's figures for both distilled students
+    mapping = [tuple(map(int, pair.split(":"))) for pair in report["mapping"].split(",")]
+    for name in ("layers_logits", "layers_features"):
+        rows = report[name]
+        assert [(r["student_layer"], r["teacher_layer"]) for r in rows] == mapping
+        assert all(r["attention_kl"] >= 0 for r in rows)
+    # widths 48 and 64: a cosine needs the projection only the features student trains
+    assert all(-1.0 <= r["hidden_cosine"] <= 1.0 for r in report["layers_features"])
+    assert all(r["hidden_cosine"] is None for r in report["layers_logits"])
+    # the features student's loss had its transfer terms, the logits student's none
+    records = [json.loads(line) for line in (tmp_path / "run" / "logits-features" / "metrics.jsonl").read_text().splitlines()]
+    assert "loss/hidden_transfer_1" in records[0] and "loss/attention_transfer_5" in records[0]
+    records = [json.loads(line) for line in (tmp_path / "run" / "logits" / "metrics.jsonl").read_text().splitlines()]
+    assert not any(key.startswith("loss/hidden_transfer") for key in records[0])
+    assert (tmp_path / "run" / report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_bad_setting_fails_before_anything_is_written(tmp_path):
     out = tmp_path / "never"
     assert_clean_failure(

@@ -44,7 +44,8 @@ SECTIONS: dict[str, dict[str, str]] = {
                      "t2_scaling": "t2_scaling", "mapping": "mapping", "hidden_weight": "hidden_weight",
                      "hidden_loss": "hidden_loss", "attention_weight": "attention_weight",
                      "attention_temperature": "attention_temperature", "attention_chunk": "attention_chunk",
-                     "layer_figures": "layer_figures"},
+                     "layer_figures": "layer_figures", "lmbda": "lmbda", "seq_kd": "seq_kd",
+                     "max_new_tokens": "max_new_tokens", "gen_temperature": "gen_temperature"},
 }
 TRAINING_SECTION = "training"
 # The per-step scalar the Distillation term reads its temperature from (a schedule, one value per step).
@@ -87,6 +88,13 @@ class DistillConfig(TrainConfig):
                                                  "transfer")
     attention_chunk: int = _setting(128, "the attention transfer's query rows per chunk (memory: one chunk's "
                                          "[batch, heads, rows, tokens] at a time)")
+    # on-policy and sequence-level batches (GKD; gemmalab.distill.onpolicy)
+    lmbda: float = _setting(0.0, "GKD's lambda: the probability that a batch's responses are sampled from the "
+                                 "student itself (on-policy); 0 = off")
+    seq_kd: bool = _setting(False, "GKD's seq_kd: the teacher writes the responses of the batches the student "
+                                   "does not (sequence-level KD)")
+    max_new_tokens: int = _setting(64, "the most tokens the student or teacher writes per row of such a batch")
+    gen_temperature: float = _setting(1.0, "sampling temperature of those responses (0 = greedy)")
     layer_figures: bool = _setting(False, "at each evaluation also the hidden-state cosine and attention KL of each "
                                           "mapped pair (always on with hidden or attention transfer)")
     out: str = _setting("runs/distill", "run folder: config.yaml, metrics.jsonl, report.json, curves.png, "
@@ -126,6 +134,18 @@ class DistillConfig(TrainConfig):
             raise ConfigError(f"attention_temperature must be positive, got {self.attention_temperature}")
         if not (isinstance(self.attention_chunk, int) and self.attention_chunk >= 1):
             raise ConfigError(f"attention_chunk must be a whole number >= 1, got {self.attention_chunk!r}")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ConfigError(f"lmbda must be in [0, 1], got {self.lmbda}")
+        if self.lmbda > 0 and self.alpha > 0:
+            raise ConfigError(f"on-policy batches (lmbda {self.lmbda}) train on the divergence alone, as GKD does: "
+                              "set alpha 0 (a cross-entropy would fit the student's own samples)")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ConfigError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
+        if not self.gen_temperature >= 0:
+            raise ConfigError(f"gen_temperature must be >= 0, got {self.gen_temperature}")
+        if self.cache and (self.lmbda > 0 or self.seq_kd):
+            raise ConfigError("on-policy and sequence-level batches need the teacher itself, not a cache: pass "
+                              "--teacher SRC, or set lmbda 0 and seq_kd false")
         if self.cache and self.transfers_features:
             raise ConfigError("a teacher cache holds the teacher's output distribution only: hidden-state and attention "
                               "transfer need the teacher itself (--teacher SRC), or set hidden_weight and "

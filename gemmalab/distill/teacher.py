@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .. import checkpoint as hf_checkpoint
+from ..api import Model
 from ..config import Gemma3Config, resolve_config
 from ..dtypes import canonical_dtype
 from ..errors import ConfigError
@@ -26,6 +27,7 @@ from ..tokenizer import Tokenizer
 from ..train.objective import ModelSource, Objective, checkpoint_source
 from ..train.schedules import ValueSchedule
 from ..train.transfer import head_groups
+from . import onpolicy
 from .config import TEACHER, TEMPERATURE_SCALAR, DistillConfig, projection_name
 from .mapping import layer_mapping
 from .metrics import HeldOutSums, LayerSums, figures, held_out_sums, layer_figures, layer_sums
@@ -70,14 +72,17 @@ class TeacherObjective(Objective):
         self.checkpoint = read_teacher(config.teacher)
         self.native: Any = None
         self.student: Gemma3Config | None = None  # the student's config, once model_source has decided it
+        self.tokenizer: Tokenizer | None = None  # the student's, which is the teacher's
         self.trainer: Any = None
+        self.kinds: list[str] = []  # who wrote each micro-batch of the step in progress (onpolicy.KINDS)
+        self.teacher_dtype = "float32"  # as built by start
         end = config.temperature if config.temperature_end is None else config.temperature_end
         self.temperature = ValueSchedule(config.temperature_schedule, config.temperature, end, config.steps)
 
     # -- what is trained -------------------------------------------------------------------------------------
     def model_source(self, config: DistillConfig) -> ModelSource:
         source = self._model_source(config)
-        self.student = source.config
+        self.student, self.tokenizer = source.config, source.tokenizer
         return source
 
     def _model_source(self, config: DistillConfig) -> ModelSource:
@@ -102,6 +107,7 @@ class TeacherObjective(Objective):
         dtype = canonical_dtype(config.teacher_dtype) if config.teacher_dtype else (teacher.config.stored_dtype or "float32")
         weights = hf_checkpoint.read_weights(teacher.folder, teacher.config)
         self.native = backend.build(teacher.config, weights, dtype=dtype, device=config.device)
+        self.teacher_dtype = dtype
         del weights  # the backend holds them now
         echo(f"teacher {teacher.folder} ({teacher.config.num_parameters() / 1e6:.1f}M parameters, {dtype}, "
              f"vocabulary {teacher.config.vocab_size}) -> student {model_config.num_parameters() / 1e6:.1f}M "
@@ -114,7 +120,35 @@ class TeacherObjective(Objective):
         return {TEACHER: self.native}
 
     def attach(self, trainer: Any) -> None:
-        self.trainer = trainer  # its projections enter the per-layer figures
+        self.trainer = trainer  # its projections enter the per-layer figures; its model writes on-policy batches
+
+    # -- on-policy and sequence-level batches ----------------------------------------------------------------
+    def rewrite(self, backend: Any, trainer: Any, batch: Any, step: int, micro: int) -> Any:
+        """The drawn micro-batch, or its prompts continued by the student (probability lmbda) or, with seq_kd,
+        by the teacher (gemmalab.distill.onpolicy)."""
+        config = self.config
+        if micro == 0:
+            self.kinds = []
+        kind = onpolicy.batch_kind(config.seed, step, micro, config.lmbda, config.seq_kd)
+        self.kinds.append(kind)
+        if kind == "data":
+            return batch
+        writer = trainer.model if kind == "student" else self.native
+        writer_config = self.student if kind == "student" else self.checkpoint.config
+        model = Model(writer_config, backend.name, "float32" if kind == "student" else self.teacher_dtype, writer,
+                      self.tokenizer)
+        prompts = onpolicy.prompts_of(batch)
+        room = config.seq_len + 1 - min(len(p) for p in prompts)
+        result = model.generate(prompts, min(config.max_new_tokens, room), temperature=config.gen_temperature,
+                                seed=onpolicy.sampling_seed(config.seed, step, micro))
+        pad = self.student.pad_token_id if self.student.pad_token_id is not None else 0
+        return onpolicy.continued_batch(prompts, result.token_rows, config.seq_len, pad)
+
+    def step_metrics(self) -> dict[str, float]:
+        """The share of the step's micro-batches the student and the teacher wrote (with lmbda or seq_kd)."""
+        if not (self.config.lmbda > 0 or self.config.seq_kd) or not self.kinds:
+            return {}
+        return {f"batches/{kind}": self.kinds.count(kind) / len(self.kinds) for kind in ("student", "teacher")}
 
     def scalars(self, step: int) -> dict[str, float]:
         if not self.config.scheduled_temperature:

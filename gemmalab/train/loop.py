@@ -345,8 +345,8 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
                 factor = loss_scale / (config.batch_size * config.seq_len) if config.precision == "fp16" else 1.0
                 loss_sum, tokens, term_sums = 0.0, 0, {}
                 scalars = objective.scalars(step)
-                for _ in range(config.grad_accum):
-                    batch = stream.next_batch(config.batch_size)
+                for micro in range(config.grad_accum):
+                    batch = objective.rewrite(backend, trainer, stream.next_batch(config.batch_size), step, micro)
                     extras = {**batch.extras, **objective.batch_extras(batch)}
                     loss_sum += trainer.accumulate(batch.inputs, batch.targets, batch.weights, positions=batch.positions,
                                                    mask=batch.mask, extras=extras, scalars=scalars, loss_scale=factor)
@@ -380,6 +380,7 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
                 if len(term_sums) > 1:  # one term is the loss itself
                     record.update({f"loss/{name}": value / max(tokens, 1) for name, value in term_sums.items()})
                 record.update({f"scalar/{name}": value for name, value in scalars.items()})
+                record.update(objective.step_metrics())
                 if config.precision == "fp16":
                     record.update(loss_scale=loss_scale, skipped=skipped)
                 result.final_loss = loss

@@ -13,8 +13,11 @@ The loop (gemmalab.train.loop.train) asks its objective, in this order:
    handed to ``backend.trainer(..., companions=...)``; then ``attach(trainer)`` with the trainer built (an
    objective that reports on the loss's own parameters keeps it);
 4. ``scalars(step)``: the per-step scalars the loss terms read (a temperature schedule), passed to every
-   ``accumulate`` of that step; ``batch_extras(batch)``: the per-position extra inputs the loss terms read
-   for one batch (a teacher cache's sparse targets of the batch's windows);
+   ``accumulate`` of that step; ``rewrite(backend, trainer, batch, step, micro)``: the micro-batch the
+   trainer sees instead of the one drawn (on-policy distillation: the student's own continuations of its
+   prompts); ``batch_extras(batch)``: the per-position extra inputs the loss terms read for one batch (a
+   teacher cache's sparse targets of the batch's windows); ``step_metrics()``: figures of the step just
+   taken, added to its record;
 5. ``evaluate(backend, native, stream, config)``: figures added to each evaluation record beside the
    held-out loss (for distillation: teacher perplexity, agreement, KL).
 
@@ -87,7 +90,13 @@ class Objective:
     def scalars(self, step: int) -> dict[str, float]:  # noqa: ARG002 (used by subclasses)
         return {}
 
+    def rewrite(self, backend: Any, trainer: Any, batch: Any, step: int, micro: int) -> Any:  # noqa: ARG002
+        return batch
+
     def batch_extras(self, batch: Any) -> dict[str, Any]:  # noqa: ARG002 (used by subclasses)
+        return {}
+
+    def step_metrics(self) -> dict[str, float]:
         return {}
 
     def evaluate(self, backend: Any, native: Any, stream: Any, config: Any) -> dict[str, float]:  # noqa: ARG002
