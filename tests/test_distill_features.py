@@ -160,3 +160,16 @@ def test_show_mapping_reads_a_checkpoints_config_and_names_the_losses(wide_teach
     assert "projected 64 -> 96" in result.stdout
     assert_clean_failure(run_cli("distill", "--show-mapping", "--teacher", "gemma-3-1b", "--student", "gemma-3-270m",
                                  "--mapping", "0:30"), "teacher block 30 is out of range")
+
+
+def test_the_cli_runs_feature_transfer_and_reports_each_pair(tmp_path, wide_teacher):
+    out = tmp_path / "kd"
+    result = run_cli("distill", "--teacher", str(wide_teacher), "--student", "tiny", "--mapping", "by-type",
+                     "--hidden-weight", "1", "--attention-weight", "0.5", "--steps", "2", "--seq-len", "16",
+                     "--batch-size", "1", "--backend", "torch", "--out", str(out), "--quiet",
+                     "--set", "eval_batches=1", "--set", "tensorboard=false")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["mapping"] == "by-type" and len(report["layers"]) == 6
+    assert report["settings"]["hidden_weight"] == 1.0 and report["settings"]["attention_weight"] == 0.5
+    assert all(row["hidden_cosine"] is not None and row["attention_kl"] >= 0 for row in report["layers"])

@@ -116,6 +116,9 @@ def distill(
     hidden_loss: Annotated[Optional[str], typer.Option("--hidden-loss", help=_h("hidden_loss"))] = None,  # noqa: UP045
     attention_weight: Annotated[Optional[float], typer.Option("--attention-weight", help=_h("attention_weight"))] = None,  # noqa: UP045
     attention_temperature: Annotated[Optional[float], typer.Option("--attention-temperature", help=_h("attention_temperature"))] = None,  # noqa: UP045
+    lmbda: Annotated[Optional[float], typer.Option("--lmbda", help=_h("lmbda"))] = None,  # noqa: UP045
+    seq_kd: Annotated[Optional[bool], typer.Option("--seq-kd/--no-seq-kd", help=_h("seq_kd"))] = None,  # noqa: UP045
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help=_h("max_new_tokens"))] = None,  # noqa: UP045
     show: Annotated[bool, typer.Option("--show-mapping", help="Print the layer mapping of --teacher and --student (presets or checkpoints; no weights are read) with the losses on each pair, and exit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="With --show-mapping: print JSON for machines.")] = False,
     data: DataFlag = None,
@@ -136,7 +139,9 @@ def distill(
     quiet: QuietFlag = False,
 ) -> None:
     """Distil a teacher into a student: loss = alpha * cross-entropy + (1 - alpha) * divergence(teacher || student)
-    at temperature T, both output heads inside the chunked loss (no [batch, tokens, vocab] logits).
+    at temperature T, both output heads inside the chunked loss (no [batch, tokens, vocab] logits); optionally
+    hidden-state and attention-map transfer on mapped layer pairs (--hidden-weight, --attention-weight,
+    --mapping; --show-mapping prints the pairs), and on-policy or sequence-level batches (--lmbda, --seq-kd).
 
     Writes OUT/metrics.jsonl (each loss component; at each evaluation the student's and teacher's held-out perplexity, top-1 agreement and KL), OUT/report.json and OUT/curves.png. Ctrl-C stops after the step in progress and keeps a checkpoint to resume from.
     """
@@ -150,7 +155,8 @@ def distill(
         "teacher": teacher, "cache": cache, "teacher_dtype": canonical_dtype(teacher_dtype) if teacher_dtype else None,
         "loss": loss, "alpha": alpha, "beta": beta, "temperature": temperature, "mapping": mapping,
         "hidden_weight": hidden_weight, "hidden_loss": hidden_loss, "attention_weight": attention_weight,
-        "attention_temperature": attention_temperature,
+        "attention_temperature": attention_temperature, "lmbda": lmbda, "seq_kd": seq_kd,
+        "max_new_tokens": max_new_tokens,
         "data": data, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
         "lr": lr, "precision": precision, "backend": backend, "device": device, "seed": seed, "out": out,
         "checkpoint_every": checkpoint_every, "log_every": log_every, "resume": resume or None,
