@@ -54,6 +54,7 @@ def run(settings: dict[str, Any], out: Path, progress, log) -> dict[str, Any]:
             {"distillation": {**settings["distillation"], **extra}}), "teacher": str(taught.checkpoint),
             "layer_figures": True, "out": str(out / name.replace(" + ", "-"))})
         run = distill(config, progress=False, echo=log, on_step=step_reporter(progress, name, config.steps, curves[name]))
+        curves[name].append((run.train.steps, run.report["student_perplexity"]))  # the end-of-run evaluation
         return run.report
 
     log("3/4: distilling on the logits alone")
@@ -73,7 +74,7 @@ def run(settings: dict[str, Any], out: Path, progress, log) -> dict[str, Any]:
         out / "gap.png",
         {**{name: columns(points) for name, points in curves.items()},
          f"teacher ({teacher.steps} steps)": ([0, plain.steps], [ppl_teacher, ppl_teacher])},
-        title=f"distill-features: held-out perplexity, {plain.preset} students of a {teacher.preset} teacher ({backend})",
+        title=f"distill-features: {plain.preset} students of a {teacher.preset} teacher ({backend})",
         xlabel="student step", ylabel="held-out perplexity", log_y=True,
     )
     return {
