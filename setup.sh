@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install gemmalab with every backend this platform can run, plus the dev tools and the
-# test oracles (pytest, ruff, transformers, trl for the distillation divergences, mlx-lm). Idempotent: when
+# test oracles (pytest, ruff, transformers, trl for the distillation divergences, peft for the adapters, mlx-lm). Idempotent: when
 # nothing it depends on changed, a second run only checks the environment and takes seconds.
 #
 #   macOS on Apple Silicon : MLX (Metal) + PyTorch (MPS)
