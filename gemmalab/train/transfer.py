@@ -36,7 +36,6 @@ that trains with the student (in the optimizer and its state, under its name) an
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping
 
@@ -45,6 +44,7 @@ import numpy as np
 from ..config import Gemma3Config
 from ..errors import InputError
 from ..params import parameter_shapes
+from ..randomness import named_rng
 from .losses import LOG_FLOOR, AttentionTransfer, HiddenStateTransfer, LossSpec
 
 COSINE_EPS = 1e-8  # the floor of |P h_s| |h_t|: only a zero vector meets it
@@ -198,9 +198,7 @@ def init_loss_parameters(shapes: Mapping[str, tuple[int, ...]], seed: int = 0) -
     as they were)."""
     out = {}
     for name, shape in sorted(shapes.items()):
-        # the whole name, hashed (not Python's hash(), which changes between processes)
-        name_seed = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
-        rng = np.random.default_rng([seed, name_seed])
+        rng = named_rng(seed, name)
         bound = 1.0 / math.sqrt(shape[-1])
         out[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
     return out
