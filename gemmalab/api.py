@@ -24,6 +24,7 @@ from .checks import check_token_ids
 from .config import Gemma3Config, resolve_config
 from .dtypes import canonical_dtype
 from .errors import BackendError, InputError
+from .lora import Adapter, LoraConfig
 from .params import init_weights
 from .tokenizer import BYTE_LEVEL_VOCAB_SIZE, Tokenizer
 
@@ -61,6 +62,8 @@ class Model:
     tokenizer: Tokenizer | None = None
     source: Path | None = None
     generation_eos: tuple[int, ...] | None = None  # eos ids from generation_config.json, when it has them
+    lora: LoraConfig | None = None  # the LoRA or DoRA adapter's settings, while one is attached (add_adapter)
+    adapted: tuple[str, ...] = ()  # the linears that adapter wraps
 
     @property
     def _backend(self) -> Backend:
@@ -190,9 +193,37 @@ class Model:
 
         return self._backend.wrap(self.native, select(self.config, names), check_kind(kind), **options)
 
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter the model holds, by the name its trainer uses: the canonical names, except that a
+        wrapped linear's weight is ``<linear>.base.weight`` and its wrapper's own are ``<linear>.<param>``."""
+        return self._backend.parameter_shapes(self.native)
+
+    # -- adapters (gemmalab.lora; files: gemmalab.adapters) -------------------------------------------------
+    def add_adapter(self, adapter: Adapter, *, dropout: float | None = None) -> list[str]:
+        """Attach a LoRA or DoRA ``adapter`` (gemmalab.lora.Adapter: settings and numpy tensors) by wrapping
+        each linear it adapts; returns their names. ``weights`` and ``save`` then give the merged dense tensors;
+        ``adapter()`` gives the adapter back, ``fuse()`` merges it for good. One adapter at a time."""
+        from .lora import wrap_adapter
+
+        if self.lora is not None:
+            raise InputError("the model already has an adapter: fuse() it first, or load the base again")
+        names = wrap_adapter(self._backend, self.native, self.config, adapter, dropout=dropout)
+        self.lora, self.adapted = adapter.config, tuple(names)
+        return names
+
+    def adapter(self) -> Adapter:
+        """The attached adapter as numpy (its settings and each adapted linear's tensors, float32)."""
+        from .lora import read_adapter
+
+        if self.lora is None:
+            raise InputError("the model has no adapter: add_adapter(), or gemmalab.load(BASE, adapter=DIR)")
+        return read_adapter(self._backend, self.native, self.lora, self.adapted)
+
     def fuse(self) -> list[str]:
-        """Fuse every wrapper back into its dense linear; returns the names fused."""
-        return self._backend.fuse(self.native)
+        """Fuse every wrapper (an adapter's included) back into its dense linear; returns the names fused."""
+        done = self._backend.fuse(self.native)
+        self.lora, self.adapted = None, ()
+        return done
 
     def save(self, folder: str | os.PathLike, *, dtype: str | None = None, overwrite: bool = False) -> Path:
         """Save in the Hugging Face Gemma3ForCausalLM layout (safetensors + config.json + tokenizer files)."""

@@ -146,6 +146,10 @@ class Backend(Protocol):
         canonical names, except that a wrapped linear's weight is ``<linear>.base.weight``
         (linears.base_weight) and its wrapper's own parameters are ``<linear>.<param>``."""
 
+    def parameters(self, model: Any, names: Collection[str]) -> dict[str, np.ndarray]:
+        """The parameters ``names`` (names of ``parameter_shapes``, e.g. a wrapper's own ``<linear>.lora_A``)
+        as numpy copies in the model's dtype; an unknown name is an InputError naming it."""
+
     # -- wrappers of linear layers (gemmalab.linears; the walkers are gemmalab_<name>.linears) ------------
     def wrap(self, model: Any, names: Collection[str], kind: str, **options: Any) -> list[str]:
         """Replace the linears ``names`` (exact names, linears.check_wrappable) in place by wrappers of

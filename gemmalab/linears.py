@@ -15,7 +15,8 @@ module is the framework-free part of that mechanism:
   it as its child ``base``, so the frozen dense weight is ``<linear>.base.weight`` and the wrapper's own
   parameters are ``<linear>.<param>`` (``model.layers.0.self_attn.q_proj.scale``). ``weights()`` and saved
   checkpoints never show these: they give the canonical dense tensors, each wrapper fused.
-* each wrapper's merge rule in numpy (``output_scale``): the specification the backends' ``fuse`` follow.
+* each wrapper's merge rule in numpy (``output_scale`` here; LoRA and DoRA in gemmalab.lora): the
+  specification the backends' ``fuse`` follow.
 
 The walkers themselves (``linears``, ``wrap``, ``fuse``, ``named_parameters``) are backend code, with the
 same names on every backend: ``gemmalab_<backend>.linears``; the wrappers are in
@@ -36,7 +37,7 @@ from .params import EMBED, LM_HEAD, parameter_shapes
 
 BASE = "base"  # the child under which a wrapper keeps the linear it wraps: <linear>.base.weight
 # The wrappers every backend implements, by the name the core dispatches on (Backend.wrap, Model.wrap).
-WRAPPER_KINDS = ("output_scale",)
+WRAPPER_KINDS = ("output_scale", "lora", "dora")
 
 EMBEDDING = EMBED.removesuffix(".weight")  # "model.embed_tokens"
 HEAD = LM_HEAD.removesuffix(".weight")  # "lm_head"
@@ -174,6 +175,17 @@ def check_wrappable(config: Gemma3Config, names: Collection[str]) -> list[str]:
     return out
 
 
+def checked_parameter_names(held: Collection[str], names: Collection[str]) -> list[str]:
+    """``names`` as a list, each a parameter the model holds (``held``: a backend's parameter names); one
+    InputError line naming the first that is not."""
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        if name not in held:
+            raise InputError(f"the model holds no parameter {name!r}: Model.parameter_shapes() lists its names "
+                             "(a wrapped linear's weight is <linear>.base.weight, its wrapper's <linear>.<param>)")
+    return names
+
+
 def base_weight(linear: str) -> str:
     """The backend parameter name of a wrapped linear's own dense weight: ``<linear>.base.weight``."""
     return f"{linear}.{BASE}.weight"
@@ -217,6 +229,7 @@ __all__ = [
     "base_weight",
     "check_kind",
     "check_wrappable",
+    "checked_parameter_names",
     "linears",
     "output_scale",
     "output_scale_init",

@@ -21,8 +21,8 @@ adapter's ``<linear>.lora_A``, ``<linear>.lora_B`` and, for DoRA, ``<linear>.mag
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ import numpy as np
 from .checks import is_count
 from .config import Gemma3Config
 from .errors import ConfigError, InputError
-from .linears import linears, select
+from .linears import check_wrappable, linears, select
 from .randomness import named_rng
 
 LORA_A, LORA_B, MAGNITUDE = "lora_A", "lora_B", "magnitude"  # a wrapper's own parameters, by these names
@@ -211,6 +211,29 @@ def dora_merge(weight: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, m
     return (np.asarray(magnitude) / row_norms(adapted))[:, None] * adapted
 
 
+def check_lora_arrays(a: object, b: object, in_features: int, out_features: int, magnitude: object = None
+                      ) -> tuple[np.ndarray, ...]:
+    """A [rank, in], B [out, rank] (and a DoRA magnitude [out] when given) as float32 numpy, after checking
+    their shapes against the linear and that they are finite: what every backend's wrapper is built from."""
+    arrays = [np.asarray(a), np.asarray(b)] + ([] if magnitude is None else [np.asarray(magnitude)])
+    rank = arrays[0].shape[0] if arrays[0].ndim == 2 else -1
+    wanted = [(rank, in_features), (out_features, rank), (out_features,)]
+    for part, array, shape in zip((LORA_A, LORA_B, MAGNITUDE), arrays, wanted, strict=False):  # no magnitude: LoRA
+        if tuple(array.shape) != shape or rank < 1:
+            raise InputError(f"{part} is {tuple(array.shape)}, but a linear {in_features} -> {out_features} "
+                             f"needs lora_A [rank, {in_features}], lora_B [{out_features}, rank], magnitude "
+                             f"[{out_features}]")
+    out = []
+    for part, array in zip((LORA_A, LORA_B, MAGNITUDE), arrays, strict=False):
+        if array.dtype.kind in "biuOSUc":  # floats, and bfloat16 (ml_dtypes, kind V), are fine
+            raise InputError(f"{part} must hold real floating-point numbers, got {array.dtype}")
+        values = array.astype(np.float32)
+        if not np.isfinite(values).all():
+            raise InputError(f"{part} holds NaN or inf")
+        out.append(values)
+    return tuple(out)
+
+
 @dataclass
 class Adapter:
     """A LoRA or DoRA adapter as numpy: its settings and, per adapted linear (full name), ``lora_A`` [rank, in],
@@ -272,9 +295,38 @@ def fresh_adapter(config: LoraConfig, model: Gemma3Config, seed: int,
     return Adapter(config, tensors)
 
 
-def with_tensors(adapter: Adapter, tensors: Mapping[str, Mapping[str, np.ndarray]]) -> Adapter:
-    """A copy of ``adapter`` holding ``tensors`` instead."""
-    return replace(adapter, tensors={n: dict(p) for n, p in tensors.items()})
+# --------------------------------------------------------------------------------------------------------
+# Attaching an adapter to a backend's model and reading it back (through the Backend protocol)
+# --------------------------------------------------------------------------------------------------------
+def wrap_adapter(backend: Any, native: Any, model: Gemma3Config, adapter: Adapter, *,
+                 dropout: float | None = None) -> list[str]:
+    """Wrap each linear ``adapter`` adapts in the backend's ``native`` model with its LoRA or DoRA wrapper
+    (dropout: the adapter's own rate unless given); returns their names. Every name and shape is checked
+    before the first wrap, so bad input leaves the model as it was."""
+    adapter.check(model)
+    names = check_wrappable(model, list(adapter.tensors))
+    settings = adapter.config
+    rate = settings.dropout if dropout is None else dropout
+    for name in names:
+        backend.wrap(native, [name], settings.kind, scale=settings.scale, dropout=rate, **adapter.tensors[name])
+    return names
+
+
+def adapter_parameter_names(settings: LoraConfig, names: Iterable[str]) -> list[str]:
+    """The backend parameter names of an adapter on the linears ``names``: ``<linear>.lora_A`` ... ."""
+    parts = (LORA_A, LORA_B, MAGNITUDE) if settings.dora else (LORA_A, LORA_B)
+    return [f"{name}.{part}" for name in names for part in parts]
+
+
+def read_adapter(backend: Any, native: Any, settings: LoraConfig, names: Iterable[str]) -> Adapter:
+    """The adapter on the linears ``names`` of the backend's ``native`` model, as numpy float32."""
+    names = list(names)
+    held = backend.parameters(native, adapter_parameter_names(settings, names))
+    tensors: dict[str, dict[str, np.ndarray]] = {name: {} for name in names}
+    for key, value in held.items():
+        linear, _, part = key.rpartition(".")
+        tensors[linear][part] = np.asarray(value, np.float32)
+    return Adapter(settings, tensors)
 
 
 __all__ = [
@@ -283,12 +335,15 @@ __all__ = [
     "LORA_B",
     "MAGNITUDE",
     "Adapter",
+    "adapter_parameter_names",
+    "read_adapter",
+    "wrap_adapter",
     "LoraConfig",
+    "check_lora_arrays",
     "delta",
     "dora_merge",
     "fresh_adapter",
     "init_a",
     "lora_merge",
     "row_norms",
-    "with_tensors",
 ]

@@ -37,7 +37,7 @@ from gemmalab.checks import check_cache_request, check_chunk_tokens, check_logit
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
-from gemmalab.linears import check_kind
+from gemmalab.linears import check_kind, checked_parameter_names
 from gemmalab.params import parameter_shapes
 from gemmalab.stages import check_head_chunks, check_partial_names, check_run_layers, partial_problem
 from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
@@ -400,6 +400,13 @@ class JaxBackend:
         """Every array of the parameter tree by name, with its shape: the canonical names, except that a
         wrapped linear's weight is ``<linear>.base.weight`` beside its wrapper's ``<linear>.<field>``."""
         return {name: tuple(leaf.shape) for name, leaf in linears.named_parameters(model).items()}
+
+    def parameters(self, model: JaxModel, names: Collection[str]) -> dict[str, np.ndarray]:
+        """The parameters ``names`` (of ``parameter_shapes``) as numpy copies in the model's dtype (gathered
+        from their shards)."""
+        _require_weights(model)
+        held = linears.named_parameters(model)
+        return {name: np.array(held[name]) for name in checked_parameter_names(held, names)}
 
     def wrap(self, model: JaxModel, names: Collection[str], kind: str, **options: Any) -> list[str]:
         """Wrap the linears ``names`` (exact names) with the wrapper ``kind`` (gemmalab.linears.WRAPPER_KINDS),

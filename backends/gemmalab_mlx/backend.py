@@ -23,7 +23,7 @@ from gemmalab.checks import check_chunk_tokens, check_logits_mode, check_token_i
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
-from gemmalab.linears import check_kind
+from gemmalab.linears import check_kind, checked_parameter_names
 from gemmalab.stages import check_head_chunks, check_partial_names, check_run_layers, partial_problem
 from gemmalab.train.inputs import prepare
 from gemmalab.train.losses import CrossEntropy, LossSpec
@@ -298,6 +298,11 @@ class MLXBackend:
         """Every parameter the model holds by name, with its shape: the canonical names, except that a
         wrapped linear's weight is ``<linear>.base.weight`` beside its wrapper's ``<linear>.<param>``."""
         return {name: tuple(p.shape) for name, p in linears.named_parameters(model).items()}
+
+    def parameters(self, model: Gemma3ForCausalLM, names: Collection[str]) -> dict[str, np.ndarray]:
+        """The parameters ``names`` (of ``parameter_shapes``) as numpy copies in the model's dtype."""
+        held = linears.named_parameters(model)
+        return {name: np.array(to_numpy(held[name])) for name in checked_parameter_names(held, names)}
 
     def wrap(self, model: Gemma3ForCausalLM, names: Collection[str], kind: str, **options) -> list[str]:
         """Wrap the linears ``names`` (exact names) with the wrapper ``kind`` (gemmalab.linears.WRAPPER_KINDS),

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import yaml
 
 from ..errors import ConfigError
+from ..lora import LoraConfig
 from .losses import CrossEntropy, LossSpec
 from .schedules import SCHEDULES
 from .spec import LOSS_CHUNK_TOKENS, OptimizerSpec, TrainSpec
@@ -67,6 +68,9 @@ class TrainConfig:
     unfreeze_every: int = _setting(0, "progressive unfreezing: add unfreeze_blocks blocks every this many steps "
                                       "(0 = off)")
     unfreeze_blocks: int = _setting(1, "blocks unfrozen at the start and at each unfreezing step")
+    lora: str | dict | None = _setting(None, "train a LoRA (or DoRA) adapter on the frozen model instead of the model: "
+                                             "rank=16,alpha=32,targets=q_proj,v_proj[,layers=2:6][,dropout=0.05]"
+                                             "[,rslora=true][,dora=true] (YAML: a mapping); needs --model")
     # loss, precision, memory
     label_smoothing: float = _setting(0.0, "label smoothing of the cross-entropy, in [0, 1)")
     loss_chunk_tokens: int = _setting(LOSS_CHUNK_TOKENS, "positions per chunk of the output head and loss")
@@ -117,6 +121,16 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.preset is None and self.model is None:
             raise ConfigError("nothing to train: give --preset NAME or --model SOURCE")
+        if self.lora is not None:
+            settings = LoraConfig.from_dict(self.lora)
+            if self.model is None:
+                raise ConfigError("lora adapts a trained model: give --model SOURCE (a checkpoint folder or Hub id)")
+            object.__setattr__(self, "lora", settings.describe())  # one canonical form, in config.yaml too
+
+    @property
+    def lora_config(self) -> LoraConfig | None:
+        """The adapter's settings, or None for full training."""
+        return None if self.lora is None else LoraConfig.parse(self.lora)
 
     # -- the pieces other modules consume ----------------------------------------------------------------
     def train_spec(self) -> TrainSpec:
@@ -237,6 +251,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 continue
         if option is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+        if option is dict and isinstance(value, dict):
+            return value
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"{key} must be {names}, got {value!r}")
 
