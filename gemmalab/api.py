@@ -191,6 +191,9 @@ class Model:
         dense HF tensors (each wrapper fused)."""
         from .linears import check_kind, select
 
+        if kind in ("lora", "dora"):  # their tensors differ per linear: an Adapter holds them
+            raise InputError(f"attach a {kind} adapter with Model.add_adapter(gemmalab.lora.fresh_adapter(LoraConfig(...), "
+                             "model.config, seed, model.weights())), not Model.wrap")
         return self._backend.wrap(self.native, select(self.config, names), check_kind(kind), **options)
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -213,11 +216,11 @@ class Model:
 
     def adapter(self) -> Adapter:
         """The attached adapter as numpy (its settings and each adapted linear's tensors, float32)."""
-        from .lora import read_adapter
+        from .lora import attached_adapter
 
         if self.lora is None:
             raise InputError("the model has no adapter: add_adapter(), or gemmalab.load(BASE, adapter=DIR)")
-        return read_adapter(self._backend, self.native, self.lora, self.adapted)
+        return attached_adapter(self._backend, self.native, self.lora, self.adapted)
 
     def fuse(self) -> list[str]:
         """Fuse every wrapper (an adapter's included) back into its dense linear; returns the names fused."""

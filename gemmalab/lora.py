@@ -318,7 +318,7 @@ def adapter_parameter_names(settings: LoraConfig, names: Iterable[str]) -> list[
     return [f"{name}.{part}" for name in names for part in parts]
 
 
-def read_adapter(backend: Any, native: Any, settings: LoraConfig, names: Iterable[str]) -> Adapter:
+def attached_adapter(backend: Any, native: Any, settings: LoraConfig, names: Iterable[str]) -> Adapter:
     """The adapter on the linears ``names`` of the backend's ``native`` model, as numpy float32."""
     names = list(names)
     held = backend.parameters(native, adapter_parameter_names(settings, names))
@@ -336,7 +336,7 @@ __all__ = [
     "MAGNITUDE",
     "Adapter",
     "adapter_parameter_names",
-    "read_adapter",
+    "attached_adapter",
     "wrap_adapter",
     "LoraConfig",
     "check_lora_arrays",

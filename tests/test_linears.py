@@ -239,7 +239,9 @@ def test_model_api_wraps_by_ending_and_refuses_clearly(backend, cases):
         lin.wrap(model.native, ["model.layers.0.q_proj"], output_scale(backend).from_base)
     with pytest.raises(InputError, match="make_wrapper gave a"):
         lin.wrap(model.native, [k0], lambda base: base)
-    with pytest.raises(InputError, match="unknown wrapper 'lora': choose one of output_scale"):
+    with pytest.raises(InputError, match="unknown wrapper 'prefix_tuning': choose one of output_scale"):
+        model.wrap("prefix_tuning", ["k_proj"])
+    with pytest.raises(InputError, match="Model.add_adapter"):
         model.wrap("lora", ["k_proj"])
     with pytest.raises(InputError, match="a real vector of 64 values"):
         model.wrap("output_scale", "model.layers.1.self_attn.o_proj", scale=np.ones(3))

@@ -115,6 +115,7 @@ from .model import (
     soft_cap,
     text_model,
 )
+from .linears import wrappers
 from .sharding import Plan
 
 if TYPE_CHECKING:
@@ -848,6 +849,10 @@ class Trainer:
                 f"training needs the model in float32 (master weights), got {model.dtype}: "
                 "build it with dtype='float32' and choose the compute precision in the spec"
             )
+        dropping = [name for name, leaf in wrappers(model).items() if getattr(leaf, "dropout", 0.0)]
+        if dropping:  # the jitted step takes no random key yet, and a silent no-dropout run would mislead
+            raise InputError(f"adapter dropout is not implemented on the JAX backend ({dropping[0]} has "
+                             f"{wrappers(model)[dropping[0]].dropout:g}): train with dropout=0 here, or on torch or mlx")
         self.model, self.spec = model, spec
         self.companions = frozen_companions(model, spec.loss, companions)
         self._loss_parameters = placed_loss_parameters(model, spec.loss, self.companions, loss_parameters)

@@ -102,6 +102,7 @@ class MLXBackend:
         dtype = canonical_dtype(dtype)
         target = self.device(device)
         model = Gemma3ForCausalLM(config, dtype)
+        model.eval()  # MLX modules start in training mode; the trainer turns it on for its steps only
         model.device = target
         model.resident = None  # None: every parameter (or, shape-only, none); a partial model's names
         if weights is None:

@@ -730,7 +730,16 @@ class Trainer:
         results.append(result)
         return loss if result.aux is None else loss + loss_scale * result.aux
 
-    def accumulate(
+    def accumulate(self, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray, **options) -> float:
+        """Forward and backward on one micro-batch (``_accumulate``), in training mode (adapter dropout): the
+        model is back in inference mode afterwards, so evaluations between steps see no dropout."""
+        self.model.train()
+        try:
+            return self._accumulate(inputs, targets, weights, **options)
+        finally:
+            self.model.eval()
+
+    def _accumulate(
         self,
         inputs: np.ndarray,
         targets: np.ndarray,

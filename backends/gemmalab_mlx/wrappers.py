@@ -78,6 +78,7 @@ class LoRA(Wrapper):
         self.base = base
         self.lora_A, self.lora_B = a, b  # [rank, in], [out, rank]
         self.scale, self.dropout = float(scale), float(dropout)
+        self.train(base.training)  # the model's mode (a new module starts in training mode): dropout in steps only
 
     @classmethod
     def from_base(cls, base: nn.Module, *, lora_A: np.ndarray, lora_B: np.ndarray, scale: float,  # noqa: N803

@@ -637,7 +637,6 @@ class Trainer:
         self.companions = frozen_companions(model, spec.loss, companions)
         self.term_names = spec.loss.term_names()
         self._term_sums: list[Tensor] = []  # of the last accumulate
-        self.model.train()
         self.model.model.gradient_checkpointing = spec.grad_checkpointing
         start = checked_loss_parameters(spec.loss, model.config, {n: c.config for n, c in self.companions.items()},
                                         loss_parameters)
@@ -676,11 +675,15 @@ class Trainer:
                        companions={name: c.config for name, c in self.companions.items()})
         batch = batch_arrays(self.model, step)
         self._term_sums = []
-        with self._autocast():
-            loss = chunked_loss_sum(self.model, batch, self.spec.loss, chunk_tokens=self.spec.loss_chunk_tokens,
-                                    companions=self.companions, loss_parameters=self.loss_params,
-                                    term_sums=self._term_sums)
-        (loss * loss_scale).backward()  # .grad of each trainable parameter sums over micro-batches
+        self.model.train()  # training mode in the step only (adapter dropout), so evaluations between steps see none
+        try:
+            with self._autocast():
+                loss = chunked_loss_sum(self.model, batch, self.spec.loss, chunk_tokens=self.spec.loss_chunk_tokens,
+                                        companions=self.companions, loss_parameters=self.loss_params,
+                                        term_sums=self._term_sums)
+            (loss * loss_scale).backward()  # .grad of each trainable parameter sums over micro-batches
+        finally:
+            self.model.eval()
         return float(loss.detach())
 
     def term_sums(self) -> dict[str, float]:

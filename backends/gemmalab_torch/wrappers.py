@@ -76,6 +76,7 @@ class LoRA(Wrapper):
         self.lora_B = nn.Parameter(b, requires_grad=trainable)
         self.scale, self.dropout = float(scale), float(dropout)
         self.in_features, self.out_features = base.in_features, base.out_features
+        self.train(base.training)  # the model's mode (a new module starts in training mode): dropout in steps only
 
     @classmethod
     def from_base(cls, base: nn.Module, *, lora_A: np.ndarray, lora_B: np.ndarray, scale: float,  # noqa: N803

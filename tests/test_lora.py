@@ -1,0 +1,243 @@
+"""LoRA and DoRA: the settings (gemmalab.lora), the wrappers on every backend, their gradients and a LoRA run.
+
+Oracles: PEFT on transformers' Gemma3ForCausalLM (logits and torch-autograd gradients of the same adapter,
+its tensors moved across by the key names written out below, not by gemmalab's format code); the float64
+numpy reference on weights merged by hand in this file (W + s B A; DoRA's m / ||W + s B A|| rows); PEFT's
+Kaiming-uniform bound derived by hand. Tiny random checkpoints of 6 layers on sequences longer than the window.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import SHAPES, hf_logits, hf_weights, make_hf_model, relative_error, save_hf, token_ids, torch
+
+import gemmalab
+from gemmalab import lora, reference
+from gemmalab.backend import get_backend
+from gemmalab.errors import ConfigError, InputError
+from gemmalab.train.losses import CrossEntropy, LossSpec
+from gemmalab.train.spec import TrainSpec
+
+peft = pytest.importorskip("peft")
+
+CONFIG = SHAPES["tiny"]
+TARGETS = ("q_proj", "v_proj", "down_proj")
+
+
+# -- the settings ---------------------------------------------------------------------------------------------
+def test_the_lora_text_form_reads_lists_ranges_and_flags():
+    settings = lora.LoraConfig.parse("rank=16,alpha=32,targets=q_proj,v_proj,layers=2:6,dropout=0.05,dora=true")
+    assert settings == lora.LoraConfig(rank=16, alpha=32.0, targets=("q_proj", "v_proj"), layers=(2, 6),
+                                       dropout=0.05, dora=True)
+    assert settings.scale == 2.0 and settings.kind == "dora"
+    assert lora.LoraConfig(rank=16, alpha=32, rslora=True).scale == 32 / 4  # alpha / sqrt(rank)
+    assert lora.LoraConfig.parse(settings.describe()) == settings
+    assert lora.LoraConfig.from_dict({"rank": 4, "targets": "q_proj,o_proj", "layers": [1, 3]}) == \
+        lora.LoraConfig(rank=4, targets=("q_proj", "o_proj"), layers=(1, 3))
+    assert settings.linears(CONFIG) == [f"model.layers.{i}.self_attn.{k}" for i in range(2, 6) for k in ("q_proj", "v_proj")]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rank=0", "rank must be a positive integer"),
+    ("rank=4,alpha=-1", "alpha must be a positive number"),
+    ("rank=4,beta=2", "unknown lora setting 'beta'"),
+    ("rank=4,q_proj", "'q_proj' is not key=value"),
+    ("rank=4,layers=3", "layers must be first:stop"),
+    ("rank=4,dropout=1", r"dropout must be in \[0, 1\)"),
+    ("rank=4,dora=maybe", "dora must be true or false"),
+])
+def test_bad_lora_settings_are_one_line(text, message):
+    with pytest.raises(ConfigError, match=message):
+        lora.LoraConfig.parse(text)
+
+
+def test_a_layer_range_past_the_model_and_an_unknown_target_are_refused():
+    with pytest.raises(ConfigError, match="reach past this model's 6 blocks"):
+        lora.LoraConfig(layers=(4, 9)).linears(CONFIG)
+    with pytest.raises(InputError, match="'qkv_proj' matches no linear"):
+        lora.LoraConfig(targets=("qkv_proj",)).linears(CONFIG)
+
+
+def test_a_starts_as_peft_starts_it_and_b_at_zero():
+    # PEFT: nn.init.kaiming_uniform_(lora_A.weight, a=sqrt(5)); torch's rule: bound = gain * sqrt(3 / fan_in),
+    # gain = sqrt(2 / (1 + a^2)) = sqrt(1/3), so bound = 1 / sqrt(fan_in) with fan_in = in_features.
+    bound = math.sqrt(2 / (1 + 5)) * math.sqrt(3 / 64)
+    a = lora.init_a("model.layers.0.self_attn.q_proj", 64, 512, seed=0)
+    assert a.shape == (512, 64) and a.dtype == np.float32
+    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.99 * bound
+    assert abs(float(a.std()) - bound / math.sqrt(3)) < 0.01 * bound  # uniform: std = bound / sqrt(3)
+    fresh = lora.fresh_adapter(lora.LoraConfig(rank=4), CONFIG, seed=0)
+    assert all(not p["lora_B"].any() for p in fresh.tensors.values())
+    again = lora.fresh_adapter(lora.LoraConfig(rank=4), CONFIG, seed=0)
+    other = lora.fresh_adapter(lora.LoraConfig(rank=4), CONFIG, seed=1)
+    name = "model.layers.0.self_attn.q_proj"
+    assert np.array_equal(fresh.tensors[name]["lora_A"], again.tensors[name]["lora_A"])
+    assert not np.array_equal(fresh.tensors[name]["lora_A"], other.tensors[name]["lora_A"])
+
+
+# -- the wrappers against PEFT ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    hf = make_hf_model(CONFIG, seed=3)
+    return hf, hf_weights(hf), save_hf(hf, tmp_path_factory.mktemp("lora-base"))
+
+
+def peft_model(hf_base, *, dora: bool, rslora: bool = False, layers=None, seed: int = 0):
+    """A PEFT model over a copy of the base, its B (and DoRA magnitude) set to random values."""
+    import copy
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), lora_dropout=0.0, use_dora=dora,
+                             use_rslora=rslora, layers_to_transform=layers, init_lora_weights=True)
+    model = peft.get_peft_model(copy.deepcopy(hf_base), config)
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.from_numpy(rng.normal(0, 0.2, tuple(param.shape)).astype(np.float32)))
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.from_numpy(rng.uniform(0.7, 1.3, tuple(param.shape)).astype(np.float32)))
+    return model.eval()
+
+
+def tensors_of(peft_model_) -> dict[str, dict[str, np.ndarray]]:
+    """The adapter's tensors by linear, from PEFT's module names (base_model.model.<linear>.lora_A.default ...)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, param in peft_model_.named_parameters():
+        for ours, theirs in (("lora_A", ".lora_A.default.weight"), ("lora_B", ".lora_B.default.weight"),
+                             ("magnitude", ".lora_magnitude_vector.default.weight")):
+            if name.endswith(theirs):
+                linear = name.removeprefix("base_model.model.").removesuffix(theirs)
+                out.setdefault(linear, {})[ours] = param.detach().numpy().copy()
+    return out
+
+
+def merged_by_hand(weights, tensors, scale, dora):
+    out = dict(weights)
+    for linear, parts in tensors.items():
+        w = weights[linear + ".weight"].astype(np.float64)
+        adapted = w + scale * parts["lora_B"].astype(np.float64) @ parts["lora_A"].astype(np.float64)
+        if dora:
+            adapted = (parts["magnitude"] / np.linalg.norm(adapted, axis=1))[:, None] * adapted
+        out[linear + ".weight"] = adapted
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "rslora-layers"])
+def test_an_adapter_gives_peft_s_logits_and_fuses_into_the_merged_weights(backend, base, kind):
+    hf, weights, folder = base
+    dora, rslora, layers = kind == "dora", kind == "rslora-layers", [1, 4] if kind == "rslora-layers" else None
+    theirs = peft_model(hf, dora=dora, rslora=rslora, layers=layers)
+    settings = lora.LoraConfig(rank=4, alpha=8, targets=TARGETS, dora=dora, rslora=rslora,
+                               layers=(1, 5) if layers else None)
+    tensors = tensors_of(theirs)
+    assert sorted(tensors) == sorted(settings.linears(CONFIG) if not layers else
+                                     [n for n in settings.linears(CONFIG) if int(n.split(".")[2]) in layers])
+    model = gemmalab.load(folder, backend=backend, dtype="float32")
+    model.add_adapter(lora.Adapter(settings, tensors))
+    ids = token_ids(CONFIG)
+    expected = hf_logits(theirs, ids)
+    assert relative_error(model.logits(ids), expected) < 1e-4
+    by_hand = merged_by_hand(weights, tensors, settings.scale, dora)
+    assert relative_error(reference.forward(CONFIG, by_hand, ids), expected) < 1e-4  # the oracles agree
+    dense = model.weights()
+    for name in tensors:
+        assert relative_error(dense[name + ".weight"], by_hand[name + ".weight"]) < 1e-6
+    back = model.adapter()
+    assert back.config == settings
+    for name, parts in tensors.items():
+        for part, value in parts.items():
+            assert np.array_equal(back.tensors[name][part], value)
+    assert model.fuse() == list(tensors) and model.lora is None
+    assert relative_error(model.logits(ids), expected) < 1e-4
+
+
+def test_a_second_adapter_and_a_misfit_adapter_are_refused(backend, base):
+    hf, weights, folder = base
+    model = gemmalab.load(folder, backend=backend, dtype="float32")
+    settings = lora.LoraConfig(rank=4, targets=("q_proj",))
+    adapter = lora.fresh_adapter(settings, CONFIG, seed=0)
+    name = "model.layers.0.self_attn.q_proj"
+    wrong = lora.Adapter(settings, {**adapter.tensors, name: {"lora_A": np.zeros((4, 63), np.float32),
+                                                            "lora_B": np.zeros((64, 4), np.float32)}})
+    with pytest.raises(InputError, match=r"q_proj.lora_A is \(4, 63\), but this model .* needs \(4, 64\)"):
+        model.add_adapter(wrong)
+    assert model.lora is None and not model.parameter_shapes().get(name + ".lora_A")  # nothing was wrapped
+    model.add_adapter(adapter)
+    with pytest.raises(InputError, match="already has an adapter"):
+        model.add_adapter(adapter)
+    with pytest.raises(InputError, match="Model.add_adapter"):
+        model.wrap("lora", ["k_proj"])
+
+
+# -- gradients against torch autograd through PEFT -------------------------------------------------------------
+@pytest.mark.parametrize("dora", [False, True])
+def test_adapter_gradients_equal_peft_s_and_the_base_gets_none(backend, base, dora):
+    hf, weights, folder = base
+    theirs = peft_model(hf, dora=dora, seed=5)
+    settings = lora.LoraConfig(rank=4, alpha=8, targets=TARGETS, dora=dora)
+    tensors = tensors_of(theirs)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CONFIG.vocab_size, size=(2, 21))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    loss_weights = np.ones(inputs.shape, np.float32)
+
+    # PEFT: the summed cross-entropy, by torch autograd (the DoRA norm detached, as PEFT does)
+    theirs.train()
+    logits = theirs(torch.as_tensor(inputs)).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             torch.as_tensor(targets).reshape(-1), reduction="sum")
+    loss.backward()
+    expected = {}
+    for name, param in theirs.named_parameters():
+        for ours, suffix in (("lora_A", ".lora_A.default.weight"), ("lora_B", ".lora_B.default.weight"),
+                             ("magnitude", ".lora_magnitude_vector.default.weight")):
+            if name.endswith(suffix):
+                expected[name.removeprefix("base_model.model.").removesuffix(suffix) + "." + ours] = param.grad.numpy()
+
+    b = get_backend(backend)
+    native = b.build(CONFIG, weights, dtype="float32")
+    names = lora.wrap_adapter(b, native, CONFIG, lora.Adapter(settings, tensors))
+    trainer = b.trainer(native, TrainSpec(loss=LossSpec(head=(CrossEntropy(),))))
+    scales = dict.fromkeys(b.parameter_shapes(native), 0.0)
+    scales.update(dict.fromkeys(lora.adapter_parameter_names(settings, names), 1.0))
+    trainer.set_lr_scales(scales)
+    total = trainer.accumulate(inputs, targets, loss_weights)
+    assert abs(total - float(loss.detach())) < 1e-4 * abs(float(loss.detach()))
+    grads = trainer.gradients()
+    assert sorted(grads) == sorted(expected)  # the adapter's parameters only: the frozen base has no gradient
+    for name, value in expected.items():
+        assert relative_error(grads[name], value) < 1e-4, name
+
+
+def test_jax_refuses_adapter_dropout_in_training(base):
+    if "jax" not in gemmalab.backends():
+        pytest.skip("jax is not installed")
+    hf, weights, folder = base
+    b = get_backend("jax")
+    native = b.build(CONFIG, weights, dtype="float32")
+    lora.wrap_adapter(b, native, CONFIG, lora.fresh_adapter(lora.LoraConfig(rank=2, dropout=0.1), CONFIG, 0))
+    with pytest.raises(InputError, match="adapter dropout is not implemented on the JAX backend"):
+        b.trainer(native, TrainSpec(loss=LossSpec(head=(CrossEntropy(),))))
+
+
+@pytest.mark.parametrize("backend_name", [b for b in ("torch", "mlx") if b in gemmalab.backends()])
+def test_dropout_acts_in_training_steps_only(base, backend_name):
+    """With dropout 0.5, two training passes on the same batch differ, while logits (inference) stay the
+    undropped adapter's (equal to PEFT's in eval mode)."""
+    hf, weights, folder = base
+    theirs = peft_model(hf, dora=False, seed=2)
+    settings = lora.LoraConfig(rank=4, alpha=8, targets=TARGETS, dropout=0.5)
+    model = gemmalab.load(folder, backend=backend_name, dtype="float32")
+    model.add_adapter(lora.Adapter(settings, tensors_of(theirs)))
+    ids = token_ids(CONFIG)
+    assert relative_error(model.logits(ids), hf_logits(theirs, ids)) < 1e-4
+    b = get_backend(backend_name)
+    trainer = b.trainer(model.native, TrainSpec(loss=LossSpec(head=(CrossEntropy(),))))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    first = trainer.accumulate(inputs, targets, np.ones(inputs.shape, np.float32))
+    second = trainer.accumulate(inputs, targets, np.ones(inputs.shape, np.float32))
+    assert first != second
+    assert relative_error(model.logits(ids), hf_logits(theirs, ids)) < 1e-4
