@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -295,6 +295,11 @@ def fresh_adapter(config: LoraConfig, model: Gemma3Config, seed: int,
     return Adapter(config, tensors)
 
 
+def with_tensors(adapter: Adapter, tensors: Mapping[str, Mapping[str, np.ndarray]]) -> Adapter:
+    """A copy of ``adapter`` holding ``tensors`` instead (its settings kept)."""
+    return replace(adapter, tensors={n: dict(p) for n, p in tensors.items()})
+
+
 # --------------------------------------------------------------------------------------------------------
 # Attaching an adapter to a backend's model and reading it back (through the Backend protocol)
 # --------------------------------------------------------------------------------------------------------
@@ -346,4 +351,5 @@ __all__ = [
     "init_a",
     "lora_merge",
     "row_norms",
+    "with_tensors",
 ]
