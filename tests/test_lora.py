@@ -241,3 +241,76 @@ def test_dropout_acts_in_training_steps_only(base, backend_name):
     second = trainer.accumulate(inputs, targets, np.ones(inputs.shape, np.float32))
     assert first != second
     assert relative_error(model.logits(ids), hf_logits(theirs, ids)) < 1e-4
+
+
+# -- a LoRA run: the adapter alone is trained, saved and resumed ------------------------------------------------
+@pytest.fixture(scope="module")
+def trainable_base(tmp_path_factory):
+    """A base checkpoint with the byte-level tokenizer (what `gemmalab train --model` needs)."""
+    folder = tmp_path_factory.mktemp("lora-trainable") / "base"
+    gemmalab.init("tiny", backend="torch", seed=1).save(folder)
+    return folder
+
+
+def lora_run(base_folder, out, backend, steps, **extra):
+    from gemmalab.train import TrainConfig, train
+
+    config = TrainConfig.from_dict({"model": str(base_folder), "lora": "rank=4,alpha=8,targets=q_proj,v_proj,o_proj",
+                                    "backend": backend, "steps": steps, "batch_size": 2, "seq_len": 24, "lr": 1e-2,
+                                    "warmup_steps": 0, "out": str(out), "checkpoint_every": 2, "keep_checkpoints": 0,
+                                    "eval_batches": 1, "tensorboard": False, "aim": False, **extra})
+    return train(config, progress=False, echo=lambda _: None)
+
+
+def test_a_lora_run_saves_the_adapter_alone_which_peft_loads_and_resumes_exactly(backend, trainable_base, tmp_path):
+    from safetensors.numpy import load_file
+
+    from gemmalab.train.checkpoints import OPTIMIZER_FILE
+
+    result = lora_run(trainable_base, tmp_path / "run", backend, steps=4)
+    final = result.checkpoint
+    assert not list(final.glob("model*.safetensors")) and (final / "adapter_config.json").is_file()
+    state = load_file(str(final / OPTIMIZER_FILE))
+    assert state and all(".lora_A" in k or ".lora_B" in k for k in state)  # the base has no optimizer state
+
+    # PEFT reads the run's checkpoint over transformers' copy of the base: the logits gemmalab gives
+    hf = transformers_model(trainable_base)
+    theirs = peft.PeftModel.from_pretrained(hf, str(final)).eval()
+    ids = token_ids(CONFIG)
+    ours = gemmalab.load(trainable_base, backend=backend, dtype="float32")
+    from gemmalab.adapters import read_adapter
+
+    ours.add_adapter(read_adapter(final))
+    trained = hf_logits(theirs, ids)
+    assert relative_error(ours.logits(ids), trained) < 1e-4
+    assert relative_error(hf_logits(transformers_model(trainable_base), ids), trained) > 1e-3  # it did train
+
+    # killed after step 2: resuming gives the straight run's adapter
+    import shutil
+
+    shutil.rmtree(final)
+    resumed = lora_run(trainable_base, tmp_path / "run", backend, steps=4, resume=True)
+    again = load_file(str(resumed.checkpoint / "adapter_model.safetensors"))
+    fresh = lora_run(trainable_base, tmp_path / "straight", backend, steps=4)
+    straight = load_file(str(fresh.checkpoint / "adapter_model.safetensors"))
+    assert sorted(again) == sorted(straight)
+    for key, value in straight.items():
+        assert np.allclose(again[key], value, rtol=1e-5, atol=1e-7), key
+
+
+def transformers_model(folder):
+    import transformers
+
+    return transformers.Gemma3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def test_lora_needs_a_trained_model_and_resume_keeps_its_settings(trainable_base, tmp_path):
+    from gemmalab.errors import CheckpointError, TrainingError
+    from gemmalab.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="lora adapts a trained model: give --model"):
+        TrainConfig.from_dict({"lora": "rank=4"})
+    lora_run(trainable_base, tmp_path / "run", "torch" if "torch" in gemmalab.backends() else None, steps=2)
+    with pytest.raises((TrainingError, CheckpointError), match="--resume cannot change lora"):
+        lora_run(trainable_base, tmp_path / "run", None, steps=2, resume=True,
+                 lora="rank=8,alpha=8,targets=q_proj,v_proj,o_proj")

@@ -80,6 +80,7 @@ def train(
     list_settings: Annotated[bool, typer.Option("--list-settings", callback=_list_settings, is_eager=True, help="List every setting with its type, default and meaning, and exit.")] = False,
     preset: Annotated[Optional[str], typer.Option(help=_h("preset"))] = None,  # noqa: UP045
     model: Annotated[Optional[str], typer.Option("--model", help=_h("model"))] = None,  # noqa: UP045
+    lora: Annotated[Optional[str], typer.Option("--lora", help=_h("lora"))] = None,  # noqa: UP045
     data: DataFlag = None,
     steps: StepsFlag = None,
     batch_size: BatchSizeFlag = None,
@@ -98,7 +99,7 @@ def train(
     extend: ExtendFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """Train or fine-tune a model: full-parameter training with AdamW or Adafactor on any backend.
+    """Train or fine-tune a model: full-parameter training with AdamW or Adafactor on any backend, or a LoRA / DoRA adapter on a frozen model (--lora).
 
     On a terminal a progress bar shows loss, tokens/s, learning rate and ETA; otherwise (a log file, nohup, a batch scheduler) a plain line every --log-every steps. Ctrl-C stops after the step in progress and keeps a checkpoint to resume from.
     """
@@ -106,13 +107,15 @@ def train(
 
     precision = precision_of(dtype)
     flags = {
-        "preset": preset, "model": model, "data": data, "steps": steps, "batch_size": batch_size,
+        "preset": preset, "model": model, "lora": lora, "data": data, "steps": steps, "batch_size": batch_size,
         "grad_accum": grad_accum, "seq_len": seq_len, "lr": lr, "optimizer": optimizer, "precision": precision,
         "backend": backend, "device": device, "seed": seed, "out": out, "checkpoint_every": checkpoint_every,
         "log_every": log_every, "resume": resume or None, "extend": extend or None,
     }
     config = run_settings(TrainConfig, config_file, sets, flags)
     source = config.model or f"preset {config.preset} (random init)"
+    if config.lora is not None:
+        source = f"a {config.lora_config.kind} adapter ({config.lora}) on {source}"
     console.print(f"training {escape(source)} for {config.steps} steps -> {escape(config.out)}", soft_wrap=True)
     result = run_training(config, progress=not quiet and console.is_terminal, echo=_echo,
                           log_lines=not quiet and not console.is_terminal)

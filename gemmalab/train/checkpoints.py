@@ -3,7 +3,9 @@
 A checkpoint is one folder ``RUN/checkpoints/step-00000060/`` holding
 
 * the model as an ordinary Hugging Face checkpoint (``model.safetensors``, ``config.json``,
-  ``generation_config.json``, the tokenizer), so ``gemmalab.load`` and transformers read it directly;
+  ``generation_config.json``, the tokenizer), so ``gemmalab.load`` and transformers read it directly; in a
+  LoRA run instead the adapter alone, in PEFT's format (``adapter_config.json``,
+  ``adapter_model.safetensors``), which PEFT and ``gemmalab.load(BASE, adapter=...)`` read;
 * ``optimizer/state.safetensors``: the optimizer state, in the names of gemmalab/train/spec.py (the same
   for every backend, so any backend can resume it);
 * ``loss/parameters.safetensors``, when the loss has trainable parameters of its own (the projections of a
@@ -31,6 +33,7 @@ from safetensors.numpy import load_file
 from ..checkpoint import atomic_save_safetensors, atomic_write_json, save_checkpoint
 from ..config import Gemma3Config
 from ..errors import CheckpointError
+from ..lora import Adapter
 from ..tokenizer import Tokenizer
 
 STATE_FILE = "trainer_state.json"
@@ -56,22 +59,33 @@ def save(
     step: int,
     *,
     config: Gemma3Config,
-    weights: Mapping[str, np.ndarray],
+    weights: Mapping[str, np.ndarray] | None = None,
     optimizer_state: Mapping[str, np.ndarray],
     state: dict,
     tokenizer: Tokenizer | None,
     keep_last: int,
     loss_parameters: Mapping[str, np.ndarray] | None = None,
+    adapter: Adapter | None = None,
+    base: str | None = None,
 ) -> Path:
     """Write the checkpoint of ``step`` and delete all but the newest ``keep_last`` complete ones;
-    ``loss_parameters`` (the loss's own trainable parameters) go beside the model, not into it."""
+    ``loss_parameters`` (the loss's own trainable parameters) go beside the model, not into it. A LoRA run
+    gives its ``adapter`` (and the ``base`` model it adapts) instead of ``weights``: the checkpoint is then a
+    PEFT adapter folder (gemmalab.adapters), with no copy of the frozen model."""
+    if (weights is None) == (adapter is None):
+        raise ValueError("a checkpoint holds the model's weights or an adapter: give exactly one")
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     staging = root / f".tmp-{PREFIX}{step:08d}"
     for leftover in root.glob(f".tmp-{PREFIX}*"):  # a save interrupted by a kill
         shutil.rmtree(leftover, ignore_errors=True)
-    save_checkpoint(staging, config.with_dtype("float32"), weights)  # master weights, exactly as trained
+    if adapter is not None:
+        from ..adapters import write_peft
+
+        write_peft(adapter, staging, base_model_name_or_path=base)
+    else:
+        save_checkpoint(staging, config.with_dtype("float32"), weights)  # master weights, exactly as trained
     if tokenizer is not None:
         tokenizer.save(staging)
     (staging / OPTIMIZER_FILE).parent.mkdir()

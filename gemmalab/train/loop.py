@@ -27,9 +27,11 @@ from ..backend import get_backend, resolve_backend_name
 from ..bench import process_peak_rss
 from ..checkpoint import atomic_write_bytes
 from ..errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
+from ..lora import attached_adapter
 from ..outputs import check_writable_folder, writing
 from ..params import init_weights
 from . import checkpoints, transfer
+from .adapter_run import adapter_lr_scales, start_adapter
 from .config import TrainConfig
 from .data import DataStream, load_documents, pack
 from .layers import lr_scales
@@ -276,11 +278,14 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
     objective.start(backend, config, model_config, tokenizer, windows, trained, echo)
     with writing(run_dir, "run settings"):
         _write_settings(run_dir, config)  # from here on, `--resume` finds the run, even before a checkpoint
-    if resume_from is not None:
+    lora = config.lora_config
+    if resume_from is not None and lora is None:  # a LoRA checkpoint holds the adapter: the model is the source's
         weights = hf_checkpoint.read_weights(resume_from, model_config)
     elif weights is None:
         weights = init_weights(model_config, seed=config.seed, dtype="float32")
     native = backend.build(model_config, weights, dtype="float32", device=config.device)
+    adapted = [] if lora is None else start_adapter(backend, native, model_config, lora, seed=config.seed,
+                                                    base_weights=weights, resume_from=resume_from)
     del weights
     spec, companions = objective.train_spec(config), objective.companions()
     trainer = backend.trainer(native, spec, companions=companions,
@@ -318,7 +323,9 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
         state = {"loss_scale": loss_scale, "good_steps": good_steps, "data": stream.state(),
                  "backend": backend_name, "config": config.to_dict(), "schedule_bounds": list(schedule.bounds)}
         with writing(run_dir, "checkpoint"):
-            path = checkpoints.save(run_dir, step, config=model_config, weights=backend.weights(trainer.model),
+            model_or_adapter = ({"weights": backend.weights(trainer.model)} if lora is None else
+                                {"adapter": attached_adapter(backend, trainer.model, lora, adapted), "base": config.model})
+            path = checkpoints.save(run_dir, step, config=model_config, **model_or_adapter,
                                     optimizer_state=trainer.optimizer_state(), state=state, tokenizer=tokenizer,
                                     keep_last=config.keep_checkpoints,
                                     loss_parameters=trainer.loss_parameters() if spec.loss.projections else None)
@@ -336,6 +343,8 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
                     raise interrupted(f"interrupted at step {step} of {config.steps}; checkpoint {kept}")
                 scales = lr_scales(model_config, step, layer_decay=config.layer_lr_decay,
                                    unfreeze_every=config.unfreeze_every, unfreeze_blocks=config.unfreeze_blocks)
+                if lora is not None:
+                    scales = adapter_lr_scales(scales, backend.parameter_shapes(trainer.model), lora, adapted)
                 key = tuple(sorted(scales.items()))
                 if key != scales_key:
                     trainer.set_lr_scales(scales)
