@@ -351,9 +351,13 @@ def load(
     device: str | None = None,
     *,
     revision: str | None = None,
+    adapter: str | os.PathLike | None = None,
     **backend_options: Any,
 ) -> Model:
     """Load a Gemma 3 checkpoint: a local folder, a cached Hub repo id, or one to download.
+
+    ``adapter``: a LoRA or DoRA adapter to attach (``Model.add_adapter``): a PEFT or mlx-lm adapter folder, or
+    the checkpoint of a ``gemmalab train --lora`` run (gemmalab.adapters.read_adapter).
 
     ``backend``: mlx, torch, jax or auto (default: $GEMMALAB_BACKEND, else auto).
     ``dtype``: float32, bfloat16 or float16 (default: the dtype the checkpoint is stored in, else float32).
@@ -365,10 +369,18 @@ def load(
     weights = checkpoint.read_weights(folder, config)
     chosen_dtype = canonical_dtype(dtype) if dtype else (config.stored_dtype or "float32")
     name = resolve_backend_name(backend)
+    attached = None
+    if adapter is not None:  # read and checked before the model is built: a bad adapter costs no load
+        from .adapters import read_adapter
+
+        attached = read_adapter(adapter).check(config)
     native = _build(name, config, weights, chosen_dtype, device, backend_options)
-    return Model(
+    model = Model(
         config, name, chosen_dtype, native, Tokenizer.from_folder(folder), folder, checkpoint.generation_eos_ids(folder)
     )
+    if attached is not None:
+        model.add_adapter(attached)
+    return model
 
 
 def init(

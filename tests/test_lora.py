@@ -314,3 +314,29 @@ def test_lora_needs_a_trained_model_and_resume_keeps_its_settings(trainable_base
     with pytest.raises((TrainingError, CheckpointError), match="--resume cannot change lora"):
         lora_run(trainable_base, tmp_path / "run", None, steps=2, resume=True,
                  lora="rank=8,alpha=8,targets=q_proj,v_proj,o_proj")
+
+
+def test_load_and_generate_take_an_adapter(backend, trainable_base, tmp_path):
+    import json
+
+    from cli_helpers import assert_clean_failure, run_cli
+
+    final = lora_run(trainable_base, tmp_path / "run", backend, steps=2).checkpoint
+    hf = transformers_model(trainable_base)
+    theirs = peft.PeftModel.from_pretrained(hf, str(final)).eval()
+    model = gemmalab.load(trainable_base, backend=backend, dtype="float32", adapter=final)
+    assert model.lora is not None and model.lora.rank == 4
+    ids = token_ids(CONFIG)
+    assert relative_error(model.logits(ids), hf_logits(theirs, ids)) < 1e-4
+
+    # greedy tokens by hand from PEFT's logits, then through `gemmalab generate --adapter`
+    prompt = [5, 17, 33]
+    chain = list(prompt)
+    for _ in range(6):
+        chain.append(int(hf_logits(theirs, np.array([chain]))[0, -1].argmax()))
+    shown = run_cli("generate", str(trainable_base), "--adapter", str(final), "--prompt-ids", "5,17,33", "-n", "6",
+                    "--json", "-b", backend)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["tokens"] == chain[3:]
+    assert_clean_failure(run_cli("generate", "tiny", "--adapter", str(final), "--prompt-ids", "5", "-b", backend),
+                         "an adapter adapts a trained model")

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from ..errors import InputError
+
 BackendOption = Annotated[
     Optional[str],  # noqa: UP045  (typer reads the annotation at run time)
     typer.Option("--backend", "-b", help="mlx, torch, jax or auto (default: $GEMMALAB_BACKEND, else auto)."),
@@ -57,11 +59,16 @@ def resolve_source(source: str) -> Source:
     return Source(source, checkpoint.load_config(folder), Tokenizer.from_folder(folder), folder)
 
 
-def open_model(source: Source | str, backend: str | None, dtype: str | None, device: str | None, seed: int = 0):
-    """The model of ``source``: a checkpoint's weights, or a preset's random ones drawn from ``seed``."""
+def open_model(source: Source | str, backend: str | None, dtype: str | None, device: str | None, seed: int = 0,
+               adapter: str | None = None):
+    """The model of ``source``: a checkpoint's weights, or a preset's random ones drawn from ``seed``; with
+    ``adapter`` (a PEFT or mlx-lm adapter folder, or a LoRA run's checkpoint) attached."""
     import gemmalab
 
     resolved = source if isinstance(source, Source) else resolve_source(source)
     if resolved.folder is None:
+        if adapter is not None:
+            raise InputError(f"an adapter adapts a trained model, not {resolved.name}'s random weights: give the "
+                             "checkpoint it was trained on")
         return gemmalab.init(resolved.name, backend=backend, dtype=dtype, device=device, seed=seed)
-    return gemmalab.load(resolved.folder, backend=backend, dtype=dtype, device=device)
+    return gemmalab.load(resolved.folder, backend=backend, dtype=dtype, device=device, adapter=adapter)

@@ -45,6 +45,7 @@ def generate(
         Optional[str],  # noqa: UP045
         typer.Option("--stop-ids", help="Extra comma-separated stop token ids (besides the checkpoint's eos ids)."),
     ] = None,
+    adapter: Annotated[Optional[str], typer.Option("--adapter", help="Attach a LoRA / DoRA adapter: a PEFT or mlx-lm adapter folder, or a `gemmalab train --lora` checkpoint.")] = None,  # noqa: UP045
     backend: BackendOption = None,
     dtype: DtypeOption = None,
     device: DeviceOption = None,
@@ -76,7 +77,7 @@ def generate(
         repetition_penalty=repetition_penalty, seed=seed, stop=stops or None,
     )
 
-    model = open_model(resolved, backend, dtype, device, seed or 0)
+    model = open_model(resolved, backend, dtype, device, seed or 0, adapter=adapter)
     if as_json:
         result = model.generate(ids, max_tokens, **sampling)
         print(json.dumps({
