@@ -340,3 +340,21 @@ def test_load_and_generate_take_an_adapter(backend, trainable_base, tmp_path):
     assert json.loads(shown.stdout)["tokens"] == chain[3:]
     assert_clean_failure(run_cli("generate", "tiny", "--adapter", str(final), "--prompt-ids", "5", "-b", backend),
                          "an adapter adapts a trained model")
+
+
+def test_distillation_trains_a_lora_student(backend, trainable_base, tmp_path):
+    from gemmalab.distill import DistillConfig, distill
+
+    teacher = tmp_path / "teacher"
+    gemmalab.init("tiny", backend="torch", seed=2).save(teacher)
+    config = DistillConfig.from_dict({"teacher": str(teacher), "model": str(trainable_base), "lora": "rank=2,alpha=4",
+                                      "backend": backend, "steps": 2, "batch_size": 2, "seq_len": 24,
+                                      "warmup_steps": 0, "lr": 1e-2, "eval_batches": 1, "out": str(tmp_path / "run"),
+                                      "tensorboard": False, "aim": False})
+    result = distill(config, progress=False, echo=lambda _: None)
+    final = result.train.checkpoint
+    assert (final / "adapter_config.json").is_file() and not list(final.glob("model*.safetensors"))
+    model = gemmalab.load(trainable_base, backend=backend, dtype="float32", adapter=final)
+    assert model.adapted == tuple(lora.LoraConfig(rank=2).linears(CONFIG))
+    with pytest.raises(ConfigError, match="lora adapts a trained model: give --student"):
+        DistillConfig.from_dict({"teacher": str(teacher), "lora": "rank=2"})

@@ -121,6 +121,7 @@ def distill(
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help=_h("max_new_tokens"))] = None,  # noqa: UP045
     show: Annotated[bool, typer.Option("--show-mapping", help="Print the layer mapping of --teacher and --student (presets or checkpoints; no weights are read) with the losses on each pair, and exit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="With --show-mapping: print JSON for machines.")] = False,
+    lora: Annotated[Optional[str], typer.Option("--lora", help="Train a LoRA / DoRA adapter on the student checkpoint instead of the student: rank=16,alpha=32,targets=q_proj,v_proj (gemmalab train --lora).")] = None,  # noqa: UP045
     data: DataFlag = None,
     steps: StepsFlag = None,
     batch_size: BatchSizeFlag = None,
@@ -156,7 +157,7 @@ def distill(
         "loss": loss, "alpha": alpha, "beta": beta, "temperature": temperature, "mapping": mapping,
         "hidden_weight": hidden_weight, "hidden_loss": hidden_loss, "attention_weight": attention_weight,
         "attention_temperature": attention_temperature, "lmbda": lmbda, "seq_kd": seq_kd,
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": max_new_tokens, "lora": lora,
         "data": data, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
         "lr": lr, "precision": precision, "backend": backend, "device": device, "seed": seed, "out": out,
         "checkpoint_every": checkpoint_every, "log_every": log_every, "resume": resume or None,

@@ -56,6 +56,7 @@ TEACHER = "teacher"  # the companion name of the teacher model in the loss spec
 @dataclass(frozen=True)
 class DistillConfig(TrainConfig):
     command: ClassVar[str] = "gemmalab distill"
+    model_flag: ClassVar[str] = "--student"
 
     # the teacher
     teacher: str | None = _setting(None, "the teacher: a checkpoint folder or Hub repo id (or give cache)")

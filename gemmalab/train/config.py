@@ -35,6 +35,7 @@ def _setting(default: Any, meaning: str) -> Any:
 class TrainConfig:
     # The command whose settings these are, for error messages (a subclass such as DistillConfig names its own).
     command: ClassVar[str] = "gemmalab train"
+    model_flag: ClassVar[str] = "--model"  # the flag that names the checkpoint trained (distill: --student)
 
     # what to train
     preset: str | None = _setting("tiny", "random init from this preset (byte-level tokenizer); ignored with model")
@@ -124,7 +125,8 @@ class TrainConfig:
         if self.lora is not None:
             settings = LoraConfig.from_dict(self.lora)
             if self.model is None:
-                raise ConfigError("lora adapts a trained model: give --model SOURCE (a checkpoint folder or Hub id)")
+                raise ConfigError(f"lora adapts a trained model: give {self.model_flag} SOURCE (a checkpoint folder or "
+                                  "Hub id)")
             object.__setattr__(self, "lora", settings.describe())  # one canonical form, in config.yaml too
 
     @property
