@@ -10,13 +10,14 @@
     distill_cache.py  distill cache
     distill_generate.py  distill generate
     experiments.py  experiments list, run, menu
+    lora.py      lora export, lora merge (adapter formats)
 
 Importing this package imports no array framework: each command imports its backend when it runs.
 """
 
 from __future__ import annotations
 
-from . import bench, distill, distill_cache, distill_generate, experiments, generate, models, train  # noqa: F401  (each module registers its commands on `app`)
+from . import bench, distill, distill_cache, distill_generate, experiments, generate, lora, models, train  # noqa: F401  (each module registers its commands on `app`)
 from .app import app, console, err_console, main
 
 __all__ = ["app", "console", "err_console", "main"]
