@@ -84,6 +84,23 @@ def test_distill_tiny_smoke_run_reports_the_gap_it_closes(tmp_path):
     assert (tmp_path / "run" / report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_lora_tiny_smoke_run_fine_tunes_both_ways_and_sizes_the_adapter(tmp_path):
+    from gemmalab.experiments.registry import run
+
+    entry = get("lora-tiny")
+    report = run(entry, tmp_path / "run", overrides=[f"{k}={json.dumps(v)}" for k, v in entry.smoke.items()])
+    # real effects of three steps: each fine-tuning lowers the held-out loss on the chat replies below the base's
+    assert report["eval_loss_full"] < report["eval_loss_base"]
+    assert report["eval_loss_lora"] < report["eval_loss_base"]
+    # rank 8 on all seven linears of tiny's 6 blocks (hidden 64, 4 query / 2 kv heads of 16, MLP 128), by hand:
+    # q and o 8*64 + 64*8, k and v 8*64 + 32*8, gate and up 8*64 + 128*8, down 8*128 + 64*8
+    per_block = 2 * (512 + 512) + 2 * (512 + 256) + 2 * (512 + 1024) + (1024 + 512)
+    assert report["adapter_parameters"] == 6 * per_block
+    assert 4 * 6 * per_block < report["adapter_bytes"] < 4 * 6 * per_block + 65536  # float32, plus the header
+    assert report["adapter_bytes"] < report["full_checkpoint_bytes"]
+    assert (tmp_path / "run" / report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_distill_features_smoke_run_reports_both_gaps_and_each_pair(tmp_path):
     from gemmalab.experiments.registry import run
 
