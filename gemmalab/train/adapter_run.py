@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import Gemma3Config
 from ..errors import CheckpointError
-from ..lora import LoraConfig, adapter_parameter_names, fresh_adapter, wrap_adapter
+from ..lora import Adapter, LoraConfig, adapter_parameter_names, fresh_adapter, wrap_adapter
 
 
 def start_adapter(backend: Any, native: Any, model: Gemma3Config, settings: LoraConfig, *, seed: int,
@@ -28,10 +28,15 @@ def start_adapter(backend: Any, native: Any, model: Gemma3Config, settings: Lora
     else:
         from ..adapters import read_peft
 
-        adapter = read_peft(resume_from)
-        if adapter.config != settings:
-            raise CheckpointError(f"{resume_from} holds a {adapter.config.describe()} adapter, but the run trains "
+        saved = read_peft(resume_from)
+        # PEFT's file may name the linears in another (equivalent) way: compare what is adapted, and how
+        same = (sorted(saved.tensors) == sorted(settings.linears(model))
+                and (saved.config.rank, saved.config.scale, saved.config.dora) == (settings.rank, settings.scale,
+                                                                                   settings.dora))
+        if not same:
+            raise CheckpointError(f"{resume_from} holds a {saved.config.describe()} adapter, but the run trains "
                                   f"{settings.describe()}: resume with the run's own settings")
+        adapter = Adapter(settings, saved.tensors)
     return wrap_adapter(backend, native, model, adapter)
 
 
