@@ -37,7 +37,9 @@ from .params import EMBED, LM_HEAD, parameter_shapes
 
 BASE = "base"  # the child under which a wrapper keeps the linear it wraps: <linear>.base.weight
 # The wrappers every backend implements, by the name the core dispatches on (Backend.wrap, Model.wrap).
-WRAPPER_KINDS = ("output_scale", "lora", "dora")
+WRAPPER_KINDS = ("output_scale", "lora", "dora", "quantized")
+# Those that may wrap a linear that is wrapped already (an adapter over a quantized linear: QLoRA), once.
+STACKING_KINDS = ("lora", "dora")
 
 EMBEDDING = EMBED.removesuffix(".weight")  # "model.embed_tokens"
 HEAD = LM_HEAD.removesuffix(".weight")  # "lm_head"
@@ -222,6 +224,7 @@ def output_scale_init(scale: object, out_features: int) -> np.ndarray:
 
 __all__ = [
     "BASE",
+    "STACKING_KINDS",
     "EMBEDDING",
     "HEAD",
     "LinearSpec",

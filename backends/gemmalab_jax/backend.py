@@ -37,7 +37,7 @@ from gemmalab.checks import check_cache_request, check_chunk_tokens, check_logit
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
-from gemmalab.linears import check_kind, checked_parameter_names
+from gemmalab.linears import STACKING_KINDS, check_kind, checked_parameter_names
 from gemmalab.params import parameter_shapes
 from gemmalab.stages import check_head_chunks, check_partial_names, check_run_layers, partial_problem
 from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
@@ -412,7 +412,8 @@ class JaxBackend:
         """Wrap the linears ``names`` (exact names) with the wrapper ``kind`` (gemmalab.linears.WRAPPER_KINDS),
         built with ``options``; returns the names wrapped."""
         cls = WRAPPERS[check_kind(kind)]
-        return list(linears.wrap(model, names, lambda base: cls.from_base(base, **options)))
+        return list(linears.wrap(model, names, lambda base: cls.from_base(base, **options),
+                                 stack=kind in STACKING_KINDS))
 
     def fuse(self, model: JaxModel) -> list[str]:
         """Fuse every wrapper back into a plain dense leaf; returns the names fused."""

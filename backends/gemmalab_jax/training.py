@@ -98,6 +98,7 @@ from gemmalab.train.losses import (
 from gemmalab.train.spec import OptimizerSpec, TrainSpec, check_companions, check_optimizer_state
 from gemmalab.train.transfer import COSINE_EPS, attention_groups, checked_loss_parameters
 
+from .linears import wrappers
 from .model import (
     DTYPES,
     Gemma3Output,
@@ -115,7 +116,6 @@ from .model import (
     soft_cap,
     text_model,
 )
-from .linears import wrappers
 from .sharding import Plan
 
 if TYPE_CHECKING:

@@ -17,6 +17,7 @@ from gemmalab.linears import output_scale_init
 from gemmalab.lora import check_lora_arrays
 
 from .linears import Wrapper, static_field, wrapper
+from .quantized import QUANTIZED
 
 
 def _plain_leaf(base: Any, name: str) -> dict[str, Any]:
@@ -155,6 +156,7 @@ class DoRA(Wrapper):
         return self.lora_B.shape[0]
 
 
-WRAPPERS: dict[str, type[Wrapper]] = {"output_scale": OutputScale, "lora": LoRA, "dora": DoRA}
+# the quantized linear lives in quantized.py (with its kernels); here it joins the dispatch by name
+WRAPPERS: dict[str, type[Wrapper]] = {"output_scale": OutputScale, "lora": LoRA, "dora": DoRA, **QUANTIZED}
 
 __all__ = ["WRAPPERS", "DoRA", "LoRA", "OutputScale"]

@@ -23,7 +23,7 @@ from gemmalab.checks import check_chunk_tokens, check_logits_mode, check_token_i
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype
 from gemmalab.errors import BackendError, CheckpointError, InputError
-from gemmalab.linears import check_kind, checked_parameter_names
+from gemmalab.linears import STACKING_KINDS, check_kind, checked_parameter_names
 from gemmalab.stages import check_head_chunks, check_partial_names, check_run_layers, partial_problem
 from gemmalab.train.inputs import prepare
 from gemmalab.train.losses import CrossEntropy, LossSpec
@@ -309,7 +309,8 @@ class MLXBackend:
         """Wrap the linears ``names`` (exact names) with the wrapper ``kind`` (gemmalab.linears.WRAPPER_KINDS),
         built with ``options``; returns the names wrapped."""
         cls = WRAPPERS[check_kind(kind)]
-        return list(linears.wrap(model, names, lambda base: cls.from_base(base, **options)))
+        return list(linears.wrap(model, names, lambda base: cls.from_base(base, **options),
+                                 stack=kind in STACKING_KINDS))
 
     def fuse(self, model: Gemma3ForCausalLM) -> list[str]:
         """Fuse every wrapper back into a plain dense linear; returns the names fused."""

@@ -24,7 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from gemmalab.errors import BackendError, InputError
-from gemmalab.linears import check_wrappable
+from gemmalab.linears import BASE, check_wrappable
 from gemmalab.linears import linears as linear_specs
 from gemmalab.params import parameter_shapes
 
@@ -86,16 +86,24 @@ def wrappers(model: Gemma3ForCausalLM) -> dict[str, Wrapper]:
     return {name: m for name, m in linears(model).items() if isinstance(m, Wrapper)}
 
 
+def _is_stack(wrapper: Wrapper) -> bool:
+    """Whether a wrapper wraps another wrapper (a LoRA over a quantized linear)."""
+    return isinstance(getattr(wrapper, BASE, None), Wrapper)
+
+
 def wrap(
-    model: Gemma3ForCausalLM, names: Collection[str], make_wrapper: Callable[[nn.Linear], Wrapper]
+    model: Gemma3ForCausalLM, names: Collection[str], make_wrapper: Callable[[nn.Linear], Wrapper],
+    *, stack: bool = False,
 ) -> dict[str, Wrapper]:
     """Replace each named linear (exact names: gemmalab.linears.select makes them) by
     ``make_wrapper(base)``, in place; returns the new wrappers by name. Nothing changes when a name is
-    unknown, the tied head or already wrapped: each is an InputError naming it."""
+    unknown, the tied head or already wrapped: each is an InputError naming it. With ``stack`` a
+    wrapped linear is wrapped again, its wrapper becoming the new one's base (LoRA over a quantized
+    linear: gemmalab.linears.STACKING_KINDS), once: a stack is never stacked on."""
     names = check_wrappable(model.config, names)
     current = linears(model)
     for name in names:
-        if isinstance(current[name], Wrapper):
+        if isinstance(current[name], Wrapper) and not (stack and not _is_stack(current[name])):
             raise InputError(
                 f"{name} is already wrapped ({type(current[name]).__name__}): fuse(model) first to wrap it again"
             )

@@ -15,6 +15,7 @@ from gemmalab.linears import output_scale_init
 from gemmalab.lora import check_lora_arrays
 
 from .linears import Wrapper
+from .quantized import QUANTIZED
 
 
 def _plain_linear(base: nn.Module, wrapper: str) -> nn.Linear:
@@ -149,6 +150,7 @@ class DoRA(LoRA):
         return (self.magnitude / mx.linalg.norm(adapted, axis=1))[:, None] * adapted
 
 
-WRAPPERS: dict[str, type[Wrapper]] = {"output_scale": OutputScale, "lora": LoRA, "dora": DoRA}
+# the quantized linear lives in quantized.py (with its kernels); here it joins the dispatch by name
+WRAPPERS: dict[str, type[Wrapper]] = {"output_scale": OutputScale, "lora": LoRA, "dora": DoRA, **QUANTIZED}
 
 __all__ = ["WRAPPERS", "DoRA", "LoRA", "OutputScale"]

@@ -16,6 +16,7 @@ from gemmalab.linears import output_scale_init
 from gemmalab.lora import check_lora_arrays
 
 from .linears import Wrapper
+from .quantized import QUANTIZED
 
 
 def _plain_linear(base: nn.Module, wrapper: str) -> nn.Linear:
@@ -140,6 +141,7 @@ class DoRA(LoRA):
         return (self.magnitude / torch.linalg.vector_norm(adapted, dim=1))[:, None] * adapted
 
 
-WRAPPERS: dict[str, type[Wrapper]] = {"output_scale": OutputScale, "lora": LoRA, "dora": DoRA}
+# the quantized linear lives in quantized.py (with its kernels); here it joins the dispatch by name
+WRAPPERS: dict[str, type[Wrapper]] = {"output_scale": OutputScale, "lora": LoRA, "dora": DoRA, **QUANTIZED}
 
 __all__ = ["WRAPPERS", "DoRA", "LoRA", "OutputScale"]
