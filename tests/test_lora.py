@@ -358,3 +358,76 @@ def test_distillation_trains_a_lora_student(backend, trainable_base, tmp_path):
     assert model.adapted == tuple(lora.LoraConfig(rank=2).linears(CONFIG))
     with pytest.raises(ConfigError, match="lora adapts a trained model: give --student"):
         DistillConfig.from_dict({"teacher": str(teacher), "lora": "rank=2"})
+
+
+# -- QLoRA: the adapter over a quantized frozen base ------------------------------------------------------------
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_gives_peft_s_logits_and_gradients_over_the_dequantized_base(backend, base, bits):
+    """The oracle: PEFT's LoRA over a transformers model whose block linears hold the dequantized numbers
+    (gemmalab.quantize, itself equal to mx.quantize: tests/test_quantize.py)."""
+    from gemmalab.quantize import dequantize, quantize
+    from gemmalab.train.adapter_run import quantize_base
+
+    hf, weights, folder = base
+    group = 32
+    dequantized = dict(weights)
+    for name in lora.LoraConfig(targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                         "down_proj")).linears(CONFIG):
+        dequantized[name + ".weight"] = dequantize(*quantize(weights[name + ".weight"], bits, group), bits, group)
+    import copy
+
+    dense = copy.deepcopy(hf)
+    with torch.no_grad():
+        for name, param in dense.named_parameters():
+            if name in dequantized:
+                param.copy_(torch.from_numpy(dequantized[name]))
+    theirs = peft_model(dense, dora=False, seed=7)
+    settings = lora.LoraConfig(rank=4, alpha=8, targets=TARGETS)
+    tensors = tensors_of(theirs)
+
+    b = get_backend(backend)
+    native = b.build(CONFIG, weights, dtype="float32")
+    quantize_base(b, native, CONFIG, bits, group)
+    names = lora.wrap_adapter(b, native, CONFIG, lora.Adapter(settings, tensors))
+    ids = token_ids(CONFIG)
+    assert relative_error(b.logits(native, ids), hf_logits(theirs, ids)) < 1e-4
+
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, CONFIG.vocab_size, size=(2, 17))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    theirs.train()
+    logits = theirs(torch.as_tensor(inputs)).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.as_tensor(targets).reshape(-1),
+                                      reduction="sum").backward()
+    expected = {name.removeprefix("base_model.model.").replace(".lora_A.default.weight", ".lora_A")
+                .replace(".lora_B.default.weight", ".lora_B"): p.grad.numpy()
+                for name, p in theirs.named_parameters() if p.grad is not None}
+    trainer = b.trainer(native, TrainSpec(loss=LossSpec(head=(CrossEntropy(),))))
+    scales = dict.fromkeys(b.parameter_shapes(native), 0.0)
+    scales.update(dict.fromkeys(lora.adapter_parameter_names(settings, names), 1.0))
+    trainer.set_lr_scales(scales)
+    trainer.accumulate(inputs, targets, np.ones(inputs.shape, np.float32))
+    grads = trainer.gradients()
+    assert sorted(grads) == sorted(expected)
+    for name, value in expected.items():
+        assert relative_error(grads[name], value) < 1e-4, name
+
+
+def test_a_qlora_run_trains_and_resumes_exactly(backend, trainable_base, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    quantized = {"quantize": "q4", "quantize_group_size": 32}
+    result = lora_run(trainable_base, tmp_path / "run", backend, steps=4, **quantized)
+    straight = load_file(str(result.checkpoint / "adapter_model.safetensors"))
+    assert any(np.abs(v).max() > 0 for k, v in straight.items() if "lora_B" in k)  # it trained
+    shutil.rmtree(result.checkpoint)
+    resumed = lora_run(trainable_base, tmp_path / "run", backend, steps=4, resume=True, **quantized)
+    again = load_file(str(resumed.checkpoint / "adapter_model.safetensors"))
+    for key, value in straight.items():
+        assert np.allclose(again[key], value, rtol=1e-5, atol=1e-7), key
+    with pytest.raises(ConfigError, match="quantize freezes the model: train an adapter over it with --lora"):
+        from gemmalab.train import TrainConfig
+
+        TrainConfig.from_dict({"model": str(trainable_base), "quantize": "q4"})

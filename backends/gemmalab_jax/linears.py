@@ -172,11 +172,11 @@ def wrap(
                 f"make_wrapper gave a {type(new).__name__} for {name}: it must return a "
                 "gemmalab_jax.linears.Wrapper (e.g. wrappers.OutputScale.from_base)"
             )
-        weight = base["weight"]
-        if (new.in_features, new.out_features) != (weight.shape[1], weight.shape[0]):
+        spec = linear_specs(model.config)[name]  # not the base's arrays: a quantized base packs its weight
+        if (new.in_features, new.out_features) != (spec.in_features, spec.out_features):
             raise InputError(
                 f"{type(new).__name__} for {name} maps {new.in_features} -> {new.out_features} features, "
-                f"but the linear maps {weight.shape[1]} -> {weight.shape[0]}"
+                f"but the linear maps {spec.in_features} -> {spec.out_features}"
             )
         made[name] = _placed(model, new, base)
     params = model.params

@@ -608,7 +608,9 @@ def _accumulate(
         # The cast is inside the differentiated function: gradients flow back through it to float32.
         everything = {**trainable, **frozen}
         master = rebuild(structure, everything)  # wrappers (linears.py) kept; the loss parameters left out
-        params = jax.tree.map(lambda p: p.astype(DTYPES[compute]), master)
+        # floats only: a quantized linear's packed codes stay integers (its scales follow the compute dtype)
+        params = jax.tree.map(lambda p: p.astype(DTYPES[compute]) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                              master)
         value, sums = chunked_term_sums(
             params,
             config,

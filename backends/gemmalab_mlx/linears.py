@@ -116,7 +116,8 @@ def wrap(
                 f"make_wrapper gave a {type(new).__name__} for {name}: it must return a "
                 "gemmalab_mlx.linears.Wrapper (e.g. wrappers.OutputScale.from_base)"
             )
-        out_features, in_features = base.weight.shape
+        spec = linear_specs(model.config)[name]  # not the base's arrays: a quantized base packs its weight
+        in_features, out_features = spec.in_features, spec.out_features
         if (new.in_features, new.out_features) != (in_features, out_features):
             raise InputError(
                 f"{type(new).__name__} for {name} maps {new.in_features} -> {new.out_features} features, "

@@ -1,5 +1,7 @@
 """A LoRA or DoRA run (``gemmalab train --lora ...``): the adapter is trained, the model it wraps is not.
 
+* with ``quantize`` (QLoRA) the frozen model's block linears are held quantized (int4 or int8, the ``quantized``
+  wrapper) and the adapter wraps those;
 * the adapter starts fresh (gemmalab.lora.fresh_adapter, from the run's seed) or, on ``--resume``, from the
   checkpoint, which holds the adapter in PEFT's format (gemmalab.adapters) instead of the model;
 * every parameter but the adapter's has learning-rate scale 0 (frozen: no gradient, no optimizer state), and
@@ -17,6 +19,7 @@ import numpy as np
 
 from ..config import Gemma3Config
 from ..errors import CheckpointError
+from ..linears import select
 from ..lora import Adapter, LoraConfig, adapter_parameter_names, fresh_adapter, wrap_adapter
 
 
@@ -40,6 +43,14 @@ def start_adapter(backend: Any, native: Any, model: Gemma3Config, settings: Lora
     return wrap_adapter(backend, native, model, adapter)
 
 
+def quantize_base(backend: Any, native: Any, model: Gemma3Config, bits: int, group_size: int) -> list[str]:
+    """Replace every block linear of the frozen model by its quantized form (the ``quantized`` wrapper: the
+    numbers of gemmalab.quantize, each backend's kernel), before the adapter wraps them (QLoRA). The head
+    stays as it is."""
+    names = select(model, layers=range(model.num_hidden_layers))
+    return backend.wrap(native, names, "quantized", bits=bits, group_size=group_size)
+
+
 def adapter_lr_scales(scales: Mapping[str, float], parameters: Collection[str], settings: LoraConfig,
                       adapted: Collection[str]) -> dict[str, float]:
     """The learning-rate scale of every parameter the model holds: 0 but for the adapter's, which take the
@@ -50,4 +61,4 @@ def adapter_lr_scales(scales: Mapping[str, float], parameters: Collection[str], 
     return out
 
 
-__all__ = ["adapter_lr_scales", "start_adapter"]
+__all__ = ["adapter_lr_scales", "quantize_base", "start_adapter"]

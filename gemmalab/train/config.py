@@ -21,9 +21,12 @@ import yaml
 
 from ..errors import ConfigError
 from ..lora import LoraConfig
+from ..quantize import check_options
 from .losses import CrossEntropy, LossSpec
 from .schedules import SCHEDULES
 from .spec import LOSS_CHUNK_TOKENS, OptimizerSpec, TrainSpec
+
+QUANTIZE_CHOICES = {"q4": 4, "q8": 8}  # the quantize setting's values: bits of the frozen base's linears
 
 
 def _setting(default: Any, meaning: str) -> Any:
@@ -72,6 +75,9 @@ class TrainConfig:
     lora: str | dict | None = _setting(None, "train a LoRA (or DoRA) adapter on the frozen model instead of the model: "
                                              "rank=16,alpha=32,targets=q_proj,v_proj[,layers=2:6][,dropout=0.05]"
                                              "[,rslora=true][,dora=true] (YAML: a mapping); needs --model")
+    quantize: str | None = _setting(None, "with lora: hold the frozen model's block linears quantized, q4 or q8 "
+                                          "(QLoRA; the adapter trains in full precision); none = as loaded")
+    quantize_group_size: int = _setting(64, "with quantize: weights per scale and bias, 32, 64 or 128")
     # loss, precision, memory
     label_smoothing: float = _setting(0.0, "label smoothing of the cross-entropy, in [0, 1)")
     loss_chunk_tokens: int = _setting(LOSS_CHUNK_TOKENS, "positions per chunk of the output head and loss")
@@ -128,6 +134,18 @@ class TrainConfig:
                 raise ConfigError(f"lora adapts a trained model: give {self.model_flag} SOURCE (a checkpoint folder or "
                                   "Hub id)")
             object.__setattr__(self, "lora", settings.describe())  # one canonical form, in config.yaml too
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZE_CHOICES:
+                raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} (or none), got {self.quantize!r}")
+            if self.lora is None:
+                raise ConfigError("quantize freezes the model: train an adapter over it with --lora (QLoRA); a "
+                                  "quantized model cannot be trained itself")
+            check_options(QUANTIZE_CHOICES[self.quantize], self.quantize_group_size)
+
+    @property
+    def quantize_bits(self) -> int | None:
+        """4 or 8 with ``quantize``, else None."""
+        return None if self.quantize is None else QUANTIZE_CHOICES[self.quantize]
 
     @property
     def lora_config(self) -> LoraConfig | None:

@@ -31,7 +31,7 @@ from ..lora import attached_adapter
 from ..outputs import check_writable_folder, writing
 from ..params import init_weights
 from . import checkpoints, transfer
-from .adapter_run import adapter_lr_scales, start_adapter
+from .adapter_run import adapter_lr_scales, quantize_base, start_adapter
 from .config import TrainConfig
 from .data import DataStream, load_documents, pack
 from .layers import lr_scales
@@ -284,6 +284,8 @@ def train(config: TrainConfig, *, progress: bool = True, echo=print, log_lines: 
     elif weights is None:
         weights = init_weights(model_config, seed=config.seed, dtype="float32")
     native = backend.build(model_config, weights, dtype="float32", device=config.device)
+    if config.quantize is not None:  # QLoRA: the frozen base quantized before the adapter wraps it
+        quantize_base(backend, native, model_config, config.quantize_bits, config.quantize_group_size)
     adapted = [] if lora is None else start_adapter(backend, native, model_config, lora, seed=config.seed,
                                                     base_weights=weights, resume_from=resume_from)
     del weights
