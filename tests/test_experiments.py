@@ -101,6 +101,21 @@ def test_lora_tiny_smoke_run_fine_tunes_both_ways_and_sizes_the_adapter(tmp_path
     assert (tmp_path / "run" / report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_quantize_tiny_smoke_run_scores_and_times_four_variants(tmp_path):
+    from gemmalab.experiments.registry import run
+
+    entry = get("quantize-tiny")
+    report = run(entry, tmp_path / "run", overrides=[f"{k}={json.dumps(v)}" for k, v in entry.smoke.items()])
+    fp32, q8, q4 = (report[f"perplexity_{name}"] for name in ("fp32", "q8", "q4"))
+    # real effects: every variant beats a uniform guess, q4 moves the perplexity, and int8 moves it less than int4
+    assert max(fp32, q8, q4, report["perplexity_bf16"]) < UNIFORM_PERPLEXITY
+    assert q4 != fp32 and abs(q8 - fp32) < abs(q4 - fp32)
+    assert report["perplexity_increase_q4"] == pytest.approx(q4 / fp32 - 1, rel=1e-12)
+    assert [row["variant"] for row in report["table"]] == ["fp32", "bf16", "q8", "q4"]
+    assert all(row["decode_tokens_per_s"] > 0 and row["generated_tokens"] > 0 for row in report["table"])
+    assert (tmp_path / "run" / report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_distill_features_smoke_run_reports_both_gaps_and_each_pair(tmp_path):
     from gemmalab.experiments.registry import run
 
