@@ -108,7 +108,7 @@ EXPERIMENT = Experiment(
     name="quantize-tiny",
     summary="A trained tiny model in fp32, bf16, q8 and q4: held-out perplexity and decode speed in one table.",
     config="configs/quantize-tiny.yaml",
-    expected="about 2 minutes on PyTorch (2 CPU cores)",
+    expected="about 1 minute on PyTorch (2 CPU cores)",
     run=run,
     headline=("perplexity_fp32", "perplexity_bf16", "perplexity_q8", "perplexity_q4", "decode_tokens_per_s_fp32",
               "decode_tokens_per_s_q4", "backend"),
