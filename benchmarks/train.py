@@ -14,6 +14,14 @@ global-norm clipping at 1.0, 2 threads:
   (``mlx_lm.tuner.trainer.default_loss`` under ``nn.value_and_grad``, compiled with the model and optimizer
   state as ``mlx_lm.tuner.trainer.train`` does, ``optim.AdamW`` with bias correction as gemmalab's).
 
+With ``--lora rank=16,alpha=32,targets=q_proj,k_proj,v_proj,o_proj`` every engine trains that adapter on the
+frozen model instead (gemmalab ``train --lora``'s own functions; PEFT's ``get_peft_model``; mlx-lm's
+``linear_to_lora_layers`` on the frozen model, as ``mlx_lm.lora`` does), and engine ``torch+q4`` (``+q8``) is
+gemmalab's QLoRA, the adapter over int4 (int8, group 64) block linears, compared with gemmalab-torch's LoRA:
+
+    .venv/bin/python benchmarks/train.py --engines torch,transformers,torch+q4 --no-loss-memory \
+        --lora rank=16,alpha=32,targets=q_proj,k_proj,v_proj,o_proj --results train-lora.json
+
 Tokens/s = batch x seq / median step time after one warm-up step; peak memory = the process's peak RSS.
 
 Phase profile (``--profile-steps``, torch pair only): after the timed steps, each engine runs more steps of the
@@ -139,16 +147,32 @@ def timed_method(obj, name: str, clock: PhaseClock, before: str | None, after: s
     setattr(obj, name, wrapper)
 
 
-def run_gemmalab(backend_name: str, folder: str, tokens: np.ndarray, steps: int, profile_steps: int = 0) -> dict:
+def run_gemmalab(backend_name: str, folder: str, tokens: np.ndarray, steps: int, profile_steps: int = 0,
+                 lora: str | None = None) -> dict:
     from gemmalab import checkpoint
     from gemmalab.backend import get_backend
     from gemmalab.train.spec import OptimizerSpec, TrainSpec
 
     config = checkpoint.load_config(Path(folder))
+    quantize = backend_name.partition("+q")[2]  # "torch+q4": QLoRA over int4 block linears
+    backend_name = backend_name.partition("+")[0]
     backend = get_backend(backend_name)
-    model = backend.build(config, checkpoint.read_weights(Path(folder), config), dtype="float32", device="cpu")
+    weights = checkpoint.read_weights(Path(folder), config)
+    model = backend.build(config, weights, dtype="float32", device="cpu")
+    adapted = []
+    if lora:  # the adapter alone trains: gemmalab train --lora's own functions
+        from gemmalab.lora import LoraConfig, fresh_adapter, wrap_adapter
+        from gemmalab.train.adapter_run import adapter_lr_scales, quantize_base
+
+        settings = LoraConfig.parse(lora)
+        if quantize:
+            quantize_base(backend, model, config, int(quantize), 64)
+        adapted = wrap_adapter(backend, model, config, fresh_adapter(settings, config, 0, weights))
+    del weights
     spec = TrainSpec(optimizer=OptimizerSpec(weight_decay=WEIGHT_DECAY), max_grad_norm=MAX_NORM)
     trainer = backend.trainer(model, spec)
+    if lora:
+        trainer.set_lr_scales(adapter_lr_scales({}, backend.parameter_shapes(model), settings, adapted))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     weights = np.ones(inputs.shape, np.float32)
     losses = []
@@ -184,13 +208,22 @@ def profile_gemmalab_torch(trainer, step, steps: int) -> list[dict]:
     return profiled_steps(step, clock, steps)
 
 
-def run_transformers(folder: str, tokens: np.ndarray, steps: int, profile_steps: int = 0) -> dict:
+def run_transformers(folder: str, tokens: np.ndarray, steps: int, profile_steps: int = 0,
+                     lora: str | None = None) -> dict:
     import torch
     import transformers
 
     model = transformers.Gemma3ForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if lora:  # PEFT's LoRA, the same settings
+        import peft
+
+        from gemmalab.lora import LoraConfig
+
+        settings = LoraConfig.parse(lora)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
+                                                           target_modules=list(settings.targets), lora_dropout=0.0))
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
     ids = torch.from_numpy(tokens.astype(np.int64))
     losses = []
 
@@ -217,12 +250,13 @@ def run_transformers(folder: str, tokens: np.ndarray, steps: int, profile_steps:
     result = {"step_s": timed_steps(step, steps), "losses": list(losses), "positions": int(ids.numel())}
     if profile_steps:
         clock = PhaseClock()
-        hook_backbone(model.model, clock, lambda output: output.last_hidden_state)
+        hook_backbone(model.get_base_model().model if lora else model.model, clock,
+                      lambda output: output.last_hidden_state)
         result["profile"] = profiled_steps(step, clock, profile_steps)
     return result
 
 
-def run_mlx_lm(folder: str, tokens: np.ndarray, steps: int) -> dict:
+def run_mlx_lm(folder: str, tokens: np.ndarray, steps: int, lora: str | None = None) -> dict:
     from functools import partial
 
     import mlx.core as mx
@@ -232,6 +266,17 @@ def run_mlx_lm(folder: str, tokens: np.ndarray, steps: int) -> dict:
     from mlx_lm.utils import load_model
 
     model, _ = load_model(Path(folder))
+    if lora:  # mlx_lm.lora's own adapter layers, as its trainer sets them up: the model frozen, then wrapped
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        from gemmalab.lora import LoraConfig
+
+        settings = LoraConfig.parse(lora)
+        model.freeze()
+        keys = [f"self_attn.{k}" if k in ("q_proj", "k_proj", "v_proj", "o_proj") else f"mlp.{k}"
+                for k in settings.targets]
+        linear_to_lora_layers(model, len(model.layers), {"rank": settings.rank, "scale": settings.scale,
+                                                         "dropout": 0.0, "keys": keys})
     model.train()
     # With bias correction, as gemmalab's AdamW (MLX's default leaves it out): the same optimizer, so the
     # two engines' losses must agree step by step; the speed is the same either way.
@@ -314,20 +359,30 @@ def worker(args: argparse.Namespace) -> None:
         result = run_loss_memory(args.worker[len("loss-"):], args.tokens)
     else:
         tokens = np.load(args.tokens_file)
-        torch_engine = args.worker in ("torch", "transformers")
+        torch_engine = args.worker.partition("+")[0] in ("torch", "transformers")
         matmul_before = run_matmul(args.matmul_n) if torch_engine else None  # the rate beside this engine's steps
         if args.worker == "transformers":
-            result = run_transformers(args.checkpoint, tokens, args.steps, args.profile_steps)
+            result = run_transformers(args.checkpoint, tokens, args.steps, args.profile_steps, args.lora)
         elif args.worker == "mlx-lm":
-            result = run_mlx_lm(args.checkpoint, tokens, args.steps)
+            result = run_mlx_lm(args.checkpoint, tokens, args.steps, args.lora)
         else:
-            result = run_gemmalab(args.worker, args.checkpoint, tokens, args.steps, args.profile_steps)
+            result = run_gemmalab(args.worker, args.checkpoint, tokens, args.steps, args.profile_steps, args.lora)
         if torch_engine:
             result["matmul"] = [matmul_before, run_matmul(args.matmul_n)]
     from gemmalab.bench import process_peak_rss
 
     result["peak_rss_bytes"] = process_peak_rss()
+    result["rss_after_bytes"] = current_rss()  # what the run holds once loaded (the peak also counts loading)
     print(json.dumps(result))
+
+
+def current_rss() -> int | None:
+    """This process's resident memory now (VmRSS, Linux), or None where /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
 
 
 # --- the driver ---------------------------------------------------------------------------------------------
@@ -393,12 +448,16 @@ def main() -> None:
                         help="steps with a per-phase profile after the timed ones (torch pair), 0 = none")
     parser.add_argument("--rounds", type=int, default=1, help="run the engines this many times, interleaved")
     parser.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmul for the fp32 rate")
+    parser.add_argument("--lora", default=None, help="train a LoRA adapter instead of every weight, e.g. "
+                        "rank=16,alpha=32,targets=q_proj,k_proj,v_proj,o_proj (gemmalab, PEFT and mlx-lm alike); "
+                        "engine torch+q4 (or +q8) is gemmalab's QLoRA over int4 (int8) block linears")
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
 
-    report = {"batch": args.batch, "seq": args.seq, "threads": args.threads, **machine(), "rows": [], "ratios": []}
+    report = {"batch": args.batch, "seq": args.seq, "threads": args.threads, "lora": args.lora, **machine(),
+              "rows": [], "ratios": []}
     matmul = [run_worker(args, "matmul", "--matmul-n", str(args.matmul_n))]
     with tempfile.TemporaryDirectory(prefix="gemmalab-train-") as tmp:
         folder = decode.write_checkpoints(Path(tmp), ["float32"], args.seed)["float32"]
@@ -410,15 +469,17 @@ def main() -> None:
             for engine in results:
                 results[engine].append(run_worker(
                     args, engine, "--checkpoint", str(folder), "--tokens-file", str(tokens_file),
-                    "--steps", str(args.steps), "--profile-steps", str(args.profile_steps)))
+                    "--steps", str(args.steps), "--profile-steps", str(args.profile_steps),
+                    *(["--lora", args.lora] if args.lora else [])))
     for engine, runs in results.items():
         by_round = [statistics.median(r["step_s"]) for r in runs]
         step_s = statistics.median(by_round)
         first = runs[0]
         row = {"engine": engine, "step_s": step_s, "step_s_by_round": by_round,
                "step_s_all": [t for r in runs for t in r["step_s"]], "tokens_per_s": args.batch * args.seq / step_s,
-               "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs), "losses": first["losses"]}
-        if "positions" in first:
+               "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs), "losses": first["losses"],
+               "rss_after_bytes": first.get("rss_after_bytes")}
+        if "positions" in first and not args.lora:  # the FLOP count is full fine-tuning's (weight gradients too)
             row["positions"] = first["positions"]
             row["flops"] = step_flops(first["positions"], args.batch)
         if "matmul" in first:
@@ -449,28 +510,32 @@ def main() -> None:
             "same_loss": abs(loss_memory["chunked"]["loss"] / loss_memory["naive"]["loss"] - 1) < 1e-5,
         }
     by_engine = {r["engine"]: r for r in report["rows"]}
-    for ours, peer in PAIRS:
+    for ours, peer in [*PAIRS, *((q, "torch") for q in ("torch+q4", "torch+q8"))]:
         a, b = by_engine.get(ours), by_engine.get(peer)
         if a and b:
-            report["ratios"].append({"pair": f"gemmalab-{ours} / {peer}", "speed_ratio": a["tokens_per_s"] / b["tokens_per_s"],
+            label = f"gemmalab-{peer}" if peer == "torch" else peer  # QLoRA against gemmalab's own LoRA
+            report["ratios"].append({"pair": f"gemmalab-{ours} / {label}", "speed_ratio": a["tokens_per_s"] / b["tokens_per_s"],
                                      "speed_ratio_by_round": [y / x for x, y in zip(a["step_s_by_round"],
                                                                                    b["step_s_by_round"], strict=True)],
                                      "peak_rss_ratio": a["peak_rss_bytes"] / b["peak_rss_bytes"],
+                                     "rss_after_ratio": (a["rss_after_bytes"] / b["rss_after_bytes"]
+                                                         if a["rss_after_bytes"] and b["rss_after_bytes"] else None),
                                      "first_loss": [a["losses"][0], b["losses"][0]]})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.results).write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"full fine-tuning step, 270M shape, fp32, batch {args.batch} x seq {args.seq}, {args.threads} threads; "
+    print(f"{'LoRA ' + args.lora if args.lora else 'full fine-tuning'} step, 270M shape, fp32, batch {args.batch} x seq {args.seq}, {args.threads} threads; "
           f"{report['date']}, {report['cpu']}, load average {report['load_average_start'][0]:.1f} -> "
           f"{report['load_average_end'][0]:.1f}")
     print(f"fp32 matmul {args.matmul_n}^2, best / median of 8, GFLOP/s: "
           + ", ".join(f"{m['best_GFLOPs']:.0f}/{m['median_GFLOPs']:.0f}" for m in matmul)
           + f" (driver first and last; each torch engine before and after its steps); limit {rate / 1e9:.1f}")
-    print(f"{'engine':<14}{'step s':>9}{'tokens/s':>11}{'peak RSS GB':>13}{'first loss':>12}{'GFLOP':>8}"
-          f"{'limit s':>9}{'of limit':>10}{'of own':>8}")
+    print(f"{'engine':<14}{'step s':>9}{'tokens/s':>11}{'peak RSS GB':>13}{'RSS after':>11}{'first loss':>12}"
+          f"{'GFLOP':>8}{'limit s':>9}{'of limit':>10}{'of own':>8}")
     for r in report["rows"]:
+        after = f"{r['rss_after_bytes'] / 1e9:>11.2f}" if r.get("rss_after_bytes") else f"{'-':>11}"
         line = (f"{r['engine']:<14}{r['step_s']:>9.2f}{r['tokens_per_s']:>11.1f}{r['peak_rss_bytes'] / 1e9:>13.2f}"
-                f"{r['losses'][0]:>12.4f}")
+                f"{after}{r['losses'][0]:>12.4f}")
         if "flops" in r:
             line += f"{r['flops']['total'] / 1e9:>8.1f}{r['matmul_limit_s']:>9.2f}{r['fraction_of_matmul_limit']:>10.0%}"
             if "fraction_of_own_matmul_rate" in r:
@@ -491,7 +556,9 @@ def main() -> None:
             f"{sum(p['minor_faults'] for p in r['profile']['phases'].values()):>16,.0f}{'':>10}" for r in profiled))
     for r in report["ratios"]:
         rounds = ", ".join(f"x{x:.2f}" for x in r["speed_ratio_by_round"])
-        print(f"{r['pair']:<32} speed x{r['speed_ratio']:.2f} (by round: {rounds})  peak RSS x{r['peak_rss_ratio']:.2f}")
+        after = f", RSS after the steps x{r['rss_after_ratio']:.2f}" if r.get("rss_after_ratio") else ""
+        print(f"{r['pair']:<32} speed x{r['speed_ratio']:.2f} (by round: {rounds})  peak RSS x{r['peak_rss_ratio']:.2f}"
+              f"{after}")
     m = report.get("loss_memory")
     if m:
         print(f"loss memory at vocab 262144, {m['tokens']} positions: naive {m['naive_extra_peak_bytes'] / 1e9:.2f} GB, "
