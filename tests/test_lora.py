@@ -431,3 +431,26 @@ def test_a_qlora_run_trains_and_resumes_exactly(backend, trainable_base, tmp_pat
         from gemmalab.train import TrainConfig
 
         TrainConfig.from_dict({"model": str(trainable_base), "quantize": "q4"})
+
+
+def test_a_trained_adapter_exported_for_mlx_lm_gives_gemmalab_s_logits_there(trainable_base, tmp_path):
+    """The run's checkpoint -> `gemmalab lora export --format mlx` -> mlx_lm.load(base, adapter_path=...): the
+    logits gemmalab-mlx gives with the same adapter (mlx-lm is the peer; the base was written by gemmalab, whose
+    config.json mlx-lm reads right)."""
+    if "mlx" not in gemmalab.backends():
+        pytest.skip("mlx is not installed")
+    mlx_lm = pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+    from cli_helpers import run_cli
+
+    final = lora_run(trainable_base, tmp_path / "run", "torch" if "torch" in gemmalab.backends() else "mlx",
+                     steps=2).checkpoint
+    exported = tmp_path / "mlx-adapter"
+    shown = run_cli("lora", "export", str(final), str(exported), "--format", "mlx", "--base", str(trainable_base))
+    assert shown.returncode == 0, shown.stderr
+    theirs, _ = mlx_lm.load(str(trainable_base), adapter_path=str(exported))
+    ids = token_ids(CONFIG)
+    peer = np.array(theirs(mx.array(ids)).astype(mx.float32))
+    ours = gemmalab.load(trainable_base, backend="mlx", dtype="float32", adapter=final).logits(ids)
+    assert relative_error(ours, peer) < 1e-4
+    assert relative_error(gemmalab.load(trainable_base, backend="mlx", dtype="float32").logits(ids), peer) > 1e-3
