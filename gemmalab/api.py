@@ -363,10 +363,17 @@ def load(
     ``dtype``: float32, bfloat16 or float16 (default: the dtype the checkpoint is stored in, else float32).
     ``device``: a backend device name such as cuda:0, mps, cpu (default: the backend's best).
     ``backend_options``: passed to the backend's build, e.g. ``mesh={"data": 2, "model": 4}`` on JAX.
+
+    A quantized checkpoint (mlx-lm's format: ``gemmalab convert --quantize`` or ``mlx_lm.convert -q``;
+    gemmalab.checkpoint) loads on every backend: each quantized linear becomes the backend's ``quantized``
+    wrapper holding exactly the file's codes, scales and biases (nothing re-quantized, no dense copy made;
+    scales and biases in ``dtype``). A quantized embedding is dequantized into the dense embedding, which is
+    also the tied head (a quantized tied head is later work). ``weights()`` and ``save`` give the dense
+    dequantized tensors.
     """
     folder = checkpoint.locate(source, revision=revision)
     config = checkpoint.load_config(folder)
-    weights = checkpoint.read_weights(folder, config)
+    weights = checkpoint.read_weights(folder, config, quantized=True)
     chosen_dtype = canonical_dtype(dtype) if dtype else (config.stored_dtype or "float32")
     name = resolve_backend_name(backend)
     attached = None

@@ -78,7 +78,10 @@ class Backend(Protocol):
         """The backend-native model. ``weights`` maps every canonical name of ``params.parameter_shapes``
         to an array of that shape (already validated by the core), in any float dtype: the backend casts
         them to ``dtype`` one at a time, so the full checkpoint never sits in memory twice. With
-        ``weights=None`` the model is built shape-only, allocating no parameter memory.
+        ``weights=None`` the model is built shape-only, allocating no parameter memory. A quantized
+        checkpoint's ``Weights`` (gemmalab.checkpoint) leave out its quantized linears' weights and list
+        them in ``weights.quantized``: the backend builds each as its ``quantized`` wrapper from
+        ``weights.quantized_arrays(name)`` (``QuantizedLinear.from_arrays``), allocating no dense copy.
 
         ``partial=True`` builds a model holding only the given weights (any subset of the canonical names),
         the others shape-only: a stage of a layer-streamed model (gemmalab.streaming), which runs only

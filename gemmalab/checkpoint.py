@@ -15,6 +15,14 @@ Three key layouts exist and map onto one canonical naming (HF ``Gemma3ForCausalL
 Vision-tower and projector tensors are recognised and left aside for text-only use.
 
 Loading is strict: a missing, unexpected or misshapen tensor is an error that names it.
+
+Quantized checkpoints are mlx-lm's format (``mlx_lm.convert -q``; ``gemmalab convert --quantize`` writes the
+same): config.json's ``"quantization": {"group_size": 64, "bits": 4, "mode": "affine"}`` (copied to
+``"quantization_config"``; per-module overrides as ``"<module>": {...}`` entries inside it), and per quantized
+module ``<module>.weight`` (packed uint32 [out, in * bits / 32]), ``<module>.scales`` and ``<module>.biases``
+([out, in / group_size], the model's dtype): gemmalab.quantize's numbers. mlx-lm quantizes every linear and
+the embedding (a QuantizedEmbedding that is also the tied head). ``read_weights(..., quantized=True)``
+checks them as strictly as dense tensors; see ``Weights.quantized``.
 """
 
 from __future__ import annotations
@@ -33,9 +41,11 @@ from safetensors.numpy import save_file
 
 from .config import Gemma3Config
 from .dtypes import numpy_dtype
-from .errors import CheckpointError, ConfigError, ModelNotFoundError
+from .errors import CheckpointError, ConfigError, InputError, ModelNotFoundError
+from .linears import linears as linear_specs
 from .outputs import check_writable_folder, writing
 from .params import EMBED, LM_HEAD, parameter_shapes
+from .quantize import check_options, check_shape, dequantize, quantize, quantized_shapes
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -253,18 +263,44 @@ def _canonical(key: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class QuantizedTensors:
+    """One quantized module of a checkpoint in mlx-lm's layout: ``<name>.weight`` packed uint32
+    [out, in * bits / 32], ``<name>.scales`` and ``<name>.biases`` [out, in / group_size] in ``dtype``;
+    the dense weight they stand for is [out, in] (``shape``), gemmalab.quantize.dequantize of them."""
+
+    name: str  # canonical module name: "model.layers.0.self_attn.q_proj", "lm_head", "model.embed_tokens"
+    bits: int
+    group_size: int
+    shape: tuple[int, int]  # the dense weight [out, in]
+    dtype: np.dtype  # of the scales and biases
+    locations: dict[str, tuple[Path, str]]  # "weight", "scales", "biases" -> (file, key in file)
+
+
 @dataclass
 class Weights(Mapping):
     """Canonical name -> numpy array, read from safetensors on access (one at a time, with plain reads).
 
     A backend iterating over it converts tensor by tensor, so a checkpoint never sits in memory twice.
     ``read_into`` reads a tensor into the backend's own memory instead, skipping the numpy copy.
+
+    A quantized checkpoint (``read_weights(..., quantized=True)``) adds two kinds of tensors:
+
+    * ``quantized``: the quantized linears (block linears, an untied head) by module name. Their weights are
+      *not* in the mapping: a backend's build makes each its ``quantized`` wrapper from exactly the file's
+      numbers, ``QuantizedLinear.from_arrays(*weights.quantized_arrays(name), bits=, group_size=)``, and never
+      holds a dense copy of them.
+    * ``dequantized``: a quantized embedding (mlx-lm's QuantizedEmbedding) by weight name. It *is* in the
+      mapping, as the dense matrix it represents (dequantized on read, gemmalab.quantize.dequantize): the
+      model's embedding and tied head are dense. (Keeping the tied head quantized is later work.)
     """
 
     locations: dict[str, tuple[Path, str]]  # canonical name -> (file, key in file)
     set_aside: list[str] = field(default_factory=list)  # vision/projector keys not used by the text model
     _handles: dict[Path, object] = field(default_factory=dict, repr=False)
     _headers: dict[Path, tuple[int, dict]] = field(default_factory=dict, repr=False)
+    quantized: dict[str, QuantizedTensors] = field(default_factory=dict)  # module name -> its numbers
+    dequantized: dict[str, QuantizedTensors] = field(default_factory=dict)  # weight name -> its numbers
 
     def _handle(self, file: Path):
         if file not in self._handles:
@@ -272,6 +308,9 @@ class Weights(Mapping):
         return self._handles[file]
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.dequantized:
+            entry = self.dequantized[name]
+            return dequantize(*self._quantized_arrays(entry), entry.bits, entry.group_size)
         dtype = self.stored_dtype(name)
         if dtype is not None:  # plain reads: no memory map whose pages would count on top of the copy
             out = np.empty(self._entry(name)[1]["shape"], dtype)
@@ -284,20 +323,27 @@ class Weights(Mapping):
             raise CheckpointError(f"{file}: tensor {key} cannot be read ({err}): the file may be corrupt; re-download it") from None
 
     def __contains__(self, name: object) -> bool:
-        return name in self.locations  # Mapping's default would read the tensor to answer
+        return name in self.locations or name in self.dequantized  # Mapping's default would read the tensor
 
     def subset(self, names: Iterable[str]) -> Weights:
         """The same lazy reader over ``names`` only (the weights of one stage of a partial model)."""
-        return Weights({name: self.locations[name] for name in names}, [], self._handles, self._headers)
+        names = list(names)
+        plain = {name: self.locations[name] for name in names if name not in self.dequantized}
+        return Weights(plain, [], self._handles, self._headers,
+                       dequantized={name: self.dequantized[name] for name in names if name in self.dequantized})
 
     def stored_dtype(self, name: str) -> np.dtype | None:
         """The numpy dtype ``name`` is stored in (from the file's header), or None for a dtype other than
-        float32, bfloat16 and float16."""
+        float32, bfloat16 and float16. A dequantized tensor's is its scales' dtype (what reading it gives)."""
+        if name in self.dequantized:
+            return self.dequantized[name].dtype
         return _SAFETENSORS_DTYPES.get(self._entry(name)[1]["dtype"])
 
     def _entry(self, name: str) -> tuple[int, dict]:
         """(where the file's data begins, the header entry of ``name``: dtype, shape, data_offsets)."""
-        file, key = self.locations[name]
+        return self._key_entry(*self.locations[name])
+
+    def _key_entry(self, file: Path, key: str) -> tuple[int, dict]:
         if file not in self._headers:
             self._headers[file] = _read_header(file)
         start, header = self._headers[file]
@@ -307,19 +353,31 @@ class Weights(Mapping):
         """Read ``name`` from its file straight into ``out`` (C-contiguous, writable, the stored dtype and
         shape) with plain reads, no memory map: a backend that allocates its own tensor and hands its
         memory here holds each tensor once while loading. (A memory-mapped read counts the file's pages in
-        the process's resident memory too, on top of the copy, until the map closes.)"""
+        the process's resident memory too, on top of the copy, until the map closes.) A dequantized tensor
+        is dequantized, then copied in (its dense matrix exists once more, transiently)."""
+        if name in self.dequantized:
+            entry = self.dequantized[name]
+            if out.dtype != entry.dtype or tuple(out.shape) != entry.shape:
+                raise ValueError(f"read_into({name!r}) needs a {entry.dtype} array of shape {entry.shape}, "
+                                 f"got {out.dtype} {out.shape}")
+            out[...] = self[name]
+            return
         file, key = self.locations[name]
-        data_start, entry = self._entry(name)
-        begin, end = entry["data_offsets"]
-        if (
-            out.dtype != self.stored_dtype(name)
-            or tuple(out.shape) != tuple(entry["shape"])
-            or not out.flags.c_contiguous
-            or out.nbytes != end - begin
-        ):
+        if out.dtype != self.stored_dtype(name):
             raise ValueError(
-                f"read_into({name!r}) needs a C-contiguous {self.stored_dtype(name)} array of shape {tuple(entry['shape'])}, "
-                f"got {out.dtype} {out.shape}"
+                f"read_into({name!r}) needs a C-contiguous {self.stored_dtype(name)} array of shape "
+                f"{tuple(self._entry(name)[1]['shape'])}, got {out.dtype} {out.shape}"
+            )
+        self._read_key(file, key, out)
+
+    def _read_key(self, file: Path, key: str, out: np.ndarray) -> None:
+        """The bytes of tensor ``key`` of ``file`` into ``out``, which must match its shape and size."""
+        data_start, entry = self._key_entry(file, key)
+        begin, end = entry["data_offsets"]
+        if tuple(out.shape) != tuple(entry["shape"]) or not out.flags.c_contiguous or out.nbytes != end - begin:
+            raise ValueError(
+                f"read_into({key!r}) needs a C-contiguous array of shape {tuple(entry['shape'])} "
+                f"({end - begin} bytes), got {out.dtype} {out.shape}"
             )
         target = memoryview(out.reshape(-1).view(np.uint8))
         with open(file, "rb") as handle:
@@ -333,11 +391,59 @@ class Weights(Mapping):
                     )
                 filled += count
 
+    def quantized_arrays(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(packed uint32, scales, biases)`` of the quantized linear ``name`` (a key of ``quantized``), as
+        numpy, read with plain reads: exactly the file's numbers, what gemmalab.quantize.quantize gives."""
+        return self._quantized_arrays(self.quantized[name])
+
+    def _quantized_arrays(self, entry: QuantizedTensors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        shapes = quantized_shapes(*entry.shape, entry.bits, entry.group_size)
+        out = []
+        for part, dtype in (("weight", np.dtype(np.uint32)), ("scales", entry.dtype), ("biases", entry.dtype)):
+            array = np.empty(shapes[part], dtype)
+            self._read_key(*entry.locations[part], array)
+            out.append(array)
+        return out[0], out[1], out[2]
+
+    def quantization(self) -> dict | None:
+        """What is quantized, or None for a dense checkpoint: ``bits`` and ``group_size`` (an int, or the
+        sorted list when modules differ), ``linears`` (how many are quantized linears) and ``embedding``
+        (whether the embedding is quantized in the file, dequantized on read)."""
+        entries = [*self.quantized.values(), *self.dequantized.values()]
+        if not entries:
+            return None
+
+        def one_or_all(values: set[int]) -> int | list[int]:
+            return next(iter(values)) if len(values) == 1 else sorted(values)
+
+        return {
+            "bits": one_or_all({e.bits for e in entries}),
+            "group_size": one_or_all({e.group_size for e in entries}),
+            "mode": "affine",
+            "linears": len(self.quantized),
+            "embedding": EMBED in self.dequantized,
+        }
+
     def __iter__(self) -> Iterator[str]:
-        return iter(self.locations)
+        return iter([*self.dequantized, *self.locations])  # the embedding first, in canonical order
 
     def __len__(self) -> int:
-        return len(self.locations)
+        return len(self.locations) + len(self.dequantized)
+
+
+def quantized_linears(weights: Mapping | None) -> dict[str, QuantizedTensors]:
+    """The quantized linears a backend's build makes as its ``quantized`` wrapper, by module name (a quantized
+    checkpoint's ``Weights.quantized``; {} for any other mapping). Their weights are not in ``weights``."""
+    return dict(weights.quantized) if isinstance(weights, Weights) else {}
+
+
+def describe_quantization(summary: Mapping) -> str:
+    """``Weights.quantization()`` in words: "4-bit, groups of 64 (mlx-lm's format): 42 linears and the embedding"."""
+    def join(value):
+        return value if isinstance(value, int) else "/".join(map(str, value))
+
+    what = f"{summary['linears']} linears" + (" and the embedding" if summary["embedding"] else "")
+    return f"{join(summary['bits'])}-bit, groups of {join(summary['group_size'])} (mlx-lm's format): {what}"
 
 
 # safetensors' dtype names for the floating-point dtypes gemmalab computes in.
@@ -366,57 +472,238 @@ def _open(file: Path):
         ) from None
 
 
-def _header_shapes(handle, keys: list[str]) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(handle.get_slice(key).get_shape()) for key in keys}
+def _header_shapes(handle, keys: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """key -> (shape, safetensors dtype name: F32, BF16, U32, ...), from the header."""
+    slices = {key: handle.get_slice(key) for key in keys}
+    return {key: (tuple(part.get_shape()), part.get_dtype()) for key, part in slices.items()}
 
 
-def read_weights(folder: Path, config: Gemma3Config) -> Weights:
-    """Index every tensor of the checkpoint and validate names and shapes against ``config``, strictly.
+# ---------------------------------------------------------------------------------------------------------
+# Quantized checkpoints: mlx-lm's format
+# ---------------------------------------------------------------------------------------------------------
+QUANTIZATION = "quantization"  # mlx-lm's config.json entry (mlx_lm.utils.quantize_model, save_config)
+QUANTIZED_PARTS = ("scales", "biases")  # beside <module>.weight, the packed codes
 
-    Shapes come from the safetensors headers, so validation reads no tensor data.
+
+@dataclass(frozen=True)
+class Quantization:
+    """config.json's ``quantization`` entry as mlx-lm writes and reads it: the ``bits`` and ``group_size``
+    of every quantized module, and per-module overrides by canonical module name (``(bits, group_size)``,
+    or None: left dense). Which modules are quantized is what the files hold (``<module>.scales``), as
+    mlx-lm's loader decides it."""
+
+    bits: int
+    group_size: int
+    modules: dict[str, tuple[int, int] | None] = field(default_factory=dict)
+
+    def of(self, module: str) -> tuple[int, int] | None:
+        return self.modules.get(module, (self.bits, self.group_size))
+
+    def entry(self) -> dict[str, object]:
+        """The config.json entry, as mlx-lm writes it (also written as ``quantization_config``)."""
+        return {"group_size": self.group_size, "bits": self.bits, "mode": "affine"}
+
+
+_READABLE = (
+    "gemmalab reads mlx-lm's affine quantization with 4 or 8 bits in groups of 32, 64 or 128: dequantize it "
+    "with `mlx_lm.convert --dequantize`, or use its dense checkpoint"
+)
+
+
+def _quantization_settings(value: object, where: str) -> tuple[int, int]:
+    if not isinstance(value, Mapping) or "bits" not in value or "group_size" not in value:
+        raise CheckpointError(f"{where} must give bits and group_size (mlx-lm's format), got {value!r}: fix config.json")
+    mode = value.get("mode", "affine")  # mlx-lm before modes wrote none: affine
+    if mode != "affine":
+        raise CheckpointError(f"{where} has mode {mode!r}: {_READABLE}")
+    try:
+        return check_options(value["bits"], value["group_size"])
+    except InputError as err:
+        raise CheckpointError(f"{where}: {err}; {_READABLE}") from None
+
+
+def read_quantization(folder: Path) -> Quantization | None:
+    """The ``quantization`` entry of ``folder``/config.json (else an mlx-style ``quantization_config``), or
+    None when there is none. Another method's ``quantization_config`` (``quant_method``: awq, gptq, bitnet,
+    fp8, ...) and modes or sizes gemmalab does not compute with are one-line CheckpointErrors."""
+    path = Path(folder) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{path} is not valid JSON: fix or re-download it") from None
+    entry = raw.get(QUANTIZATION) if isinstance(raw, dict) else None
+    if entry is None and isinstance(raw, dict):
+        entry = raw.get("quantization_config")
+        if isinstance(entry, Mapping) and "quant_method" in entry:
+            raise CheckpointError(
+                f"{path} says the weights are quantized with {entry['quant_method']!r}, which gemmalab does not "
+                f"read: {_READABLE}"
+            )
+    if entry is None:
+        return None
+    bits, group_size = _quantization_settings(entry, f"{path}: quantization")
+    modules: dict[str, tuple[int, int] | None] = {}
+    for key, value in entry.items():  # per-module entries: mlx-lm's module paths, mapped like tensor keys
+        if not isinstance(value, Mapping | bool):
+            continue  # bits, group_size, mode and other scalars
+        module = _canonical(f"{key}.weight")
+        if not module:
+            continue  # the vision tower's, or a path gemmalab has no use for
+        module = module.removesuffix(".weight")
+        if value is True:
+            modules[module] = (bits, group_size)
+        elif value is False:
+            modules[module] = None
+        else:
+            modules[module] = _quantization_settings(value, f"{path}: quantization of {key}")
+    return Quantization(bits, group_size, modules)
+
+
+def _shown(items: list[str]) -> str:
+    return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+
+def read_weights(folder: Path, config: Gemma3Config, *, quantized: bool = False) -> Weights:
+    """Index every tensor of the checkpoint and validate names, shapes (and a quantized module's dtypes)
+    against ``config``, strictly.
+
+    Shapes come from the safetensors headers, so validation reads no tensor data. A quantized checkpoint
+    (mlx-lm's format: the module docstring) is read only with ``quantized=True``, which gemmalab.load passes
+    (its Weights then list the quantized linears apart, and give a quantized embedding dense: see
+    ``Weights``); everything else that reads weights needs dense ones and gets a one-line error.
     """
     expected = parameter_shapes(config)
     locations: dict[str, tuple[Path, str]] = {}
-    found_shapes: dict[str, tuple[int, ...]] = {}
+    found: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype)
+    parts: dict[str, dict[str, tuple[Path, str, tuple[int, ...], str]]] = {}  # weight name -> scales/biases
     set_aside: list[str] = []
     unexpected: list[str] = []
     handles = {}
     for file in weight_files(folder):
         handle = handles[file] = _open(file)
         keys = list(handle.keys())
-        for key, shape in _header_shapes(handle, keys).items():
-            name = _canonical(key)
+        for key, (shape, dtype) in _header_shapes(handle, keys).items():
+            stem, _, part = key.rpartition(".")
+            is_part = part in QUANTIZED_PARTS
+            name = _canonical(f"{stem}.weight" if is_part else key)
             if name == "":
                 set_aside.append(key)
             elif name == LM_HEAD and config.tie_word_embeddings:
                 set_aside.append(key)  # a saved copy of the tied head: the embedding matrix serves
             elif name is None or name not in expected:
                 unexpected.append(f"{key} (in {file.name})")
+            elif is_part:
+                if part in parts.setdefault(name, {}):
+                    raise CheckpointError(f"tensor {key} appears twice ({parts[name][part][0].name} and {file.name}): remove one")
+                parts[name][part] = (file, key, shape, dtype)
             else:
                 if name in locations:
                     raise CheckpointError(f"tensor {key} appears twice ({locations[name][0].name} and {file.name}): remove one")
                 locations[name] = (file, key)
-                found_shapes[name] = shape
+                found[name] = (shape, dtype)
 
     if EMBED not in locations and not unexpected and not locations:
         raise CheckpointError(f"{folder} holds no Gemma 3 text weights (no {EMBED}): is this a Gemma 3 checkpoint?")
     if unexpected:
-        shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
-        raise CheckpointError(f"unexpected tensors for this config: {shown}; the weights do not belong to this config.json")
+        raise CheckpointError(f"unexpected tensors for this config: {_shown(unexpected)}; the weights do not belong to this config.json")
     missing = [name for name in expected if name not in locations]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"missing tensors in {folder}: {shown}; the checkpoint is incomplete, re-download it")
+        raise CheckpointError(f"missing tensors in {folder}: {_shown(missing)}; the checkpoint is incomplete, re-download it")
+    quantized_linears, dequantized = _quantized_modules(folder, config, parts, locations, found)
+    if (quantized_linears or dequantized) and not quantized:
+        summary = Weights({}, quantized=quantized_linears, dequantized=dequantized).quantization()
+        raise CheckpointError(
+            f"{folder} is quantized ({describe_quantization(summary)}) and this needs dense weights: gemmalab.load "
+            f"reads it (and Model.save then writes a dense copy), or use the dense checkpoint it was made from"
+        )
     for name, shape in expected.items():
-        if found_shapes[name] != shape:
+        if name in locations and found[name][0] != shape:
             file, key = locations[name]
             raise CheckpointError(
-                f"tensor {key} in {file.name} has shape {list(found_shapes[name])} but config.json implies "
+                f"tensor {key} in {file.name} has shape {list(found[name][0])} but config.json implies "
                 f"{list(shape)}: the weights and config.json disagree"
             )
     # Reorder to the canonical order so backends and saved files list tensors the same way.
-    ordered = {name: locations[name] for name in expected}
-    return Weights(ordered, set_aside, handles)
+    ordered = {name: locations[name] for name in expected if name in locations}
+    return Weights(ordered, set_aside, handles, quantized=quantized_linears, dequantized=dequantized)
+
+
+def _quantized_modules(
+    folder: Path, config: Gemma3Config, parts: dict, locations: dict[str, tuple[Path, str]], found: dict
+) -> tuple[dict[str, QuantizedTensors], dict[str, QuantizedTensors]]:
+    """(quantized linears by module name, quantized embeddings by weight name) of a checkpoint whose
+    ``<module>.scales`` / ``.biases`` are ``parts``; each checked against config.json's quantization entry,
+    dtypes and shapes included. Their packed ``<module>.weight`` leaves ``locations`` and ``found``."""
+    if not parts:
+        return {}, {}
+    quantization = read_quantization(folder)
+    expected = parameter_shapes(config)
+    wrappable = {spec.weight for spec in linear_specs(config).values() if not spec.tied}
+    linears_out: dict[str, QuantizedTensors] = {}
+    embeddings: dict[str, QuantizedTensors] = {}
+    for name, held in parts.items():
+        module = name.removesuffix(".weight")
+        file, key, _, _ = next(iter(held.values()))
+        if quantization is None:
+            raise CheckpointError(
+                f"{key} (in {file.name}) is a quantization tensor, but {folder / 'config.json'} has no "
+                f'"quantization" entry (mlx-lm\'s {{"group_size": 64, "bits": 4}}): add the entry it was written '
+                f"with, or use a dense checkpoint"
+            )
+        for part in QUANTIZED_PARTS:
+            if part not in held:
+                raise CheckpointError(
+                    f"{key} (in {file.name}) has no {module}.{part} beside it: a quantized module needs "
+                    f"{module}.weight, .scales and .biases; the checkpoint is incomplete, re-download it"
+                )
+        if name not in wrappable and name != EMBED:
+            raise CheckpointError(
+                f"{key} (in {file.name}) quantizes {name}, which is not a linear or the embedding: the weights "
+                f"do not belong to this config.json"
+            )
+        setting = quantization.of(module)
+        if setting is None:
+            raise CheckpointError(
+                f"{folder / 'config.json'} says {module} is not quantized, but {key} (in {file.name}) is its "
+                f"quantization tensor: the weights and config.json disagree"
+            )
+        bits, group_size = setting
+        out_features, in_features = expected[name]
+        try:
+            check_shape((out_features, in_features), bits, group_size)
+        except InputError:
+            raise CheckpointError(
+                f"{name} [{out_features}, {in_features}] cannot be quantized in groups of {group_size}, as "
+                f"config.json's quantization says: the weights and config.json disagree"
+            ) from None
+        shapes = quantized_shapes(out_features, in_features, bits, group_size)
+        packed_file, packed_key = locations.pop(name)
+        packed_shape, packed_dtype = found.pop(name)
+        if (packed_shape, packed_dtype) != (shapes["weight"], "U32"):
+            raise CheckpointError(
+                f"tensor {packed_key} in {packed_file.name} is {packed_dtype} {list(packed_shape)}, but {bits}-bit "
+                f"codes of a [{out_features}, {in_features}] weight pack into U32 {list(shapes['weight'])}: the "
+                f"weights and config.json's quantization disagree"
+            )
+        dtypes = {held[part][3] for part in QUANTIZED_PARTS}
+        for part in QUANTIZED_PARTS:
+            part_file, part_key, part_shape, part_dtype = held[part]
+            if part_shape != shapes[part] or part_dtype not in _SAFETENSORS_DTYPES or len(dtypes) != 1:
+                raise CheckpointError(
+                    f"tensor {part_key} in {part_file.name} is {part_dtype} {list(part_shape)}, but {bits}-bit "
+                    f"groups of {group_size} of a [{out_features}, {in_features}] weight need {list(shapes[part])} "
+                    f"scales and biases sharing one dtype of F32, BF16, F16: the weights and config.json disagree"
+                )
+        entry = QuantizedTensors(
+            module, bits, group_size, (out_features, in_features), _SAFETENSORS_DTYPES[dtypes.pop()],
+            {"weight": (packed_file, packed_key), **{part: held[part][:2] for part in QUANTIZED_PARTS}},
+        )
+        if name == EMBED:
+            embeddings[name] = entry
+        else:
+            linears_out[module] = entry
+    order = {weight: index for index, weight in enumerate(expected)}
+    return dict(sorted(linears_out.items(), key=lambda item: order[item[0] + ".weight"])), embeddings
 
 
 @dataclass(frozen=True)
@@ -429,10 +716,11 @@ class WeightsSummary:
     dtypes: list[str]  # stored dtypes: float32, bfloat16, float16, or safetensors' own name (I8, ...)
     ok: bool | None  # names and shapes match the config; None: there are no weights to check
     problem: str | None  # what is wrong and the fix, when not ok
+    quantization: dict | None = None  # a quantized checkpoint's Weights.quantization(); None when dense
 
 
 # safetensors' dtype names -> gemmalab's, for the floating-point dtypes it computes in.
-_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "U32": "uint32"}  # U32: packed codes
 
 
 def summarize_weights(folder: str | os.PathLike, config: Gemma3Config) -> WeightsSummary:
@@ -451,9 +739,10 @@ def summarize_weights(folder: str | os.PathLike, config: Gemma3Config) -> Weight
         files = sorted(folder.glob("*.safetensors"))
     headers = {file: _header_entries(file) for file in files}
     problem = _truncation(headers)
+    quantization = None
     if problem is None:
         try:
-            read_weights(folder, config)
+            quantization = read_weights(folder, config, quantized=True).quantization()
         except CheckpointError as err:
             problem = str(err)
     entries = [entry for found in headers.values() if found for entry in found[0]]
@@ -464,6 +753,7 @@ def summarize_weights(folder: str | os.PathLike, config: Gemma3Config) -> Weight
         dtypes=sorted({_DTYPE_NAMES.get(entry.get("dtype"), str(entry.get("dtype"))) for entry in entries}),
         ok=problem is None,
         problem=problem,
+        quantization=quantization,
     )
 
 
@@ -559,6 +849,32 @@ def _as(array: np.ndarray, itemsize: int | None, config: Gemma3Config) -> np.nda
     return array if itemsize is None else array.astype(numpy_dtype(config.stored_dtype), copy=False)
 
 
+def quantizable(config: Gemma3Config) -> list[str]:
+    """The weights mlx-lm's ``quantize_model`` quantizes in a Gemma 3 text model, in checkpoint order: every
+    linear (``to_quantized``: the block linears, an untied head) and the embedding (a QuantizedEmbedding,
+    which is also the tied head)."""
+    linear = {spec.weight for spec in linear_specs(config).values()}
+    return [name for name in parameter_shapes(config) if name in linear or name == EMBED]
+
+
+def check_quantizable(config: Gemma3Config, bits: object, group_size: object) -> Quantization:
+    """The Quantization that saving ``config`` quantized with ``bits`` and ``group_size`` writes, once every
+    weight it quantizes (``quantizable``) splits into whole groups; else an InputError naming the first
+    that does not, and the group sizes that would fit every one."""
+    bits, group_size = check_options(bits, group_size)
+    shapes = parameter_shapes(config)
+    names = quantizable(config)
+    for name in names:
+        if shapes[name][1] % group_size:
+            fits = [g for g in (32, 64, 128) if all(shapes[n][1] % g == 0 for n in names)]
+            hint = f"use group size {' or '.join(map(str, fits))}" if fits else "no group size (32, 64, 128) fits them all"
+            raise InputError(
+                f"cannot quantize in groups of {group_size}: {name} {list(shapes[name])} has {shapes[name][1]} "
+                f"input features, not a multiple of {group_size}; {hint}"
+            )
+    return Quantization(bits, group_size)
+
+
 def save_checkpoint(
     folder: str | os.PathLike,
     config: Gemma3Config,
@@ -568,15 +884,28 @@ def save_checkpoint(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
     overwrite_hint: str = "pass overwrite=True",
+    quantize: tuple[int, int] | None = None,
 ) -> Path:
     """Write ``weights`` (canonical names) and ``config`` as a Gemma3ForCausalLM checkpoint that
     transformers and mlx-lm load. Tensors are cast to ``config.stored_dtype`` (kept as given when it is
     None). Every file is written atomically; tokenizer and generation files are copied from ``copy_from``
     when given. Refuses to write over existing weights unless ``overwrite`` (``overwrite_hint`` is how the
     caller's user asks for that: the CLI says ``--overwrite``). A folder that cannot be written is an
-    OutputError before anything is written."""
+    OutputError before anything is written.
+
+    ``quantize=(bits, group_size)`` writes mlx-lm's quantized format instead (the module docstring), as
+    ``mlx_lm.convert -q`` does: every linear and the embedding (``quantizable``) cast to the stored dtype,
+    then quantized with gemmalab.quantize (``mx.quantize``'s numbers) one tensor at a time, and config.json
+    gets the ``quantization`` and ``quantization_config`` entries. Needs ``config.stored_dtype``; bad
+    options or a weight that does not split into whole groups are InputErrors before anything is written.
+    mlx_lm.load reads the result; transformers does not (no transformers quantizer reads mlx-lm's format)."""
     out = Path(folder).expanduser()
     expected = parameter_shapes(config)
+    quantization = None
+    if quantize is not None:
+        quantization = check_quantizable(config, *quantize)
+        if config.stored_dtype is None:
+            raise InputError("a quantized checkpoint needs a stored dtype: pass a config with_dtype(...)")
     missing = [n for n in expected if n not in weights]
     if missing:
         raise CheckpointError(f"cannot save: weights lack {', '.join(missing[:5])}")
@@ -585,30 +914,55 @@ def save_checkpoint(
     if old and not overwrite:
         raise CheckpointError(f"{out} already holds weights ({old[0].name}...): choose an empty folder or {overwrite_hint}")
     with writing(out, "checkpoint"):
-        return _write_checkpoint(out, config, weights, expected, old, copy_from, max_shard_bytes)
+        return _write_checkpoint(out, config, weights, expected, old, copy_from, max_shard_bytes, quantization)
 
 
 def _write_checkpoint(out: Path, config: Gemma3Config, weights: Mapping[str, np.ndarray], expected: dict,
-                      old: list[Path], copy_from: Path | None, max_shard_bytes: int) -> Path:
+                      old: list[Path], copy_from: Path | None, max_shard_bytes: int,
+                      quantization: Quantization | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     # Shard sizes from shapes and the stored dtype, so a lazily read or cast mapping is read once, below.
     itemsize = numpy_dtype(config.stored_dtype).itemsize if config.stored_dtype else None
-    sizes = [
-        (name, math.prod(shape) * (itemsize or np.asarray(weights[name]).itemsize)) for name, shape in expected.items()
-    ]
+    quantized = set(quantizable(config)) if quantization is not None else set()
+
+    def nbytes(name: str, shape: tuple[int, ...]) -> int:
+        if name in quantized:  # packed uint32 codes, then scales and biases in the stored dtype
+            shapes = quantized_shapes(*shape, quantization.bits, quantization.group_size)
+            return 4 * math.prod(shapes["weight"]) + 2 * itemsize * math.prod(shapes["scales"])
+        return math.prod(shape) * (itemsize or np.asarray(weights[name]).itemsize)
+
+    def tensors(names: list[str]) -> dict[str, np.ndarray]:
+        """The shard's tensors under their file names: a quantized weight becomes its three tensors, made
+        one weight at a time (the float source of one tensor alive at once beside the shard's results)."""
+        made = {}
+        for name in names:
+            array = _as(weights[name], itemsize, config)
+            if name in quantized:
+                stem = name.removesuffix(".weight")
+                made[name], made[f"{stem}.scales"], made[f"{stem}.biases"] = quantize(
+                    array, quantization.bits, quantization.group_size
+                )
+                del array
+            else:
+                made[name] = array
+        return made
+
+    sizes = [(name, nbytes(name, shape)) for name, shape in expected.items()]
     shards = _shard(sizes, max_shard_bytes)
     total = sum(s for _, s in sizes)
     written: list[str] = []
     if len(shards) == 1:
-        atomic_save_safetensors(out / SINGLE_FILE, {n: _as(weights[n], itemsize, config) for n in shards[0]})
+        atomic_save_safetensors(out / SINGLE_FILE, tensors(shards[0]))
         written.append(SINGLE_FILE)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            atomic_save_safetensors(out / filename, {n: _as(weights[n], itemsize, config) for n in shard})
-            weight_map.update(dict.fromkeys(shard, filename))
+            made = tensors(shard)
+            atomic_save_safetensors(out / filename, made)
+            weight_map.update(dict.fromkeys(made, filename))
+            del made
             written.append(filename)
         atomic_write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
         written.append(INDEX_FILE)
@@ -618,7 +972,11 @@ def _write_checkpoint(out: Path, config: Gemma3Config, weights: Mapping[str, np.
     if len(shards) == 1 and (out / INDEX_FILE).exists():
         (out / INDEX_FILE).unlink()
 
-    atomic_write_json(out / "config.json", config.to_hf_dict())
+    hf_config = config.to_hf_dict()
+    if quantization is not None:  # as mlx_lm.utils.quantize_model and save_config write it
+        hf_config[QUANTIZATION] = quantization.entry()
+        hf_config["quantization_config"] = quantization.entry()
+    atomic_write_json(out / "config.json", hf_config)
     if copy_from is not None and Path(copy_from).resolve() != out.resolve():
         for name in SIDE_FILES:
             src = Path(copy_from) / name

@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from .checks import is_count
-from .dtypes import numpy_dtype
+from .dtypes import canonical_dtype, numpy_dtype
 from .errors import InputError
 
 BITS = (4, 8)
@@ -141,6 +141,45 @@ def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     return codes.reshape(packed.shape[0], -1).astype(np.uint8)
 
 
+def check_arrays(packed: object, scales: object, biases: object, bits: object, group_size: object) -> tuple[int, int]:
+    """``(out_features, in_features)`` of the weight that quantized arrays represent (what ``quantize`` gives:
+    packed uint32 [out, in * bits / 32], scales and biases [out, in / group_size] sharing a float dtype), or
+    an InputError naming what does not fit ``bits`` and ``group_size``. Reads shapes and dtypes only."""
+    bits, group_size = check_options(bits, group_size)
+    shape, dtype = tuple(np.shape(packed)), getattr(packed, "dtype", None)
+    if len(shape) != 2 or dtype != np.uint32:
+        raise InputError(f"packed weights must be a uint32 matrix [out, in * bits / 32], got {dtype} {shape}")
+    out_features, in_features = shape[0], shape[1] * 32 // bits
+    groups = (out_features, in_features // group_size)
+    if in_features % group_size or tuple(np.shape(scales)) != groups or tuple(np.shape(biases)) != groups:
+        raise InputError(
+            f"scales and biases of a [{out_features}, {in_features}] weight in groups of {group_size} must be "
+            f"{list(groups)}, got {list(np.shape(scales))} and {list(np.shape(biases))}: check bits and group_size"
+        )
+    scales_dtype, biases_dtype = getattr(scales, "dtype", None), getattr(biases, "dtype", None)
+    if scales_dtype not in _FLOATS or biases_dtype != scales_dtype:
+        raise InputError(
+            f"scales and biases must share one dtype of float32, bfloat16, float16; got {scales_dtype}, {biases_dtype}"
+        )
+    return out_features, in_features
+
+
+def checked_arrays(
+    packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: object, group_size: object,
+    dtype: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """``(packed, scales, biases, bits, group_size)`` checked by ``check_arrays``, as contiguous numpy, the
+    scales and biases cast to ``dtype`` (a gemmalab dtype name: exact when it widens them; None keeps
+    theirs): what each backend's ``QuantizedLinear.from_arrays`` builds from, re-quantizing nothing."""
+    bits, group_size = check_options(bits, group_size)
+    packed, scales, biases = (np.ascontiguousarray(a) for a in (packed, scales, biases))
+    check_arrays(packed, scales, biases, bits, group_size)
+    if dtype is not None:
+        target = numpy_dtype(canonical_dtype(dtype))
+        scales, biases = scales.astype(target, copy=False), biases.astype(target, copy=False)
+    return packed, scales, biases, bits, group_size
+
+
 def dequantize(
     packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int = 4, group_size: int = 64
 ) -> np.ndarray:
@@ -148,19 +187,7 @@ def dequantize(
     rounded to that dtype after the product and after the sum; equal to ``mx.dequantize``."""
     bits, group_size = check_options(bits, group_size)
     packed, scales, biases = np.asarray(packed), np.asarray(scales), np.asarray(biases)
-    if packed.ndim != 2 or packed.dtype != np.uint32:
-        raise InputError(f"packed weights must be a uint32 matrix [out, in * bits / 32], got {packed.dtype} {packed.shape}")
-    out_features, in_features = packed.shape[0], packed.shape[1] * 32 // bits
-    groups = (out_features, in_features // group_size)
-    if in_features % group_size or scales.shape != groups or biases.shape != groups:
-        raise InputError(
-            f"scales and biases of a [{out_features}, {in_features}] weight in groups of {group_size} must be "
-            f"{list(groups)}, got {list(scales.shape)} and {list(biases.shape)}: check bits and group_size"
-        )
-    if scales.dtype not in _FLOATS or biases.dtype != scales.dtype:
-        raise InputError(
-            f"scales and biases must share one dtype of float32, bfloat16, float16; got {scales.dtype}, {biases.dtype}"
-        )
+    out_features, in_features = check_arrays(packed, scales, biases, bits, group_size)
     codes = unpack(packed, bits).reshape(out_features, -1, group_size)
     return dequantize_codes(codes, scales, biases).reshape(out_features, in_features)
 
@@ -177,8 +204,10 @@ def dequantize_codes(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray) 
 __all__ = [
     "BITS",
     "GROUP_SIZES",
+    "check_arrays",
     "check_options",
     "check_shape",
+    "checked_arrays",
     "dequantize",
     "dequantize_codes",
     "pack",

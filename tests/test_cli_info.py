@@ -83,6 +83,7 @@ def test_info_reports_the_weights_of_a_checkpoint_folder(tiny_hf):
         "dtypes": ["float32"],
         "ok": True,
         "problem": None,
+        "quantization": None,  # dense (a quantized folder: tests/test_quantized_checkpoints.py)
     }
     result = run_cli("info", str(folder))
     assert result.returncode == 0, result.stderr
@@ -108,7 +109,7 @@ def test_info_of_a_config_only_folder_says_there_are_no_weights(tiny_hf, tmp_pat
     assert result.returncode == 0, result.stderr
     assert "LLLLLG" in result.stdout and "no *.safetensors" in result.stdout
     assert _info_json(str(tmp_path))["weights"] == {
-        "files": [], "bytes": 0, "tensors": 0, "dtypes": [], "ok": None, "problem": None,
+        "files": [], "bytes": 0, "tensors": 0, "dtypes": [], "ok": None, "problem": None, "quantization": None,
     }
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gemmalab.backend import NO_POSITIONS, ForwardOutput
+from gemmalab.checkpoint import quantized_linears
 from gemmalab.checks import check_cache_request, check_chunk_tokens, check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
@@ -58,6 +59,7 @@ from .model import (
     text_model,
     unflatten,
 )
+from .quantized import QuantizedLinear
 from .sharding import Plan, make_mesh
 from .training import Trainer, hidden_state, loss_sum
 from .wrappers import WRAPPERS
@@ -238,6 +240,9 @@ class JaxBackend:
         weights are placed, the others stay jax.ShapeDtypeStruct leaves (gemmalab.stages)."""
         dtype = canonical_dtype(dtype)
         plan = Plan(make_mesh(mesh, self.platform_devices(device)), config)
+        quantized = quantized_linears(weights)
+        if quantized and partial:
+            raise BackendError("a partial (layer-streamed) model cannot hold quantized linears: use a dense checkpoint")
         if weights is None or partial:
             params = abstract_params(config, dtype, plan.parameter_sharding)
             if weights is None:
@@ -247,7 +252,10 @@ class JaxBackend:
             flat.update(self._placed(config, dtype, plan, weights, resident))
             return JaxModel(config, dtype, unflatten(flat), plan, shape_only=True, resident=resident)
 
-        expected = parameter_shapes(config)
+        # A quantized checkpoint's linears become the quantized wrapper holding the file's numbers (below);
+        # until then their leaves are shapes only (jax.ShapeDtypeStruct): no dense weight is allocated.
+        skipped = {name + ".weight" for name in quantized}
+        expected = {name: shape for name, shape in parameter_shapes(config).items() if name not in skipped}
         missing = [name for name in expected if name not in weights]
         unexpected = [name for name in weights if name not in expected]
         if missing or unexpected:
@@ -260,13 +268,20 @@ class JaxBackend:
                 f"weights do not match the config ({'; '.join(problems)}): use a checkpoint made for it"
             )
         flat = self._placed(config, dtype, plan, weights, expected)
+        if quantized:
+            shapes = flatten(abstract_params(config, dtype, plan.parameter_sharding))
+            flat.update({name: shapes[name] for name in skipped})
         if plan.fallbacks and plan.size > 1:
             warnings.warn(
                 f"gemmalab jax: on {plan.describe()}, some dimensions are replicated instead of split: "
                 + "; ".join(plan.fallbacks),
                 stacklevel=2,
             )
-        return JaxModel(config, dtype, unflatten(flat), plan, shape_only=False)
+        model = JaxModel(config, dtype, unflatten(flat), plan, shape_only=False)
+        for name, entry in quantized.items():
+            linears.wrap(model, [name], lambda _, name=name, entry=entry: QuantizedLinear.from_arrays(
+                *weights.quantized_arrays(name), bits=entry.bits, group_size=entry.group_size, dtype=dtype))
+        return model
 
     @staticmethod
     def _placed(config: Gemma3Config, dtype: str, plan: Plan, weights: Mapping[str, np.ndarray],

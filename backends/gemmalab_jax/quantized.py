@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmalab.errors import InputError
-from gemmalab.quantize import check_shape, quantize, quantized_shapes
+from gemmalab.quantize import check_shape, checked_arrays, quantize, quantized_shapes
 
 from .linears import Wrapper, static_field, wrapper
 
@@ -71,6 +71,19 @@ class QuantizedLinear(Wrapper):
             return cls(weight=jnp.zeros(shapes["weight"], jnp.uint32), scales=jnp.zeros(shapes["scales"], weight.dtype),
                        biases=jnp.zeros(shapes["biases"], weight.dtype), bits=bits, group_size=group_size)
         packed, scales, biases = quantize(np.asarray(weight), bits, group_size)
+        return cls(weight=jnp.asarray(packed), scales=jnp.asarray(scales), biases=jnp.asarray(biases),
+                   bits=bits, group_size=group_size)
+
+    @classmethod
+    def from_arrays(
+        cls, packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, *, bits: int, group_size: int,
+        dtype: str | None = None,
+    ) -> QuantizedLinear:
+        """The wrapper holding exactly these numbers, re-quantizing nothing: MLX-layout arrays as numpy
+        (packed uint32 [out, in * bits / 32], scales and biases [out, in / group_size]), e.g. a quantized
+        checkpoint's (gemmalab.checkpoint.Weights.quantized_arrays). ``dtype`` (a gemmalab dtype name) casts
+        the scales and biases to the model's dtype; default: theirs. No dense weight is made."""
+        packed, scales, biases, bits, group_size = checked_arrays(packed, scales, biases, bits, group_size, dtype)
         return cls(weight=jnp.asarray(packed), scales=jnp.asarray(scales), biases=jnp.asarray(biases),
                    bits=bits, group_size=group_size)
 

@@ -18,7 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gemmalab.backend import NO_POSITIONS, ForwardOutput
-from gemmalab.checkpoint import Weights
+from gemmalab.checkpoint import Weights, quantized_linears
 from gemmalab.checks import check_chunk_tokens, check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype
@@ -32,6 +32,7 @@ from gemmalab.train.spec import LOSS_CHUNK_TOKENS, TrainSpec
 from . import linears
 from .cache import KVCache
 from .model import DTYPES, Gemma3ForCausalLM
+from .quantized import QuantizedLinear
 from .training import Trainer, batch_arrays, chunked_loss_sum, hidden_state
 from .wrappers import WRAPPERS
 
@@ -107,11 +108,19 @@ class MLXBackend:
         model.resident = None  # None: every parameter (or, shape-only, none); a partial model's names
         if weights is None:
             return model  # shape-only: the lazy initial values are never evaluated
+        quantized = quantized_linears(weights)
         if partial:  # the others keep their lazy initial values, never evaluated (gemmalab.stages checks)
+            if quantized:
+                raise BackendError("a partial (layer-streamed) model cannot hold quantized linears: use a dense checkpoint")
             model.resident = check_partial_names(config, weights)
             load_weights(model, weights, only=model.resident)
             return model
-        load_weights(model, weights)
+        # A quantized checkpoint's linears become the quantized wrapper holding the file's numbers; their
+        # dense weights keep the lazy initial values, never evaluated, so none is ever allocated.
+        load_weights(model, weights, skip={name + ".weight" for name in quantized})
+        for name, entry in quantized.items():
+            linears.wrap(model, [name], lambda _, name=name, entry=entry: QuantizedLinear.from_arrays(
+                *weights.quantized_arrays(name), bits=entry.bits, group_size=entry.group_size, dtype=dtype))
         model.shape_only = False
         return model
 
@@ -343,9 +352,11 @@ class MLXBackend:
             return chunked_loss_sum(model, batch, loss, chunk_tokens=chunk_tokens)
 
 
-def load_weights(model: Gemma3ForCausalLM, weights: Mapping[str, np.ndarray], *, only: Collection[str] | None = None) -> None:
+def load_weights(model: Gemma3ForCausalLM, weights: Mapping[str, np.ndarray], *, only: Collection[str] | None = None,
+                 skip: Collection[str] = ()) -> None:
     """Load canonical-name numpy weights into ``model`` strictly, casting each to the model's dtype; with
-    ``only``, exactly those parameters (a partial model's), the others untouched.
+    ``only``, exactly those parameters (a partial model's), the others untouched; ``skip`` names parameters
+    that are not given and stay untouched (a quantized checkpoint's linears, wrapped after).
 
     Every tensor is converted and evaluated before the next is read, so with a lazy mapping (safetensors
     shards) only one source tensor is alive at a time. A checkpoint's ``Weights`` are read by MLX itself
@@ -356,6 +367,7 @@ def load_weights(model: Gemma3ForCausalLM, weights: Mapping[str, np.ndarray], *,
     expected = dict(tree_flatten(model.parameters()))
     if only is not None:
         expected = {name: param for name, param in expected.items() if name in only}
+    expected = {name: param for name, param in expected.items() if name not in skip}
     # The names, by iteration: `name in weights` would read the tensor on a Mapping without __contains__.
     given = set(weights)
     missing = [name for name in expected if name not in given]
@@ -369,7 +381,7 @@ def load_weights(model: Gemma3ForCausalLM, weights: Mapping[str, np.ndarray], *,
             f"{'; '.join(problems)}: check the checkpoint against its config.json"
         )
     dtype = DTYPES[model.dtype]
-    read = _mlx_reader(weights) if isinstance(weights, Weights) else None
+    read = _mlx_reader(weights, dtype) if isinstance(weights, Weights) else None
     loaded = []
     with mx.stream(model.device or mx.default_device()):
         for name, param in expected.items():
@@ -382,14 +394,17 @@ def load_weights(model: Gemma3ForCausalLM, weights: Mapping[str, np.ndarray], *,
             value = to_mx(source, dtype) if read is None else source.astype(dtype)
             mx.eval(value)
             loaded.append((name, value))
-    model.load_weights(loaded, strict=only is None)
+    model.load_weights(loaded, strict=only is None and not skip)
 
 
-def _mlx_reader(weights: Weights):
-    """name -> lazy MLX array read from the checkpoint's safetensors file (nothing is read until evaluated)."""
+def _mlx_reader(weights: Weights, dtype: mx.Dtype):
+    """name -> lazy MLX array read from the checkpoint's safetensors file (nothing is read until evaluated);
+    a quantized embedding (``Weights.dequantized``) as the dense matrix the core dequantizes."""
     files: dict = {}
 
     def read(name: str) -> mx.array:
+        if name in weights.dequantized:
+            return to_mx(weights[name], dtype)
         file, key = weights.locations[name]
         if file not in files:
             files[file] = mx.load(str(file))  # lazy: maps names to arrays that read on evaluation

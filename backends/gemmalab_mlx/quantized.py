@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from gemmalab.errors import InputError
-from gemmalab.quantize import check_shape, quantize
+from gemmalab.quantize import check_shape, checked_arrays, quantize
 
 from .linears import Wrapper
 
@@ -31,6 +31,13 @@ def _host(array: mx.array) -> np.ndarray:
     if array.dtype == mx.bfloat16:
         return np.array(array.view(mx.uint16)).view(_BF16)
     return np.array(array)
+
+
+def _exact(array: np.ndarray) -> mx.array:
+    """A float32, float16 or bfloat16 numpy array as an MLX array of the same dtype, bit for bit."""
+    if array.dtype == _BF16:
+        return mx.array(array.view(np.uint16)).view(mx.bfloat16)
+    return mx.array(array)
 
 
 def _device(array: np.ndarray, dtype: mx.Dtype) -> mx.array:
@@ -65,6 +72,18 @@ class QuantizedLinear(Wrapper):
         packed, scales, biases = quantize(_host(weight), bits, group_size)
         return cls(mx.array(packed), _device(scales, weight.dtype), _device(biases, weight.dtype),
                    bits=bits, group_size=group_size)
+
+    @classmethod
+    def from_arrays(
+        cls, packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, *, bits: int, group_size: int,
+        dtype: str | None = None,
+    ) -> QuantizedLinear:
+        """The wrapper holding exactly these numbers, re-quantizing nothing: mlx-lm's QuantizedLinear arrays
+        as numpy (packed uint32 [out, in * bits / 32], scales and biases [out, in / group_size]), e.g. a
+        quantized checkpoint's (gemmalab.checkpoint.Weights.quantized_arrays). ``dtype`` (a gemmalab dtype
+        name) casts the scales and biases to the model's dtype; default: theirs. No dense weight is made."""
+        packed, scales, biases, bits, group_size = checked_arrays(packed, scales, biases, bits, group_size, dtype)
+        return cls(mx.array(packed), _exact(scales), _exact(biases), bits=bits, group_size=group_size)
 
     def __call__(self, x: mx.array) -> mx.array:
         scales, biases = self.scales, self.biases

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gemmalab.backend import NO_POSITIONS, ForwardOutput
-from gemmalab.checkpoint import Weights
+from gemmalab.checkpoint import Weights, quantized_linears
 from gemmalab.checks import check_cache_request, check_chunk_tokens, check_logits_mode, check_token_ids
 from gemmalab.config import Gemma3Config
 from gemmalab.dtypes import canonical_dtype, numpy_dtype
@@ -31,6 +31,7 @@ from gemmalab.train.spec import LOSS_CHUNK_TOKENS
 from . import linears
 from .cache import KVCache
 from .model import DTYPES, Gemma3ForCausalLM, residual_dtype
+from .quantized import QuantizedLinear
 from .training import Trainer, batch_arrays, chunked_loss_sum, hidden_state
 from .wrappers import WRAPPERS
 
@@ -129,6 +130,12 @@ class TorchBackend:
 
         target = self.resolve_device(device)
         expected = parameter_shapes(config)
+        # A quantized checkpoint's linears become the quantized wrapper holding the file's numbers, built
+        # below; their dense weights stay on 'meta' until the wrapper replaces them: never allocated.
+        quantized = quantized_linears(weights)
+        if quantized and partial:
+            raise BackendError("a partial (layer-streamed) model cannot hold quantized linears: use a dense checkpoint")
+        expected = {name: shape for name, shape in expected.items() if name.removesuffix(".weight") not in quantized}
         if partial:
             model.resident = check_partial_names(config, weights)
             expected = {name: shape for name, shape in expected.items() if name in model.resident}
@@ -160,6 +167,10 @@ class TorchBackend:
                 del array
             module_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
+        for name, entry in quantized.items():
+            linears.wrap(model, [name], lambda _, name=name, entry=entry: QuantizedLinear.from_arrays(
+                *weights.quantized_arrays(name), bits=entry.bits, group_size=entry.group_size,
+                dtype=canonical_dtype(dtype), device=target))
         return model
 
     def logits(self, model: Gemma3ForCausalLM, ids: np.ndarray) -> np.ndarray:

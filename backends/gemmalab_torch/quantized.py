@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from gemmalab.errors import BackendError, InputError
-from gemmalab.quantize import check_shape, pack, quantize, quantized_shapes, unpack
+from gemmalab.quantize import check_shape, checked_arrays, pack, quantize, quantized_shapes, unpack
 
 from .linears import Wrapper
 
@@ -266,6 +266,26 @@ class QuantizedLinear(Wrapper):
         device = weight.device
         codes = _to_torch(unpack(packed, bits), torch.uint8, device)
         return cls(codes, _to_torch(scales, weight.dtype, device), _to_torch(biases, weight.dtype, device), **options)
+
+    @classmethod
+    def from_arrays(
+        cls, packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, *, bits: int, group_size: int,
+        dtype: str | None = None, device: str | torch.device | None = None, kernel: str = "auto",
+    ) -> QuantizedLinear:
+        """The wrapper holding exactly these numbers, re-quantizing nothing: MLX-layout arrays as numpy
+        (packed uint32 [out, in * bits / 32], scales and biases [out, in / group_size]), e.g. a quantized
+        checkpoint's (gemmalab.checkpoint.Weights.quantized_arrays), on ``device`` (default CPU). ``dtype``
+        (a gemmalab dtype name) casts the scales and biases to the model's dtype; default: theirs. The
+        codes are unpacked to uint8 on the way (one linear's, transiently), never to a dense float weight;
+        ``kernel`` as ``from_base`` takes it."""
+        packed, scales, biases, bits, group_size = checked_arrays(packed, scales, biases, bits, group_size, dtype)
+        out_features, in_features = packed.shape[0], packed.shape[1] * 32 // bits
+        target = torch.device(device or "cpu")
+        scales_t, biases_t = _to_torch(scales, None, target), _to_torch(biases, None, target)
+        _kernel(kernel, bits, target, scales_t.dtype)  # refuse a bad choice before unpacking
+        codes = _to_torch(unpack(packed, bits), torch.uint8, target)
+        return cls(codes, scales_t, biases_t, bits=bits, group_size=group_size, in_features=in_features,
+                   out_features=out_features, kernel=kernel)
 
     # -- the codes, and the quantized numbers in MLX's layout ----------------------------------------------
     def codes(self) -> Tensor:

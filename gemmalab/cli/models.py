@@ -145,6 +145,13 @@ def _weights_rows(weights, folder: Path, repo_id: str | None) -> list[tuple[str,
         rows.append(("weights", f"{escape(names)}: {_size(weights.bytes)}, {weights.tensors:,} tensors, {dtypes}"))
     verdict = ("[green]names and shapes match config.json[/]" if weights.ok
                else f"[red]not usable[/]: {escape(weights.problem or '')}")
+    if weights.quantization is not None:
+        from ..checkpoint import describe_quantization
+
+        text = describe_quantization(weights.quantization)
+        if weights.quantization["embedding"]:
+            text += "; gemmalab.load dequantizes the embedding"
+        rows.append(("quantized", escape(text)))
     return [*rows, ("weights check", verdict), *where]
 
 
@@ -247,32 +254,73 @@ def _info_table(config, report: dict, weights, folder: Path | None, repo_id: str
     return table
 
 
+QUANTIZE_CHOICES = {"q4": 4, "q8": 8}
+
+
+def _quantize_option(quantize: str | None, group_size: int | None) -> tuple[int, int] | None:
+    """(bits, group size) of ``--quantize`` / ``--group-size``, or None for a dense conversion."""
+    from ..errors import InputError
+
+    if quantize is None:
+        if group_size is not None:
+            raise InputError("--group-size sets the quantization groups: pass it with --quantize q4 or q8")
+        return None
+    bits = QUANTIZE_CHOICES.get(quantize.strip().lower())
+    if bits is None:
+        raise InputError(f"--quantize must be q4 or q8, got {quantize!r}")
+    group_size = 64 if group_size is None else group_size
+    if group_size not in (32, 64, 128):
+        raise InputError(f"--group-size must be 32, 64 or 128, got {group_size}")
+    return bits, group_size
+
+
 @command()
 def convert(
     source: Annotated[str, typer.Argument(help="A checkpoint folder or Hub repo id.")],
     out: Annotated[Path, typer.Argument(help="Folder to write the converted checkpoint to.")],
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 (bf16) or float16 (fp16).")] = "bfloat16",
+    quantize: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--quantize", help="q4 or q8: write mlx-lm's quantized format (every linear and the embedding)."),
+    ] = None,
+    group_size: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--group-size", help="Inputs per quantization group with --quantize: 32, 64 (default) or 128."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace weights already in OUT.")] = False,
 ) -> None:
-    """Rewrite a checkpoint as text-only Gemma3ForCausalLM safetensors in another dtype.
+    """Rewrite a checkpoint as text-only Gemma3ForCausalLM safetensors in another dtype, or quantized.
 
     Works tensor by tensor in numpy, with no backend: multimodal checkpoints come out text-only, in the layout
-    transformers and mlx-lm load.
+    transformers and mlx-lm load. With ``--quantize q4|q8`` the output is mlx-lm's quantized format (what
+    ``mlx_lm.convert -q`` writes: packed codes, scales and biases in the dtype, a ``quantization`` entry in
+    config.json), which mlx_lm.load and gemmalab.load read; transformers does not read it.
     """
     from .. import checkpoint
     from ..dtypes import canonical_dtype
     from ..outputs import check_writable_folder
 
     target = canonical_dtype(dtype)
+    quantization = _quantize_option(quantize, group_size)
     check_writable_folder(out, what="output folder")  # before reading a byte of the source
     folder = checkpoint.locate(source)
     config = checkpoint.load_config(folder)
-    weights = checkpoint.read_weights(folder, config)
-    with console.status(f"writing {out} in {target}"):
+    if quantization is not None:
+        checkpoint.check_quantizable(config, *quantization)  # the group size fits every weight
+    weights = checkpoint.read_weights(folder, config, quantized=True)
+    if (held := weights.quantization()) is not None:
+        raise checkpoint.CheckpointError(
+            f"{source} is already quantized ({checkpoint.describe_quantization(held)}): convert reads dense "
+            f"checkpoints; convert the dense one it was made from (gemmalab.load(SOURCE).save(DIR) writes a "
+            f"dense copy)"
+        )
+    doing = target if quantization is None else f"{target}, {quantization[0]}-bit in groups of {quantization[1]}"
+    with console.status(f"writing {out} in {doing}"):
         checkpoint.save_checkpoint(out, config.with_dtype(target), weights, copy_from=folder, overwrite=overwrite,
-                                   overwrite_hint="pass --overwrite")
+                                   overwrite_hint="pass --overwrite", quantize=quantization)
     aside = f"; left aside {len(weights.set_aside)} vision/duplicate tensors" if weights.set_aside else ""
-    console.print(f"wrote {out} ({config.num_parameters():,} parameters, {target}{aside})")
+    what = "" if quantization is None else f", {len(checkpoint.quantizable(config))} tensors quantized (mlx-lm's format)"
+    console.print(f"wrote {out} ({config.num_parameters():,} parameters, {doing}{what}{aside})")
 
 
 @command()
