@@ -98,6 +98,24 @@ def rewrite_config(folder: Path, update) -> None:
     path.write_text(json.dumps(update(json.loads(path.read_text()))))
 
 
+def randomized_peft(hf_base, config, seed: int = 0):
+    """PEFT's ``get_peft_model`` over a copy of ``hf_base`` with ``config`` (a peft.LoraConfig), its B ~ N(0, 0.2)
+    and any DoRA magnitude scaled by U(0.7, 1.3): an adapter whose every part changes the logits."""
+    import copy
+
+    import peft
+
+    model = peft.get_peft_model(copy.deepcopy(hf_base), config)
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.from_numpy(rng.normal(0, 0.2, tuple(param.shape)).astype(np.float32)))
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.from_numpy(rng.uniform(0.7, 1.3, tuple(param.shape)).astype(np.float32)))
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory):
     """(config, transformers model, checkpoint folder) for the tiny preset, saved once per session."""

@@ -17,7 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_helpers import assert_clean_failure, run_cli, snapshot
-from conftest import SHAPES, hf_logits, hf_weights, make_hf_model, relative_error, save_hf, token_ids, torch
+from conftest import (
+    SHAPES,
+    hf_logits,
+    hf_weights,
+    make_hf_model,
+    randomized_peft,
+    relative_error,
+    save_hf,
+    token_ids,
+    torch,
+)
 from safetensors.numpy import load_file, save_file
 
 from gemmalab import adapters, checkpoint, lora, reference
@@ -61,14 +71,7 @@ def untied():
 def peft_saved(hf_base, folder: Path, *, seed: int = 0, **settings) -> Path:
     """An adapter made and saved by PEFT over a copy of ``hf_base``: its B (and DoRA magnitude) random."""
     config = peft.LoraConfig(task_type="CAUSAL_LM", **{"r": 4, "lora_alpha": 8, **settings})
-    model = peft.get_peft_model(copy.deepcopy(hf_base), config)
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.from_numpy(rng.normal(0, 0.2, tuple(param.shape)).astype(np.float32)))
-            if "lora_magnitude_vector" in name:
-                param.mul_(torch.from_numpy(rng.uniform(0.7, 1.3, tuple(param.shape)).astype(np.float32)))
+    model = randomized_peft(hf_base, config, seed)
     model.save_pretrained(folder)
     return folder
 

@@ -12,7 +12,17 @@ import math
 
 import numpy as np
 import pytest
-from conftest import SHAPES, hf_logits, hf_weights, make_hf_model, relative_error, save_hf, token_ids, torch
+from conftest import (
+    SHAPES,
+    hf_logits,
+    hf_weights,
+    make_hf_model,
+    randomized_peft,
+    relative_error,
+    save_hf,
+    token_ids,
+    torch,
+)
 
 import gemmalab
 from gemmalab import lora, reference
@@ -87,19 +97,9 @@ def base(tmp_path_factory):
 
 def peft_model(hf_base, *, dora: bool, rslora: bool = False, layers=None, seed: int = 0):
     """A PEFT model over a copy of the base, its B (and DoRA magnitude) set to random values."""
-    import copy
-
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), lora_dropout=0.0, use_dora=dora,
                              use_rslora=rslora, layers_to_transform=layers, init_lora_weights=True)
-    model = peft.get_peft_model(copy.deepcopy(hf_base), config)
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.from_numpy(rng.normal(0, 0.2, tuple(param.shape)).astype(np.float32)))
-            if "lora_magnitude_vector" in name:
-                param.mul_(torch.from_numpy(rng.uniform(0.7, 1.3, tuple(param.shape)).astype(np.float32)))
-    return model.eval()
+    return randomized_peft(hf_base, config, seed).eval()
 
 
 def tensors_of(peft_model_) -> dict[str, dict[str, np.ndarray]]:
