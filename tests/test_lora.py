@@ -454,3 +454,29 @@ def test_a_trained_adapter_exported_for_mlx_lm_gives_gemmalab_s_logits_there(tra
     ours = gemmalab.load(trainable_base, backend="mlx", dtype="float32", adapter=final).logits(ids)
     assert relative_error(ours, peer) < 1e-4
     assert relative_error(gemmalab.load(trainable_base, backend="mlx", dtype="float32").logits(ids), peer) > 1e-3
+
+
+def test_an_adapter_on_a_quantized_checkpoint_stacks_on_its_quantized_linears(backend, trainable_base, tmp_path):
+    """QLoRA inference: gemmalab.load(Q4_FOLDER, adapter=...) wraps each quantized linear (the file's codes) with
+    the adapter. Oracle: the numpy reference on the original weights quantized and dequantized by hand (the
+    numpy quantizer, equal to mx.quantize), then merged by hand with the adapter."""
+    from cli_helpers import run_cli
+
+    from gemmalab.adapters import read_adapter
+    from gemmalab.quantize import dequantize, quantize
+
+    final = lora_run(trainable_base, tmp_path / "run", backend, steps=2).checkpoint
+    quantized = tmp_path / "q4"
+    shown = run_cli("convert", str(trainable_base), str(quantized), "--dtype", "float32", "--quantize", "q4",
+                    "--group-size", "32")
+    assert shown.returncode == 0, shown.stderr
+    model = gemmalab.load(quantized, backend=backend, dtype="float32", adapter=final)
+    assert model.lora is not None
+    original = gemmalab.load(trainable_base, backend="torch" if "torch" in gemmalab.backends() else backend,
+                             dtype="float32").weights()
+    by_hand = {name: (dequantize(*quantize(value, 4, 32), 4, 32) if name.endswith("_proj.weight") or
+                      name == "model.embed_tokens.weight" else value) for name, value in original.items()}
+    adapter = read_adapter(final)
+    by_hand = merged_by_hand(by_hand, adapter.tensors, adapter.config.scale, dora=False)
+    ids = token_ids(CONFIG)
+    assert relative_error(model.logits(ids), reference.forward(CONFIG, by_hand, ids)) < 1e-4
