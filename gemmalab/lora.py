@@ -65,6 +65,8 @@ class LoraConfig:
                     or not 0 <= self.layers[0] < self.layers[1]):
                 raise ConfigError(f"lora layers must be a range first:stop with 0 <= first < stop, got {self.layers!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", (int(self.layers[0]), int(self.layers[1])))
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
 
