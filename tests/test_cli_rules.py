@@ -363,8 +363,14 @@ def test_every_command_registers_through_the_shared_failure_policy():
 
 
 def test_ctrl_c_in_any_command_is_one_line_and_exit_130():
-    process = subprocess.Popen([sys.executable, "-m", "gemmalab", "generate", "tiny", "--prompt-ids", "5", "-n", "4000",
-                                "-b", DEFAULT_BACKEND], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Python's Ctrl-C handler put back in the child: a test run launched in the background by a non-interactive
+    # shell (`make test &`) has SIGINT ignored, the child inherits that, and Python then installs no handler
+    # (a preexec_fn would do it too, but forking a multithreaded parent can deadlock)
+    command = ["generate", "tiny", "--prompt-ids", "5", "-n", "4000", "-b", DEFAULT_BACKEND]
+    process = subprocess.Popen([sys.executable, "-c", "import runpy, signal, sys; "
+                                "signal.signal(signal.SIGINT, signal.default_int_handler); "
+                                f"sys.argv = ['gemmalab', *{command!r}]; runpy.run_module('gemmalab', run_name='__main__')"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdout.read(8)  # tokens are streaming: the command is running
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)

@@ -730,12 +730,16 @@ class Trainer:
         results.append(result)
         return loss if result.aux is None else loss + loss_scale * result.aux
 
-    def accumulate(self, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray, **options) -> float:
+    def accumulate(self, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray, *,
+                   positions: np.ndarray | None = None, mask: np.ndarray | None = None,
+                   extras: Mapping[str, np.ndarray] | None = None, scalars: Mapping[str, float] | None = None,
+                   loss_scale: float = 1.0) -> float:
         """Forward and backward on one micro-batch (``_accumulate``), in training mode (adapter dropout): the
         model is back in inference mode afterwards, so evaluations between steps see no dropout."""
         self.model.train()
         try:
-            return self._accumulate(inputs, targets, weights, **options)
+            return self._accumulate(inputs, targets, weights, positions=positions, mask=mask, extras=extras,
+                                    scalars=scalars, loss_scale=loss_scale)
         finally:
             self.model.eval()
 
